@@ -1,0 +1,305 @@
+"""Exact, streaming ABAW metrics from per-batch sufficient statistics.
+
+Evaluation is split in three stages so that it is exact over any number of batches and
+devices and needs one pass with O(classes) state:
+
+1. `batch_statistics` (on device, jittable): sums for CCC, an expression confusion
+   matrix, AU TP/FP/FN/TN counts and AU score histograms for one (per-device) batch.
+   Inside a data-parallel step pass `axis_name` to sum them over devices.
+2. `StatisticsAccumulator` (host): adds the statistics of many batches in
+   float64 / int64.
+3. `compute_scores` (host, NumPy): CCC, F1 and the ABAW P scores from the totals.
+
+Statistics keys (present only for the tasks present in the model outputs):
+  VA   `va_n` int32 [2], `va_sum_x`, `va_sum_y`, `va_sum_xx`, `va_sum_yy`, `va_sum_xy`
+       float32 [2] (index 0 valence, 1 arousal; x prediction, y label).
+  EXPR `expr_confusion` int32 [K, K] (row: true class, column: argmax prediction).
+  AU   `au_tp`, `au_fp`, `au_fn`, `au_tn` int32 [12];
+       `au_hist_pos`, `au_hist_neg` int32 [12, bins] (sigmoid scores of valid positive /
+       negative entries; bin j holds scores p with j/bins <= p < (j+1)/bins, the last
+       bin also holds p == 1).
+
+A mask entry counts as valid when it is > 0; masked labels may hold anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NUM_AUS = 12
+DEFAULT_HISTOGRAM_BINS = 200
+DEFAULT_AU_THRESHOLD = 0.5
+
+# Sums from float32 statistics carry relative rounding of order 1e-7; a CCC denominator
+# below this fraction of the second moments is rounding noise of a zero denominator
+# (constant predictions equal to constant labels), not a variance.
+_RELATIVE_ZERO_DENOMINATOR = 1e-6
+
+
+# ----------------------------------------------------------------------------------
+# On device: per-batch sufficient statistics.
+# ----------------------------------------------------------------------------------
+
+
+def va_statistics(predictions, labels, mask) -> dict[str, jax.Array]:
+  """CCC sums per dimension over valid frames.
+
+  Args:
+    predictions: [B, 2] predicted valence/arousal.
+    labels: [B, 2] labels (anything where masked).
+    mask: [B] frame validity.
+
+  Sums are raw (centred on 0): VA values lie in [-1, 1], so the float32 sums of one
+  batch keep about 7 significant digits, and host accumulation in float64 adds no
+  further error of note.
+  """
+  valid = mask > 0
+  weight = valid.astype(jnp.float32)[:, None]
+  # `where`, not multiplication: a masked label may be NaN, and NaN * 0 is NaN.
+  x = jnp.where(valid[:, None], predictions.astype(jnp.float32), 0.0)
+  y = jnp.where(valid[:, None], labels.astype(jnp.float32), 0.0)
+  count = jnp.sum(valid.astype(jnp.int32))
+  return {
+      "va_n": jnp.full((2,), count, jnp.int32),
+      "va_sum_x": jnp.sum(weight * x, axis=0),
+      "va_sum_y": jnp.sum(weight * y, axis=0),
+      "va_sum_xx": jnp.sum(weight * x * x, axis=0),
+      "va_sum_yy": jnp.sum(weight * y * y, axis=0),
+      "va_sum_xy": jnp.sum(weight * x * y, axis=0),
+  }
+
+
+def expression_statistics(logits, labels, mask) -> dict[str, jax.Array]:
+  """Confusion matrix [K, K] (true x argmax prediction) over valid frames."""
+  num_classes = logits.shape[-1]
+  valid = mask > 0
+  true_class = jnp.where(valid, labels, 0).astype(jnp.int32)
+  predicted_class = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  confusion = jnp.zeros((num_classes, num_classes), jnp.int32)
+  confusion = confusion.at[true_class, predicted_class].add(valid.astype(jnp.int32))
+  return {"expr_confusion": confusion}
+
+
+def histogram_bin_edges(num_bins: int) -> np.ndarray:
+  """Lower bin edges j / num_bins (float32, as compared on device), j = 0..num_bins-1."""
+  return (np.arange(num_bins, dtype=np.float64) / num_bins).astype(np.float32)
+
+
+def au_statistics(logits, labels, mask, *, thresholds=None,
+                  num_histogram_bins: int = DEFAULT_HISTOGRAM_BINS
+                  ) -> dict[str, jax.Array]:
+  """Per-AU confusion counts at `thresholds` and score histograms over valid entries.
+
+  An AU is predicted present when its sigmoid probability is >= its threshold
+  (default 0.5). Histogram bins use the same `>=` comparison against the float32 bin
+  edges, so a bin edge returned by `best_au_thresholds` reproduces exactly the counts
+  it was chosen from.
+  """
+  num_aus = logits.shape[-1]
+  if thresholds is None:
+    thresholds = jnp.full((num_aus,), DEFAULT_AU_THRESHOLD, jnp.float32)
+  probabilities = jax.nn.sigmoid(logits.astype(jnp.float32))
+  valid = mask > 0
+  positive = valid & (jnp.where(valid, labels, 0) > 0.5)
+  negative = valid & ~positive
+  predicted = probabilities >= jnp.asarray(thresholds, jnp.float32)
+
+  def count(condition):
+    return jnp.sum(condition.astype(jnp.int32), axis=0)
+
+  edges = jnp.asarray(histogram_bin_edges(num_histogram_bins))
+  bin_index = jnp.searchsorted(edges, probabilities, side="right") - 1
+  bin_index = jnp.clip(bin_index, 0, num_histogram_bins - 1)
+  au_index = jnp.broadcast_to(jnp.arange(num_aus), bin_index.shape)
+
+  def histogram(condition):
+    empty = jnp.zeros((num_aus, num_histogram_bins), jnp.int32)
+    return empty.at[au_index, bin_index].add(condition.astype(jnp.int32))
+
+  return {
+      "au_tp": count(positive & predicted),
+      "au_fp": count(negative & predicted),
+      "au_fn": count(positive & ~predicted),
+      "au_tn": count(negative & ~predicted),
+      "au_hist_pos": histogram(positive),
+      "au_hist_neg": histogram(negative),
+  }
+
+
+def batch_statistics(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
+                     *, num_expr_classes: int | None = None, au_thresholds=None,
+                     num_histogram_bins: int = DEFAULT_HISTOGRAM_BINS,
+                     axis_name: str | None = None) -> dict[str, jax.Array]:
+  """Sufficient statistics of the tasks present in `outputs` (jittable).
+
+  Args:
+    outputs: model outputs; any of `expression` [B, K] logits, `au` [B, 12] logits,
+      `va` [B, 2].
+    batch: labels and masks (`expression`, `expression_mask`, `au`, `au_mask`,
+      `valence_arousal`, `va_mask`).
+    num_expr_classes: K; checked against the logits when given.
+    au_thresholds: [12] decision thresholds on the sigmoid probability (default 0.5).
+    num_histogram_bins: bins of the AU score histograms.
+    axis_name: when given (inside shard_map/pmap), statistics are summed over it.
+  """
+  statistics = {}
+  if "va" in outputs:
+    statistics.update(va_statistics(outputs["va"], batch["valence_arousal"],
+                                    batch["va_mask"]))
+  if "expression" in outputs:
+    logits = outputs["expression"]
+    if num_expr_classes is not None and logits.shape[-1] != num_expr_classes:
+      raise ValueError(f"expression logits have {logits.shape[-1]} classes, "
+                       f"num_expr_classes is {num_expr_classes}")
+    statistics.update(expression_statistics(logits, batch["expression"],
+                                            batch["expression_mask"]))
+  if "au" in outputs:
+    statistics.update(au_statistics(outputs["au"], batch["au"], batch["au_mask"],
+                                    thresholds=au_thresholds,
+                                    num_histogram_bins=num_histogram_bins))
+  if axis_name is not None:
+    statistics = jax.lax.psum(statistics, axis_name)
+  return statistics
+
+
+# ----------------------------------------------------------------------------------
+# On the host: accumulation and scores.
+# ----------------------------------------------------------------------------------
+
+
+def _to_host(value) -> np.ndarray:
+  """float64 for sums, int64 for counts: exact integer addition, no float32 drift."""
+  array = np.asarray(value)
+  if np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
+    return array.astype(np.int64)
+  return array.astype(np.float64)
+
+
+class StatisticsAccumulator:
+  """Sums statistics dicts of many batches on the host."""
+
+  def __init__(self):
+    self._totals: dict[str, np.ndarray] | None = None
+
+  def add(self, statistics: Mapping[str, Any]) -> None:
+    host = {key: _to_host(value) for key, value in statistics.items()}
+    if self._totals is None:
+      self._totals = host
+      return
+    if host.keys() != self._totals.keys():
+      raise ValueError(f"statistics keys {sorted(host)} differ from the keys "
+                       f"accumulated so far {sorted(self._totals)}")
+    for key, value in host.items():
+      if value.shape != self._totals[key].shape:
+        raise ValueError(f"statistic {key!r} has shape {value.shape}, "
+                         f"expected {self._totals[key].shape}")
+      self._totals[key] = self._totals[key] + value
+
+  def result(self) -> dict[str, np.ndarray]:
+    """The summed statistics (an empty dict before the first `add`)."""
+    return {key: value.copy() for key, value in (self._totals or {}).items()}
+
+
+def _safe_ratio(numerator, denominator) -> np.ndarray:
+  """numerator / denominator, 0 where the denominator is 0."""
+  numerator = np.asarray(numerator, np.float64)
+  denominator = np.asarray(denominator, np.float64)
+  return np.divide(numerator, denominator, out=np.zeros_like(numerator),
+                   where=denominator != 0)
+
+
+def concordance_from_sums(n, sum_x, sum_y, sum_xx, sum_yy, sum_xy) -> np.ndarray:
+  """CCC from sums (population moments); 0 where n == 0 or the denominator is 0."""
+  n = np.asarray(n, np.float64)
+  mean_x, mean_y = _safe_ratio(sum_x, n), _safe_ratio(sum_y, n)
+  second_x, second_y = _safe_ratio(sum_xx, n), _safe_ratio(sum_yy, n)
+  var_x = second_x - mean_x ** 2
+  var_y = second_y - mean_y ** 2
+  cov = _safe_ratio(sum_xy, n) - mean_x * mean_y
+  denominator = var_x + var_y + (mean_x - mean_y) ** 2
+  is_zero = denominator <= _RELATIVE_ZERO_DENOMINATOR * (second_x + second_y)
+  return _safe_ratio(2.0 * cov, np.where(is_zero | (n == 0), 0.0, denominator))
+
+
+def f1_from_counts(tp, fp, fn) -> np.ndarray:
+  """Binary F1 = 2TP / (2TP + FP + FN), 0 when nothing is positive (zero_division=0)."""
+  tp = np.asarray(tp, np.float64)
+  return _safe_ratio(2.0 * tp, 2.0 * tp + np.asarray(fp) + np.asarray(fn))
+
+
+def best_au_thresholds(hist_pos, hist_neg) -> tuple[np.ndarray, np.ndarray]:
+  """Per-AU threshold among the histogram's lower bin edges that maximises F1.
+
+  Predicting "present" at edge j means predicting it for every score in bins >= j, so
+  TP and FP are suffix sums of the histograms. Ties go to the edge closest to 0.5
+  (with no positives every edge gives F1 0, and 0.5 stays the threshold).
+
+  Args:
+    hist_pos, hist_neg: [..., bins] score histograms of positive / negative entries.
+  Returns:
+    thresholds [...] (float64, equal to the float32 edges used on device) and the F1
+    each reaches on the histogrammed data.
+  """
+  hist_pos = np.asarray(hist_pos, np.int64)
+  hist_neg = np.asarray(hist_neg, np.int64)
+  num_bins = hist_pos.shape[-1]
+  true_positives = np.flip(np.cumsum(np.flip(hist_pos, -1), -1), -1)
+  false_positives = np.flip(np.cumsum(np.flip(hist_neg, -1), -1), -1)
+  false_negatives = hist_pos.sum(-1, keepdims=True) - true_positives
+  f1 = f1_from_counts(true_positives, false_positives, false_negatives)
+  edges = histogram_bin_edges(num_bins).astype(np.float64)
+  best_f1 = f1.max(-1, keepdims=True)
+  distance_to_half = np.where(f1 == best_f1, np.abs(edges - 0.5), np.inf)
+  best_index = np.argmin(distance_to_half, axis=-1)
+  return edges[best_index], np.take_along_axis(f1, best_index[..., None], -1)[..., 0]
+
+
+def compute_scores(statistics: Mapping[str, Any]) -> dict[str, Any]:
+  """Scores (plain Python floats and lists) of the tasks present in `statistics`.
+
+  VA: `ccc_valence`, `ccc_arousal`, `p_va`. EXPR: `expr_f1` (macro over all K classes,
+  absent classes count as 0), `expr_f1_per_class`, `expr_accuracy`, `expr_confusion`.
+  AU: `au_f1` (mean of the 12 binary F1s), `au_f1_per_au`, `au_accuracy` (over all
+  valid (frame, AU) entries), and from the histograms `au_best_thresholds` with
+  `au_f1_best_thresholds` (thresholds tuned on these same data: an optimistic figure,
+  use the thresholds on other data). `p_mtl`: sum of the P scores of the tasks present.
+  """
+  statistics = {key: _to_host(value) for key, value in statistics.items()}
+  scores: dict[str, Any] = {}
+  p_scores = []
+  if "va_n" in statistics:
+    ccc = concordance_from_sums(*(statistics[f"va_{name}"] for name in
+                                  ("n", "sum_x", "sum_y", "sum_xx", "sum_yy", "sum_xy")))
+    scores["ccc_valence"], scores["ccc_arousal"] = float(ccc[0]), float(ccc[1])
+    scores["p_va"] = float(ccc.mean())
+    p_scores.append(scores["p_va"])
+  if "expr_confusion" in statistics:
+    confusion = statistics["expr_confusion"]
+    true_positives = np.diag(confusion)
+    f1_per_class = f1_from_counts(true_positives,
+                                  confusion.sum(0) - true_positives,
+                                  confusion.sum(1) - true_positives)
+    scores["expr_f1"] = float(f1_per_class.mean())
+    scores["expr_f1_per_class"] = f1_per_class.tolist()
+    scores["expr_accuracy"] = float(_safe_ratio(true_positives.sum(), confusion.sum()))
+    scores["expr_confusion"] = confusion.tolist()
+    p_scores.append(scores["expr_f1"])
+  if "au_tp" in statistics:
+    tp, fp, fn, tn = (statistics[f"au_{name}"] for name in ("tp", "fp", "fn", "tn"))
+    f1_per_au = f1_from_counts(tp, fp, fn)
+    scores["au_f1"] = float(f1_per_au.mean())
+    scores["au_f1_per_au"] = f1_per_au.tolist()
+    scores["au_accuracy"] = float(_safe_ratio((tp + tn).sum(), (tp + fp + fn + tn).sum()))
+    thresholds, tuned_f1 = best_au_thresholds(statistics["au_hist_pos"],
+                                              statistics["au_hist_neg"])
+    scores["au_best_thresholds"] = thresholds.tolist()
+    scores["au_f1_best_thresholds"] = float(tuned_f1.mean())
+    p_scores.append(scores["au_f1"])
+  if p_scores:
+    scores["p_mtl"] = float(sum(p_scores))
+  return scores

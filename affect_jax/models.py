@@ -1,0 +1,174 @@
+"""ResNet backbone with torchvision's exact structure, and the multi-task affect network.
+
+The backbone reproduces torchvision's ``resnet18`` (ResNet v1.5: the stride of a
+downsampling block sits on its first 3x3 conv) layer for layer, so that torchvision
+or timm weights can be imported without any change in numerics (see
+``affect_jax.pretrained``). Inputs are NHWC floats.
+
+Parameter tree of ``ResNet`` and its torchvision ``state_dict`` counterpart (``fc`` has
+no counterpart: the backbone ends at global average pooling)::
+
+    conv1/kernel                      conv1.weight                 (OIHW -> HWIO)
+    bn1/{scale,bias}                  bn1.{weight,bias}
+    bn1/{mean,var}   (batch_stats)    bn1.{running_mean,running_var}
+    layer{s}_{b}/conv1, bn1,          layer{s}.{b}.conv1, bn1,
+                 conv2, bn2             .conv2, bn2
+    layer{s}_{b}/downsample_conv      layer{s}.{b}.downsample.0    (first block of
+    layer{s}_{b}/downsample_bn        layer{s}.{b}.downsample.1     layers 2-4 only)
+
+``MultiTaskNet`` nests the backbone under ``backbone`` and adds ``expression_head``,
+``au_head`` and ``va_head`` (each ``TaskHead``: an optional ``hidden`` Dense layer and
+an ``output`` Dense layer).
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+TASKS = ("expression", "au", "va")
+NUM_ACTION_UNITS = 12
+BACKBONE_FEATURES = 512  # ResNet-18/34 with num_filters=64: 64 * 2**3 channels.
+
+# torchvision initialises convs with kaiming_normal_(mode="fan_out",
+# nonlinearity="relu"): an untruncated normal with variance 2 / fan_out.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+# torch pads the 3x3 convs and the stem pooling by 1 on every side. Flax's "SAME" pads
+# (0, 1) for stride 2 on even sizes, which shifts every window by one pixel.
+PAD_1 = ((1, 1), (1, 1))
+PAD_3 = ((3, 3), (3, 3))
+
+
+class BasicBlock(nn.Module):
+  """torchvision's BasicBlock: two 3x3 convs and a residual, 1x1 conv when shapes change."""
+
+  filters: int
+  conv: Any
+  norm: Any
+  strides: int = 1
+  zero_init_last_bn: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    residual = x
+    y = self.conv(self.filters, (3, 3), strides=self.strides, padding=PAD_1, name="conv1")(x)
+    y = nn.relu(self.norm(name="bn1")(y))
+    y = self.conv(self.filters, (3, 3), padding=PAD_1, name="conv2")(y)
+    last_scale_init = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
+    y = self.norm(name="bn2", scale_init=last_scale_init)(y)
+    # Same condition as torchvision (stride != 1 or channels change).
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters, (1, 1), strides=self.strides, padding="VALID",
+                           name="downsample_conv")(residual)
+      residual = self.norm(name="downsample_bn")(residual)
+    return nn.relu(residual + y)
+
+
+class ResNet(nn.Module):
+  """ResNet backbone without classifier: NHWC images -> [B, 8 * num_filters] float32.
+
+  Attributes:
+    stage_sizes: blocks per stage, (2, 2, 2, 2) for ResNet-18.
+    num_filters: channels of the stem and of the first stage.
+    dtype: compute dtype (e.g. jnp.bfloat16); params, BN statistics and the pooled
+      output stay float32.
+    bn_axis_name: mapped axis over which BN batch statistics are averaged in training
+      (the data axis of ``jax.shard_map``); None for statistics of the local batch.
+    bn_momentum: Flax convention (weight of the old value): 0.9 == torch momentum 0.1.
+    zero_init_last_bn: start each block's last BN gamma at 0 (off, as torchvision).
+  """
+
+  stage_sizes: Sequence[int]
+  num_filters: int = 64
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  zero_init_last_bn: bool = False
+
+  @nn.compact
+  def __call__(self, images, *, train: bool):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+                             param_dtype=jnp.float32, kernel_init=conv_kernel_init)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                             dtype=self.dtype, param_dtype=jnp.float32,
+                             axis_name=self.bn_axis_name)
+    x = jnp.asarray(images, self.dtype)
+    x = conv(self.num_filters, (7, 7), strides=2, padding=PAD_3, name="conv1")(x)
+    x = nn.relu(norm(name="bn1")(x))
+    # max_pool pads with -inf, as torch's MaxPool2d does.
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=PAD_1)
+    for stage, num_blocks in enumerate(self.stage_sizes):
+      for block in range(num_blocks):
+        strides = 2 if stage > 0 and block == 0 else 1
+        x = BasicBlock(self.num_filters * 2**stage, conv=conv, norm=norm, strides=strides,
+                       zero_init_last_bn=self.zero_init_last_bn,
+                       name=f"layer{stage + 1}_{block}")(x)
+    # Pool in float32: the mean over many bf16 values would lose precision.
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2))
+ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))
+
+
+class TaskHead(nn.Module):
+  """Linear head, or a one-hidden-layer ReLU MLP when hidden_dim > 0; float32 throughout."""
+
+  num_outputs: int
+  hidden_dim: int = 0
+
+  @nn.compact
+  def __call__(self, features):
+    x = features
+    if self.hidden_dim > 0:
+      x = nn.relu(nn.Dense(self.hidden_dim, dtype=jnp.float32, name="hidden")(x))
+    return nn.Dense(self.num_outputs, dtype=jnp.float32, name="output")(x)
+
+
+class MultiTaskNet(nn.Module):
+  """Shared ResNet backbone -> pooled feature -> dropout -> one head per enabled task.
+
+  ``__call__(images, train=..., return_features=False)`` returns a dict with, for the
+  enabled tasks only: ``expression`` [B, num_expr_classes] logits, ``au`` [B, 12]
+  logits, ``va`` [B, 2] in [-1, 1] (tanh); plus ``features`` [B, 512] (the pooled
+  backbone output, before dropout) when ``return_features``. All float32. Dropout
+  (train only) draws from the 'dropout' rng stream.
+  """
+
+  tasks: tuple[str, ...] = TASKS
+  num_expr_classes: int = 8
+  head_hidden_dim: int = 0
+  dropout_rate: float = 0.0
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)
+  num_filters: int = 64
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+  bn_momentum: float = 0.9
+  zero_init_last_bn: bool = False
+
+  @nn.compact
+  def __call__(self, images, *, train: bool, return_features: bool = False):
+    unknown = set(self.tasks) - set(TASKS)
+    if unknown or not self.tasks:
+      raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {self.tasks}")
+    features = ResNet(stage_sizes=self.stage_sizes, num_filters=self.num_filters,
+                      dtype=self.dtype, bn_axis_name=self.bn_axis_name,
+                      bn_momentum=self.bn_momentum,
+                      zero_init_last_bn=self.zero_init_last_bn, name="backbone")(
+                          images, train=train)
+    head_input = nn.Dropout(self.dropout_rate, deterministic=not train)(features)
+    num_outputs = {"expression": self.num_expr_classes, "au": NUM_ACTION_UNITS, "va": 2}
+    outputs = {task: TaskHead(num_outputs[task], self.head_hidden_dim,
+                              name=f"{task}_head")(head_input)
+               for task in TASKS if task in self.tasks}
+    if "va" in outputs:
+      outputs["va"] = jnp.tanh(outputs["va"])
+    if return_features:
+      outputs["features"] = features
+    return outputs

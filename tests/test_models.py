@@ -1,0 +1,216 @@
+"""Tests of the ResNet backbone and the multi-task network.
+
+Structure and shapes are checked on the real ResNet-18 through ``jax.eval_shape`` (no
+compilation); behaviour is checked on a one-block-per-stage, 8-filter ResNet, which
+runs the same code in a fraction of the time.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+from jax.sharding import Mesh, PartitionSpec as P
+
+from affect_jax import models
+
+# torchvision resnet18 has 11,689,512 parameters; its fc (512 * 1000 + 1000) has 513,000.
+TORCHVISION_RESNET18_PARAMS_WITHOUT_FC = 11_176_512
+
+TinyNet = functools.partial(models.MultiTaskNet, stage_sizes=(1, 1, 1, 1), num_filters=8)
+
+
+def _images(batch=4, size=32, seed=0):
+  return jax.random.normal(jax.random.key(seed), (batch, size, size, 3))
+
+
+def _abstract_variables(model, size=112):
+  return jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
+
+
+def _init(model, images):
+  return jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), images)
+
+
+def _count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def test_backbone_has_torchvision_resnet18_parameter_count():
+  variables = _abstract_variables(models.ResNet18())
+  assert _count(variables["params"]) == TORCHVISION_RESNET18_PARAMS_WITHOUT_FC
+
+
+def test_parameter_tree_uses_torchvision_module_names():
+  variables = _abstract_variables(models.MultiTaskNet())
+  backbone = variables["params"]["backbone"]
+  assert set(backbone) == {"conv1", "bn1"} | {f"layer{s}_{b}" for s in range(1, 5)
+                                              for b in range(2)}
+  assert backbone["conv1"]["kernel"].shape == (7, 7, 3, 64)
+  assert set(backbone["layer1_0"]) == {"conv1", "bn1", "conv2", "bn2"}
+  assert set(backbone["layer2_0"]) == {"conv1", "bn1", "conv2", "bn2", "downsample_conv",
+                                       "downsample_bn"}
+  assert backbone["layer2_0"]["conv1"]["kernel"].shape == (3, 3, 64, 128)
+  assert backbone["layer4_0"]["downsample_conv"]["kernel"].shape == (1, 1, 256, 512)
+  assert set(variables["batch_stats"]["backbone"]["layer3_0"]["downsample_bn"]) == {
+      "mean", "var"}
+  assert set(variables["params"]) == {"backbone", "expression_head", "au_head", "va_head"}
+
+
+@pytest.mark.parametrize("tasks", [("expression",), ("au",), ("va",), ("expression", "va"),
+                                   ("expression", "au", "va")])
+@pytest.mark.parametrize("num_expr_classes", [7, 8])
+def test_outputs_exist_only_for_enabled_tasks(tasks, num_expr_classes):
+  model = models.MultiTaskNet(tasks=tasks, num_expr_classes=num_expr_classes)
+  images = jnp.zeros((3, 112, 112, 3))
+  variables = _abstract_variables(model)
+  outputs = jax.eval_shape(
+      lambda v: model.apply(v, images, train=False, return_features=True), variables)
+  expected = {"expression": (3, num_expr_classes), "au": (3, 12), "va": (3, 2)}
+  assert {k: v.shape for k, v in outputs.items()} == (
+      {t: expected[t] for t in tasks} | {"features": (3, 512)})
+  assert {k for k in variables["params"] if k.endswith("_head")} == {f"{t}_head" for t in tasks}
+
+
+def test_unknown_task_is_refused():
+  with pytest.raises(ValueError, match="subset"):
+    _abstract_variables(models.MultiTaskNet(tasks=("expr",)))
+
+
+def test_mlp_head_has_hidden_and_output_layers():
+  variables = _abstract_variables(models.MultiTaskNet(tasks=("au",), head_hidden_dim=256))
+  head = variables["params"]["au_head"]
+  assert head["hidden"]["kernel"].shape == (512, 256)
+  assert head["output"]["kernel"].shape == (256, 12)
+
+
+def test_va_is_bounded_by_tanh():
+  model = TinyNet(tasks=("va",))
+  images = 100.0 * _images()
+  variables = _init(model, images)
+  # Scale the head so that the untransformed output would be far outside [-1, 1].
+  variables["params"]["va_head"]["output"]["kernel"] *= 1000.0
+  va = model.apply(variables, images, train=False)["va"]
+  assert jnp.all(jnp.abs(va) <= 1.0) and jnp.max(jnp.abs(va)) > 0.99
+
+
+def test_eval_uses_running_statistics_and_train_updates_them():
+  model = TinyNet()
+  images = _images()
+  variables = _init(model, images)
+  alone = model.apply(variables, images[:1], train=False)["expression"]
+  in_batch = model.apply(variables, images, train=False)["expression"][:1]
+  np.testing.assert_allclose(alone, in_batch, rtol=1e-5, atol=1e-5)
+
+  apply_train = functools.partial(model.apply, train=True, mutable=["batch_stats"])
+  alone, _ = apply_train(variables, images[:1])
+  in_batch, updates = apply_train(variables, images)
+  # Batch statistics make a sample's training output depend on its batch.
+  assert not np.allclose(alone["expression"], in_batch["expression"][:1], atol=1e-3)
+  old_mean = variables["batch_stats"]["backbone"]["bn1"]["mean"]
+  new_mean = updates["batch_stats"]["backbone"]["bn1"]["mean"]
+  assert not np.allclose(old_mean, new_mean)
+  with pytest.raises(Exception, match="batch_stats"):
+    model.apply(variables, images, train=True)  # Updating BN needs a mutable collection.
+
+
+def test_bfloat16_compute_keeps_float32_params_statistics_and_outputs():
+  images = _images()
+  model_f32 = TinyNet(head_hidden_dim=16)
+  model_bf16 = TinyNet(head_hidden_dim=16, dtype=jnp.bfloat16)
+  variables = _init(model_bf16, images)
+  assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+
+  outputs, updates = model_bf16.apply(variables, images, train=True, mutable=["batch_stats"],
+                                      return_features=True)
+  assert {x.dtype for x in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float32)}
+  assert {x.dtype for x in outputs.values()} == {jnp.dtype(jnp.float32)}
+  reference = model_f32.apply(variables, images, train=False)
+  outputs = model_bf16.apply(variables, images, train=False)
+  for task, value in outputs.items():
+    np.testing.assert_allclose(value, reference[task], atol=0.1, err_msg=task)
+
+
+def test_dropout_acts_only_in_training():
+  model = TinyNet(dropout_rate=0.5)
+  images = _images()
+  variables = _init(model, images)
+
+  def expression(train, rng_seed):
+    outputs = model.apply(variables, images, train=train, mutable=["batch_stats"],
+                          rngs={"dropout": jax.random.key(rng_seed)})[0]
+    return outputs["expression"]
+
+  np.testing.assert_array_equal(expression(False, 1), expression(False, 2))
+  np.testing.assert_array_equal(expression(False, 1),
+                                model.apply(variables, images, train=False)["expression"])
+  np.testing.assert_array_equal(expression(True, 1), expression(True, 1))
+  assert not np.allclose(expression(True, 1), expression(True, 2))
+
+
+def test_zero_init_last_bn_makes_blocks_start_as_identity_residuals():
+  variables = _abstract_variables(models.ResNet18(zero_init_last_bn=True))
+  concrete = models.ResNet18(zero_init_last_bn=True).init(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  assert variables["params"]["layer1_0"]["bn2"]["scale"].shape == (64,)
+  np.testing.assert_array_equal(concrete["params"]["layer1_0"]["bn2"]["scale"], 0.0)
+  np.testing.assert_array_equal(concrete["params"]["layer1_0"]["bn1"]["scale"], 1.0)
+
+
+def test_conv_init_is_kaiming_normal_fan_out():
+  variables = models.ResNet18().init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                     train=False)
+  kernel = variables["params"]["layer3_0"]["conv2"]["kernel"]  # 3x3, 256 -> 256
+  expected_std = np.sqrt(2.0 / (3 * 3 * 256))
+  assert abs(float(jnp.std(kernel)) / expected_std - 1.0) < 0.02
+  assert float(jnp.max(jnp.abs(kernel))) > 3.5 * expected_std  # Not truncated at 2 std.
+
+
+def test_bn_statistics_are_synchronised_across_devices_under_shard_map():
+  """Training on 8 devices with bn_axis_name equals training on the global batch."""
+  num_devices = jax.device_count()
+  images = _images(batch=2 * num_devices)
+  variables = _init(TinyNet(), images)
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+
+  def train_forward(model, variables, images):
+    return model.apply(variables, images, train=True, mutable=["batch_stats"])
+
+  synced = jax.jit(jax.shard_map(
+      functools.partial(train_forward, TinyNet(bn_axis_name="data")), mesh=mesh,
+      in_specs=(P(), P("data")), out_specs=(P("data"), P())))
+  outputs, updates = synced(variables, images)
+  expected_outputs, expected_updates = train_forward(TinyNet(), variables, images)
+  for task, value in outputs.items():
+    np.testing.assert_allclose(value, expected_outputs[task], rtol=1e-4, atol=1e-4)
+  for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(expected_updates)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_network_overfits_a_tiny_batch():
+  model = TinyNet(num_filters=16, num_expr_classes=7)
+  images = _images(batch=8)
+  labels = jnp.arange(8) % 7
+  variables = _init(model, images)
+
+  def loss_fn(params, batch_stats):
+    outputs, updates = model.apply({"params": params, "batch_stats": batch_stats}, images,
+                                   train=True, mutable=["batch_stats"])
+    log_probs = jax.nn.log_softmax(outputs["expression"])
+    loss = -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=1))
+    return loss, updates["batch_stats"]
+
+  @jax.jit
+  def sgd_step(params, batch_stats):
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats)
+    params = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+    return params, batch_stats, loss
+
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  losses = []
+  for _ in range(30):
+    params, batch_stats, loss = sgd_step(params, batch_stats)
+    losses.append(float(loss))
+  assert losses[-1] < 0.1 * losses[0], losses

@@ -1,0 +1,77 @@
+"""Builds the `affwild2` TFDS dataset from a release folder (TFDS's `tfds build` needs
+apache_beam; this command does not).
+
+  python -m tfds_affwild2.build --manual_dir RELEASE --data_dir DATA --config union
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import sys
+import time
+
+import tensorflow_datasets as tfds
+
+from tfds_affwild2 import affwild2
+from tfds_affwild2.affwild2 import Affwild2
+
+FILE_FORMAT = "array_record"  # random access for grain
+
+
+def build_dataset(manual_dir: str, data_dir: str, config: str = "union", *,
+                  layout_overrides: dict | None = None,
+                  fix_mismatched_images: bool = False) -> Affwild2:
+  """Builds (or finds already built) `affwild2/<config>` under data_dir."""
+  builder = Affwild2(config=config, data_dir=data_dir, layout_overrides=layout_overrides,
+                     fix_mismatched_images=fix_mismatched_images,
+                     file_format=FILE_FORMAT)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  return builder
+
+
+def format_summary(summary: dict) -> str:
+  """The per-split counts as an aligned text table."""
+  rows = [f"{'split':<11}{'videos':>7}{'frames':>9}{'expr':>8}{'au':>8}{'va':>8}"
+          f"{'no image':>10}{'no label':>10}"]
+  for split, s in sorted(summary.items()):
+    labelled = s["labelled"]
+    rows.append(f"{split:<11}{s['videos']:>7}{s['frames']:>9}{labelled['expr']:>8}"
+                f"{labelled['au']:>8}{labelled['va']:>8}"
+                f"{s['skipped']['image_absent']:>10}{s['skipped']['no_valid_label']:>10}")
+  return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--manual_dir", required=True, help="the unpacked ABAW release")
+  parser.add_argument("--data_dir", required=True, help="where TFDS datasets live")
+  parser.add_argument("--config", default="union",
+                      choices=[c.name for c in affwild2.BUILDER_CONFIGS])
+  parser.add_argument("--layout", default=None,
+                      help="JSON overriding detected parts of the release layout, e.g. "
+                           '\'{"image_roots": ["faces"]}\' (paths relative to manual_dir)')
+  parser.add_argument("--fix_mismatched_images", action="store_true",
+                      help="convert images that are not 112x112 RGB JPEG instead of "
+                           "stopping with an error")
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  start = time.perf_counter()
+  builder = build_dataset(args.manual_dir, args.data_dir, args.config,
+                          layout_overrides=json.loads(args.layout) if args.layout else None,
+                          fix_mismatched_images=args.fix_mismatched_images)
+  seconds = time.perf_counter() - start
+  frames = sum(split.num_examples for split in builder.info.splits.values())
+  peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  print(format_summary(dict(builder.info.metadata.get("summary", {}))))
+  print(f"built {builder.info.full_name} in {builder.data_dir}: {frames} frames in "
+        f"{seconds:.1f} s ({frames / max(seconds, 1e-9):.0f} frames/s), "
+        f"peak memory {peak_mb:.0f} MB")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
