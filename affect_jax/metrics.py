@@ -11,8 +11,9 @@ devices and needs one pass with O(classes) state:
 3. `compute_scores` (host, NumPy): CCC, F1 and the ABAW P scores from the totals.
 
 Statistics keys (present only for the tasks present in the model outputs):
-  VA   `va_n` int32 [2], `va_sum_x`, `va_sum_y`, `va_sum_xx`, `va_sum_yy`, `va_sum_xy`
-       float32 [2] (index 0 valence, 1 arousal; x prediction, y label).
+  VA   `va_n` int32 [2] and, for each sum s in x, y, xx, yy, xy, `va_sum_{s}_int`
+       int32 [2] and `va_sum_{s}_frac` float32 [2] (index 0 valence, 1 arousal;
+       x prediction, y label); `va_moment_sums` rebuilds the float64 sums from them.
   EXPR `expr_confusion` int32 [K, K] (row: true class, column: argmax prediction).
   AU   `au_tp`, `au_fp`, `au_fn`, `au_tn` int32 [12];
        `au_hist_pos`, `au_hist_neg` int32 [12, bins] (sigmoid scores of valid positive /
@@ -31,14 +32,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-NUM_AUS = 12
 DEFAULT_HISTOGRAM_BINS = 200
 DEFAULT_AU_THRESHOLD = 0.5
 
-# Sums from float32 statistics carry relative rounding of order 1e-7; a CCC denominator
-# below this fraction of the second moments is rounding noise of a zero denominator
-# (constant predictions equal to constant labels), not a variance.
-_RELATIVE_ZERO_DENOMINATOR = 1e-6
+# VA sums split values into integer multiples of 1/64 plus a small float remainder
+# (see `va_statistics`). |coarse| <= 64 keeps a product <= 2^12, so int32 sums are
+# exact for (global) batches of fewer than 524,288 frames.
+_VA_COARSE_SCALE = 64.0
+_VA_COARSE_LIMIT = 1.0
+
+# The rebuilt VA sums carry float32 rounding of the remainder terms, about 1e-9 of the
+# second moments; a CCC denominator below this fraction of them is the rounding noise of
+# a zero denominator (constant predictions equal to constant labels), not a variance.
+_RELATIVE_ZERO_DENOMINATOR = 1e-8
 
 
 # ----------------------------------------------------------------------------------
@@ -46,32 +52,57 @@ _RELATIVE_ZERO_DENOMINATOR = 1e-6
 # ----------------------------------------------------------------------------------
 
 
+def _split_coarse_fine(values):
+  """values = coarse + fine, coarse = units / _VA_COARSE_SCALE with int32 units.
+
+  Returns (units, coarse, fine). The coarse part is clipped to +-_VA_COARSE_LIMIT so
+  products of units cannot overflow int32; values beyond it (VA lies in [-1, 1]) are
+  still summed exactly as given, with float32 precision only.
+  """
+  clipped = jnp.clip(values, -_VA_COARSE_LIMIT, _VA_COARSE_LIMIT)
+  units = jnp.round(clipped * _VA_COARSE_SCALE).astype(jnp.int32)
+  coarse = units.astype(jnp.float32) / _VA_COARSE_SCALE  # exact: a power-of-2 scale
+  # Exact in float32 (Sterbenz lemma): coarse and values differ by at most half a unit.
+  return units, coarse, values - coarse
+
+
+def _sum_of_products(split_a, split_b):
+  """Integer and remainder parts of sum(a * b) over the batch, for split a and b."""
+  units_a, coarse_a, fine_a = split_a
+  units_b, coarse_b, fine_b = split_b
+  return (jnp.sum(units_a * units_b, axis=0),
+          jnp.sum(coarse_a * fine_b + fine_a * coarse_b + fine_a * fine_b, axis=0))
+
+
 def va_statistics(predictions, labels, mask) -> dict[str, jax.Array]:
-  """CCC sums per dimension over valid frames.
+  """CCC sums per dimension over valid frames, split so that they stay exact.
 
   Args:
     predictions: [B, 2] predicted valence/arousal.
     labels: [B, 2] labels (anything where masked).
     mask: [B] frame validity.
 
-  Sums are raw (centred on 0): VA values lie in [-1, 1], so the float32 sums of one
-  batch keep about 7 significant digits, and host accumulation in float64 adds no
-  further error of note.
+  Why split: CCC from raw sums subtracts mean^2 from E[x^2]; with a mean of 0.8 and a
+  standard deviation of 0.05 a float32 sum loses 2-3 of its 7 digits there (CCC off by
+  1e-5, measured). Each value is split as x = a / 64 + r with an integer a: the sums of
+  a, a*a, a*b are exact integers and only the small remainder terms (|r| <= 1/128) are
+  float32 sums, so the float64 sums rebuilt by `va_moment_sums` give the CCC to about
+  1e-9. Every statistic is still a plain sum: psum and host addition stay valid.
   """
   valid = mask > 0
-  weight = valid.astype(jnp.float32)[:, None]
   # `where`, not multiplication: a masked label may be NaN, and NaN * 0 is NaN.
   x = jnp.where(valid[:, None], predictions.astype(jnp.float32), 0.0)
   y = jnp.where(valid[:, None], labels.astype(jnp.float32), 0.0)
-  count = jnp.sum(valid.astype(jnp.int32))
-  return {
-      "va_n": jnp.full((2,), count, jnp.int32),
-      "va_sum_x": jnp.sum(weight * x, axis=0),
-      "va_sum_y": jnp.sum(weight * y, axis=0),
-      "va_sum_xx": jnp.sum(weight * x * x, axis=0),
-      "va_sum_yy": jnp.sum(weight * y * y, axis=0),
-      "va_sum_xy": jnp.sum(weight * x * y, axis=0),
-  }
+  split_x, split_y = _split_coarse_fine(x), _split_coarse_fine(y)
+  statistics = {"va_n": jnp.full((2,), jnp.sum(valid.astype(jnp.int32)), jnp.int32)}
+  for name, (units, _, fine) in (("x", split_x), ("y", split_y)):
+    statistics[f"va_sum_{name}_int"] = jnp.sum(units, axis=0)
+    statistics[f"va_sum_{name}_frac"] = jnp.sum(fine, axis=0)
+  for name, split_a, split_b in (("xx", split_x, split_x), ("yy", split_y, split_y),
+                                 ("xy", split_x, split_y)):
+    statistics[f"va_sum_{name}_int"], statistics[f"va_sum_{name}_frac"] = (
+        _sum_of_products(split_a, split_b))
+  return statistics
 
 
 def expression_statistics(logits, labels, mask) -> dict[str, jax.Array]:
@@ -88,6 +119,24 @@ def expression_statistics(logits, labels, mask) -> dict[str, jax.Array]:
 def histogram_bin_edges(num_bins: int) -> np.ndarray:
   """Lower bin edges j / num_bins (float32, as compared on device), j = 0..num_bins-1."""
   return (np.arange(num_bins, dtype=np.float64) / num_bins).astype(np.float32)
+
+
+def histogram_bin_index(probabilities, num_bins: int) -> jax.Array:
+  """Index of the last float32 lower edge <= p, i.e. the bin of each score.
+
+  floor(p * bins) alone can be one off after float32 rounding near an edge; it is
+  corrected against the edges themselves so that "bin >= j" means exactly
+  "p >= edge_j", the comparison `best_au_thresholds` assumes. (Cheaper to compile than
+  a searchsorted.)
+  """
+  edges = jnp.asarray(histogram_bin_edges(num_bins))
+  last = num_bins - 1
+  index = jnp.clip(jnp.floor(probabilities * num_bins).astype(jnp.int32), 0, last)
+  index = jnp.where(probabilities < edges[index], index - 1, index)
+  next_index = jnp.minimum(index + 1, last)
+  index = jnp.where((index < last) & (probabilities >= edges[next_index]), next_index,
+                    index)
+  return jnp.clip(index, 0, last)
 
 
 def au_statistics(logits, labels, mask, *, thresholds=None,
@@ -112,9 +161,7 @@ def au_statistics(logits, labels, mask, *, thresholds=None,
   def count(condition):
     return jnp.sum(condition.astype(jnp.int32), axis=0)
 
-  edges = jnp.asarray(histogram_bin_edges(num_histogram_bins))
-  bin_index = jnp.searchsorted(edges, probabilities, side="right") - 1
-  bin_index = jnp.clip(bin_index, 0, num_histogram_bins - 1)
+  bin_index = histogram_bin_index(probabilities, num_histogram_bins)
   au_index = jnp.broadcast_to(jnp.arange(num_aus), bin_index.shape)
 
   def histogram(condition):
@@ -213,6 +260,17 @@ def _safe_ratio(numerator, denominator) -> np.ndarray:
                    where=denominator != 0)
 
 
+def va_moment_sums(statistics: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """float64 `n`, `sum_x`, `sum_y`, `sum_xx`, `sum_yy`, `sum_xy` [2] from VA statistics."""
+  sums = {"n": _to_host(statistics["va_n"]).astype(np.float64)}
+  for name, unit in (("x", _VA_COARSE_SCALE), ("y", _VA_COARSE_SCALE),
+                     ("xx", _VA_COARSE_SCALE ** 2), ("yy", _VA_COARSE_SCALE ** 2),
+                     ("xy", _VA_COARSE_SCALE ** 2)):
+    integer_part = _to_host(statistics[f"va_sum_{name}_int"]).astype(np.float64) / unit
+    sums[f"sum_{name}"] = integer_part + _to_host(statistics[f"va_sum_{name}_frac"])
+  return sums
+
+
 def concordance_from_sums(n, sum_x, sum_y, sum_xx, sum_yy, sum_xy) -> np.ndarray:
   """CCC from sums (population moments); 0 where n == 0 or the denominator is 0."""
   n = np.asarray(n, np.float64)
@@ -273,8 +331,7 @@ def compute_scores(statistics: Mapping[str, Any]) -> dict[str, Any]:
   scores: dict[str, Any] = {}
   p_scores = []
   if "va_n" in statistics:
-    ccc = concordance_from_sums(*(statistics[f"va_{name}"] for name in
-                                  ("n", "sum_x", "sum_y", "sum_xx", "sum_yy", "sum_xy")))
+    ccc = concordance_from_sums(**va_moment_sums(statistics))
     scores["ccc_valence"], scores["ccc_arousal"] = float(ccc[0]), float(ccc[1])
     scores["p_va"] = float(ccc.mean())
     p_scores.append(scores["p_va"])

@@ -1,0 +1,70 @@
+"""Orbax checkpoints of a training run: train state + data iterator state + scores.
+
+Layout under `<workdir>/checkpoints/<step>/`: `state` (the TrainState pytree),
+`data` (grain iterator state, one JSON per process) and the step's metrics, which
+decide the best checkpoint. Saves are asynchronous and atomic: a process killed during a
+save leaves the previous checkpoints intact, and `latest_step` never names a partial one.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+STATE = "state"
+DATA = "data"
+
+
+def create_checkpoint_manager(workdir: str, *, keep: int = 3,
+                              best_metric: str | None = "p_mtl",
+                              best_mode: str = "max",
+                              asynchronous: bool = True) -> ocp.CheckpointManager:
+  """Keeps the `keep` latest checkpoints and, when `best_metric` is set, the best one."""
+  policies = [checkpoint_managers.LatestN(n=keep)]
+  best_fn = None
+  if best_metric:
+    best_fn = lambda metrics: float(metrics[best_metric])  # noqa: E731
+    policies.append(checkpoint_managers.BestN(
+        get_metric_fn=best_fn, reverse=best_mode == "min", n=1))
+  options = ocp.CheckpointManagerOptions(
+      best_fn=best_fn, best_mode=best_mode,
+      preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+      enable_async_checkpointing=asynchronous, create=True,
+      cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               options=options,
+                               item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                                              DATA: grain.checkpoint.CheckpointHandler()})
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: Any,
+                    data_iterator=None, metrics: dict | None = None,
+                    force: bool = False) -> bool:
+  items = {STATE: ocp.args.StandardSave(state)}
+  if data_iterator is not None:
+    items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+  scalars = None
+  if metrics:
+    scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+  return manager.save(step, args=ocp.args.Composite(**items), metrics=scalars,
+                      force=force)
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
+                       data_iterator=None) -> Any:
+  """Restores `state` (laid out like `abstract_state`, shardings included) and, when an
+  iterator is given, its position."""
+  items = {STATE: ocp.args.StandardRestore(abstract_state)}
+  if data_iterator is not None:
+    items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  return restored[STATE]
+
+
+def abstract_like(state: Any) -> Any:
+  """Shapes, dtypes and shardings of a state, for restoring onto the current devices."""
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)

@@ -1,0 +1,24 @@
+"""Console logging for the commands: our INFO lines, without the libraries' chatter."""
+import logging
+
+# Orbax logs every phase of every save at INFO through absl.
+_CHATTY = ("orbax", "absl/logging", "tensorflow_datasets", "grain", "xla_bridge")
+# Periodic saves between evaluations carry no scores, by design.
+_EXPECTED_WARNINGS = ("did not provide metrics",)
+
+
+class _DropLibraryInfo(logging.Filter):
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if any(text in record.getMessage() for text in _EXPECTED_WARNINGS):
+      return False
+    return record.levelno >= logging.WARNING or not any(
+        part in record.pathname for part in _CHATTY)
+
+
+def quiet_library_logs() -> None:
+  """Keeps library warnings and errors, drops their INFO lines, on every handler."""
+  root = logging.getLogger()
+  for handler in root.handlers:
+    handler.addFilter(_DropLibraryInfo())
+  logging.getLogger("absl").addFilter(_DropLibraryInfo())

@@ -1,0 +1,233 @@
+"""grain input pipeline: TFDS `affwild2` data source -> shuffled, sharded, decoded,
+augmented uint8 batches for the devices of this process.
+
+Images leave the host as uint8 (a quarter of float32's bytes); `normalize_images` turns
+them into float on the device, inside the jitted step. Every random choice derives from
+(config seed, record index, epoch) through grain's `random_map`, so a batch does not
+depend on the number of worker processes, and the iterator state (`get_state`) is
+enough to resume exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from typing import Any, Iterator
+
+import grain
+import numpy as np
+from PIL import Image
+
+IMAGE_SIZE = 112
+NUM_AUS = 12
+# ImageNet statistics: the convention of the pretrained ResNet-18 weights users import.
+MEAN_RGB = np.array([0.485, 0.456, 0.406], np.float32) * 255
+STDDEV_RGB = np.array([0.229, 0.224, 0.225], np.float32) * 255
+LABEL_KEYS = ("expression", "expression_mask", "au", "au_mask", "valence_arousal",
+              "va_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+  """Host-side augmentation; all off is the eval policy."""
+  flip: bool = False
+  crop_scale: tuple[float, float] = (1.0, 1.0)  # area fraction of random resized crop
+  crop_ratio: tuple[float, float] = (1.0, 1.0)  # aspect ratio range of the crop
+  rotation_degrees: float = 0.0
+  brightness: float = 0.0  # factor drawn from [1 - b, 1 + b]
+  contrast: float = 0.0
+  saturation: float = 0.0
+
+  @classmethod
+  def from_policy(cls, policy: str) -> "AugmentConfig":
+    """Named policies of the study: none, basic (flip + crop), strong (+ rotation, colour)."""
+    if policy == "none":
+      return cls()
+    if policy == "basic":
+      return cls(flip=True, crop_scale=(0.8, 1.0), crop_ratio=(0.9, 1.1))
+    if policy == "strong":
+      return cls(flip=True, crop_scale=(0.7, 1.0), crop_ratio=(0.8, 1.25),
+                 rotation_degrees=15.0, brightness=0.3, contrast=0.3, saturation=0.3)
+    raise ValueError(f"unknown augmentation policy {policy!r}; expected none, basic "
+                     "or strong")
+
+
+def decode_jpeg(data: bytes) -> Image.Image:
+  image = Image.open(io.BytesIO(data))
+  return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _affine_for_crop(rng: np.random.Generator, size: int, cfg: AugmentConfig):
+  """Coefficients (a..f) of PIL's output->input affine map for crop+rotation+flip."""
+  area = size * size * rng.uniform(*cfg.crop_scale)
+  log_ratio = rng.uniform(np.log(cfg.crop_ratio[0]), np.log(cfg.crop_ratio[1]))
+  ratio = math.exp(log_ratio)
+  crop_w = min(size, math.sqrt(area * ratio))
+  crop_h = min(size, math.sqrt(area / ratio))
+  centre_x = rng.uniform(crop_w / 2, size - crop_w / 2)
+  centre_y = rng.uniform(crop_h / 2, size - crop_h / 2)
+  angle = math.radians(rng.uniform(-cfg.rotation_degrees, cfg.rotation_degrees))
+  flip = -1.0 if cfg.flip and rng.uniform() < 0.5 else 1.0
+  scale_x, scale_y = crop_w / size * flip, crop_h / size
+  cos, sin = math.cos(angle), math.sin(angle)
+  # input = centre + R(angle) @ diag(scale) @ (output - size/2)
+  a, b = cos * scale_x, -sin * scale_y
+  d, e = sin * scale_x, cos * scale_y
+  half = size / 2
+  c = centre_x - a * half - b * half
+  f = centre_y - d * half - e * half
+  return (a, b, c, d, e, f)
+
+
+def _jitter_colours(pixels: np.ndarray, rng: np.random.Generator,
+                    cfg: AugmentConfig) -> np.ndarray:
+  x = pixels.astype(np.float32)
+  if cfg.brightness:
+    x *= rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)
+  if cfg.contrast:
+    mean = x.mean()
+    x = (x - mean) * rng.uniform(1 - cfg.contrast, 1 + cfg.contrast) + mean
+  if cfg.saturation:
+    grey = x @ np.array([0.299, 0.587, 0.114], np.float32)
+    x = (x - grey[..., None]) * rng.uniform(1 - cfg.saturation, 1 + cfg.saturation) + \
+        grey[..., None]
+  return np.clip(x + 0.5, 0, 255).astype(np.uint8)
+
+
+def augment_image(image: Image.Image, rng: np.random.Generator, cfg: AugmentConfig,
+                  size: int = IMAGE_SIZE) -> np.ndarray:
+  """One resampling for crop, rotation and flip, then colour jitter; uint8 [H, W, 3]."""
+  if image.size != (size, size):
+    image = image.resize((size, size), Image.BILINEAR)
+  geometric = cfg.flip or cfg.rotation_degrees or cfg.crop_scale != (1.0, 1.0)
+  if geometric:
+    image = image.transform((size, size), Image.AFFINE,
+                            _affine_for_crop(rng, size, cfg), resample=Image.BILINEAR)
+  pixels = np.asarray(image, np.uint8)
+  if cfg.brightness or cfg.contrast or cfg.saturation:
+    pixels = _jitter_colours(pixels, rng, cfg)
+  return pixels
+
+
+def record_to_example(record: dict, index: int) -> dict:
+  """Labels in the training convention: float masks, 0 fillers under masks."""
+  return {
+      "expression": np.int32(max(int(record["expression"]), 0)),
+      "expression_mask": np.float32(record["expression_mask"]),
+      "au": np.asarray(record["au"], np.float32),
+      "au_mask": np.asarray(record["au_mask"], np.float32),
+      "valence_arousal": np.asarray(record["valence_arousal"], np.float32),
+      "va_mask": np.float32(record["va_mask"]),
+      "record_index": np.int32(index),
+  }
+
+
+class DecodeAndAugment(grain.transforms.RandomMap):
+  """record (JPEG bytes + labels) -> example with a uint8 image."""
+
+  def __init__(self, cfg: AugmentConfig, image_size: int = IMAGE_SIZE):
+    self._cfg = cfg
+    self._image_size = image_size
+
+  def random_map(self, element, rng: np.random.Generator):
+    index, record = element
+    example = record_to_example(record, index)
+    example["image"] = augment_image(decode_jpeg(record["image"]), rng, self._cfg,
+                                     self._image_size)
+    return example
+
+
+class ReadRecord(grain.transforms.Map):
+  """record index -> (index, record); a class, not a lambda, so workers can pickle it."""
+
+  def __init__(self, source):
+    self._source = source
+
+  def map(self, index):
+    return index, self._source[index]
+
+
+class LoadForEval(grain.transforms.Map):
+  """record index -> un-augmented example; index -1 -> a padding example."""
+
+  def __init__(self, source, image_size: int = IMAGE_SIZE):
+    self._source = source
+    self._decode = DecodeAndAugment(AugmentConfig(), image_size)
+    self._image_size = image_size
+
+  def map(self, index):
+    if index < 0:
+      return empty_example(self._image_size)
+    return self._decode.random_map((index, self._source[index]), None)
+
+
+def empty_example(image_size: int = IMAGE_SIZE) -> dict:
+  """A padding example: every mask 0, so it enters no loss and no metric."""
+  return {
+      "expression": np.int32(0), "expression_mask": np.float32(0),
+      "au": np.zeros(NUM_AUS, np.float32), "au_mask": np.zeros(NUM_AUS, np.float32),
+      "valence_arousal": np.zeros(2, np.float32), "va_mask": np.float32(0),
+      "record_index": np.int32(-1),
+      "image": np.zeros((image_size, image_size, 3), np.uint8),
+  }
+
+
+def open_data_source(name: str, split: str, data_dir: str | None):
+  """The TFDS ArrayRecord source of a split, images left as JPEG bytes."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tfds_affwild2  # pylint: disable=g-import-not-at-top,unused-import  # registers
+  builder = tfds.builder(name, data_dir=data_dir)
+  return builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+
+
+def _process_shard(num_records: int, process_index: int, process_count: int):
+  """Record indices of this process: a strided slice, each record in one process."""
+  return range(process_index, num_records, process_count)
+
+
+def train_dataset(source, *, local_batch_size: int, seed: int, augment: AugmentConfig,
+                  process_index: int = 0, process_count: int = 1,
+                  image_size: int = IMAGE_SIZE) -> grain.MapDataset:
+  """Endless, reshuffled each epoch, augmented, batched: a MapDataset of batches."""
+  indices = _process_shard(len(source), process_index, process_count)
+  if len(indices) < local_batch_size:
+    raise ValueError(f"the training split has {len(indices)} records for this process, "
+                     f"fewer than one batch of {local_batch_size}")
+  ds = grain.MapDataset.source(list(indices)).seed(seed)
+  ds = ds.shuffle().repeat(None)
+  ds = ds.map(ReadRecord(source))
+  ds = ds.random_map(DecodeAndAugment(augment, image_size))
+  return ds.batch(local_batch_size, drop_remainder=True)
+
+
+def eval_num_batches(num_records: int, local_batch_size: int, process_count: int) -> int:
+  """Batches every process runs in one eval pass (the same number on all processes)."""
+  per_process = math.ceil(num_records / process_count)
+  return max(1, math.ceil(per_process / local_batch_size))
+
+
+def eval_dataset(source, *, local_batch_size: int, process_index: int = 0,
+                 process_count: int = 1, image_size: int = IMAGE_SIZE
+                 ) -> grain.MapDataset:
+  """One ordered pass, padded with fully masked examples to whole, equal batches."""
+  indices = list(_process_shard(len(source), process_index, process_count))
+  total = eval_num_batches(len(source), local_batch_size, process_count) * \
+      local_batch_size
+  ds = grain.MapDataset.source(indices + [-1] * (total - len(indices)))
+  return ds.map(LoadForEval(source, image_size)).batch(local_batch_size,
+                                                       drop_remainder=True)
+
+
+def as_iterator(ds: grain.MapDataset, worker_count: int = 0,
+                worker_buffer_size: int = 2):
+  """A checkpointable iterator; worker processes decode in parallel when asked."""
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  if worker_count > 0:
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=worker_count, per_worker_buffer_size=worker_buffer_size))
+  return iter(it_ds)
+
+
+def normalize_images(images, dtype=np.float32):
+  """uint8 NHWC -> normalised float (works on NumPy and JAX arrays, used on device)."""
+  return ((images.astype(np.float32) - MEAN_RGB) / STDDEV_RGB).astype(dtype)

@@ -1,0 +1,39 @@
+"""Command line: train, or evaluate a checkpoint.
+
+  python -m affect_jax.main --config configs/default.py --workdir runs/mtl \
+      --config.dataset.data_dir=DATA --config.optimizer.learning_rate=0.05
+  python -m affect_jax.main --config configs/default.py --workdir runs/mtl --mode eval
+"""
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from affect_jax import cli_logging, train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (resuming if possible), "
+                  "or evaluate a checkpoint.")
+flags.DEFINE_integer("step", None, "With --mode eval: the checkpoint step (default: "
+                     "the best, else the latest).")
+flags.DEFINE_string("split", None, "With --mode eval: the split (default: the config's "
+                    "eval split).")
+config_flags.DEFINE_config_file("config", None, "Training configuration file.",
+                                lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.getLogger().setLevel(logging.INFO)
+  cli_logging.quiet_library_logs()
+  if FLAGS.mode == "train":
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  else:
+    train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step, FLAGS.split)
+
+
+if __name__ == "__main__":
+  app.run(main)

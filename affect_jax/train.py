@@ -1,0 +1,458 @@
+"""Data-parallel multi-task training and evaluation (Flax-examples style).
+
+The steps are written per device, as under pmap: each device sees its slice of the
+global batch, BatchNorm statistics are synchronised over the `data` axis, and every loss
+normaliser is summed over it (see losses.py), so the loss on each device is the loss of
+the global batch. They run as `jax.shard_map` under `jax.jit` over a Mesh of all devices
+of all processes; with shard_map's replication checking (check_vma), differentiating the
+global loss with respect to the replicated parameters yields the already all-reduced
+gradient (the transpose of the implicit broadcast is a psum), so one code path serves 1
+CPU, 8 GPUs and a multi-host pod, and 1-device and 8-device steps agree.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from affect_jax import checkpoints, input_pipeline, losses, metrics, models
+from affect_jax.metric_writer import MetricWriter, ProgressLogger
+
+log = logging.getLogger(__name__)
+AXIS = "data"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Task names of the model and the dataset summary's names for the same tasks.
+SUMMARY_TASK = {"expression": "expr", "au": "au", "va": "va"}
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+  """What the loss needs besides outputs and labels; constants of the compiled step."""
+  tasks: tuple[str, ...]
+  expression: str = "ce"
+  au: str = "bce"
+  va: str = "ccc"
+  label_smoothing: float = 0.0
+  focal_gamma: float = 2.0
+  weighting: str = "fixed"
+  weights: tuple[tuple[str, float], ...] = ()
+  class_weights: tuple[float, ...] | None = None
+  au_pos_weights: tuple[float, ...] | None = None
+
+
+def create_mesh(devices=None) -> Mesh:
+  return Mesh(np.asarray(devices if devices is not None else jax.devices()), (AXIS,))
+
+
+def create_model(model_config, *, axis_name: str | None = AXIS) -> models.MultiTaskNet:
+  if model_config.dtype not in DTYPES:
+    raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, "
+                     f"got {model_config.dtype!r}")
+  return models.MultiTaskNet(
+      tasks=tuple(model_config.tasks), num_expr_classes=model_config.num_expr_classes,
+      head_hidden_dim=model_config.head_hidden_dim,
+      dropout_rate=model_config.dropout_rate,
+      stage_sizes=tuple(model_config.stage_sizes), num_filters=model_config.num_filters,
+      dtype=DTYPES[model_config.dtype],
+      bn_axis_name=axis_name if model_config.sync_batch_norm else None)
+
+
+def create_learning_rate_fn(config) -> optax.Schedule:
+  opt = config.optimizer
+  warmup = min(opt.warmup_steps, config.num_train_steps)
+  if opt.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        0.0, opt.learning_rate, warmup_steps=warmup,
+        decay_steps=max(config.num_train_steps, warmup + 1), end_value=0.0)
+  if opt.schedule == "constant":
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, opt.learning_rate, max(warmup, 1)),
+         optax.constant_schedule(opt.learning_rate)], [warmup])
+  raise ValueError(f"unknown optimizer.schedule {opt.schedule!r}; cosine or constant")
+
+
+def decay_mask(params) -> Any:
+  """True for weights that take weight decay: kernels, not BN parameters or biases."""
+  return flax.traverse_util.path_aware_map(
+      lambda path, _: path[-1] == "kernel", params)
+
+
+def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
+  opt = config.optimizer
+  parts = []
+  if opt.grad_clip_norm:
+    parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
+  if opt.name == "sgd":
+    if opt.weight_decay:
+      parts.append(optax.add_decayed_weights(opt.weight_decay, mask=decay_mask))
+    parts.append(optax.sgd(learning_rate_fn, momentum=opt.momentum,
+                           nesterov=opt.nesterov))
+  elif opt.name == "adamw":
+    parts.append(optax.adamw(learning_rate_fn, weight_decay=opt.weight_decay,
+                             mask=decay_mask))
+  else:
+    raise ValueError(f"unknown optimizer.name {opt.name!r}; expected sgd or adamw")
+  return optax.chain(*parts)
+
+
+def initial_variables(model: models.MultiTaskNet, rng, image_size: int,
+                      weighting: str) -> dict:
+  """Model variables plus the loss's own trainable parameters (task log-variances)."""
+  dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  # BN sync needs a named axis; initialisation computes no statistics, so use a
+  # twin model without it.
+  variables = model.clone(bn_axis_name=None).init({"params": rng}, dummy, train=False)
+  loss_params = {}
+  if weighting == "uncertainty":
+    loss_params = {task: jnp.zeros((), jnp.float32) for task in model.tasks}
+  return {"params": {"model": variables["params"], "loss": loss_params},
+          "batch_stats": variables.get("batch_stats", {})}
+
+
+def create_train_state(config, model, mesh: Mesh, learning_rate_fn) -> TrainState:
+  """A replicated TrainState, initialised from config.seed on every device."""
+  tx = create_optimizer(config, learning_rate_fn)
+
+  def init(rng):
+    variables = initial_variables(model, rng, config.input.image_size,
+                                  config.loss.weighting)
+    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                             batch_stats=variables["batch_stats"])
+
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(config.seed))
+
+
+def loss_settings_from_config(config, label_statistics: dict | None) -> LossSettings:
+  """Fixes the loss; class / positive weights come from the training-set counts."""
+  cfg = config.loss
+  tasks = tuple(config.model.tasks)
+  class_weights = pos_weights = None
+  if "expression" in tasks and cfg.expression == "weighted_ce":
+    counts = _required_counts(label_statistics, "expr_class_counts")
+    class_weights = tuple(float(w) for w in losses.class_weights_from_counts(counts))
+  if "au" in tasks and cfg.au == "weighted_bce":
+    positives = _required_counts(label_statistics, "au_positive_counts")
+    totals = [label_statistics["labelled"]["au"]] * len(positives)
+    pos_weights = tuple(float(w) for w in losses.pos_weights_from_counts(positives,
+                                                                          totals))
+  return LossSettings(
+      tasks=tasks, expression=cfg.expression, au=cfg.au, va=cfg.va,
+      label_smoothing=cfg.label_smoothing, focal_gamma=cfg.focal_gamma,
+      weighting=cfg.weighting, weights=tuple(sorted(cfg.weights.items())),
+      class_weights=class_weights, au_pos_weights=pos_weights)
+
+
+def _required_counts(label_statistics, key):
+  if not label_statistics or key not in label_statistics:
+    raise ValueError(f"a weighted loss needs the training split's {key}, which the "
+                     "dataset's metadata summary lacks (rebuild it with "
+                     "python -m tfds_affwild2.build)")
+  return np.asarray(label_statistics[key], np.float64)
+
+
+def task_losses(outputs, batch, settings: LossSettings, axis_name) -> dict:
+  """The masked loss of each enabled task over the global batch."""
+  result = {}
+  if "expression" in settings.tasks:
+    result["expression"] = losses.expression_loss(
+        outputs["expression"], batch["expression"], batch["expression_mask"],
+        kind=settings.expression, class_weights=_array_or_none(settings.class_weights),
+        label_smoothing=settings.label_smoothing, focal_gamma=settings.focal_gamma,
+        axis_name=axis_name)
+  if "au" in settings.tasks:
+    result["au"] = losses.au_loss(
+        outputs["au"], batch["au"], batch["au_mask"], kind=settings.au,
+        pos_weight=_array_or_none(settings.au_pos_weights),
+        focal_gamma=settings.focal_gamma, axis_name=axis_name)
+  if "va" in settings.tasks:
+    result["va"] = losses.va_loss(outputs["va"], batch["valence_arousal"],
+                                  batch["va_mask"], kind=settings.va,
+                                  axis_name=axis_name)
+  return result
+
+
+def _array_or_none(values):
+  return None if values is None else jnp.asarray(values, jnp.float32)
+
+
+def train_step(state: TrainState, batch: dict, *, settings: LossSettings,
+               learning_rate_fn: Callable, dtype, seed: int, axis_name: str = AXIS):
+  """One SGD step on the global batch (per-device code; see the module docstring)."""
+  dropout_rng = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed),
+                                                      state.step),
+                                   jax.lax.axis_index(axis_name))
+  images = input_pipeline.normalize_images(batch["image"], dtype)
+
+  def loss_fn(params):
+    outputs, new_model_state = state.apply_fn(
+        {"params": params["model"], "batch_stats": state.batch_stats}, images,
+        train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+    per_task = task_losses(outputs, batch, settings, axis_name)
+    total, terms = losses.combine_task_losses(
+        per_task, weights=dict(settings.weights),
+        log_variances=params["loss"] if settings.weighting == "uncertainty" else None)
+    return total, (new_model_state, per_task)
+
+  grads, (new_model_state, per_task) = jax.grad(loss_fn, has_aux=True)(state.params)
+  loss = sum(per_task.values())
+  new_state = state.apply_gradients(grads=grads,
+                                    batch_stats=new_model_state["batch_stats"])
+  step_metrics = {f"loss_{task}": value for task, value in per_task.items()}
+  step_metrics["loss"] = loss
+  step_metrics["learning_rate"] = learning_rate_fn(state.step)
+  if settings.weighting == "uncertainty":
+    step_metrics.update({f"log_variance_{t}": v for t, v in state.params["loss"].items()})
+  return new_state, step_metrics
+
+
+def eval_step(state: TrainState, batch: dict, *, num_expr_classes: int, dtype,
+              au_thresholds=None, axis_name: str = AXIS):
+  """Sufficient statistics of one global batch, and the per-frame outputs."""
+  images = input_pipeline.normalize_images(batch["image"], dtype)
+  outputs = state.apply_fn({"params": state.params["model"],
+                            "batch_stats": state.batch_stats}, images, train=False)
+  statistics = metrics.batch_statistics(outputs, batch,
+                                        num_expr_classes=num_expr_classes,
+                                        au_thresholds=au_thresholds,
+                                        axis_name=axis_name)
+  return statistics, outputs
+
+
+def compile_train_step(mesh: Mesh, **step_kwargs):
+  step = functools.partial(train_step, **step_kwargs)
+  sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)),
+                          out_specs=(P(), P()))
+  return jax.jit(sharded, donate_argnums=(0,))
+
+
+def compile_eval_step(mesh: Mesh, **step_kwargs):
+  step = functools.partial(eval_step, **step_kwargs)
+  sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)),
+                          out_specs=(P(), P(AXIS)))
+  return jax.jit(sharded)
+
+
+def device_batch(local_batch: dict, mesh: Mesh) -> dict:
+  """A global batch array from each process's local part (no cross-host copies)."""
+  sharding = NamedSharding(mesh, P(AXIS))
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in local_batch.items()}
+
+
+def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
+  """Checks divisibility before anything compiles; returns this process's share."""
+  devices = mesh.devices.size
+  if global_batch_size <= 0 or global_batch_size % devices:
+    raise ValueError(f"batch size {global_batch_size} must be a positive multiple of "
+                     f"the number of devices ({devices})")
+  return global_batch_size // jax.process_count()
+
+
+def evaluate(eval_fn, state: TrainState, dataset, num_batches: int, mesh: Mesh, *,
+             collect_outputs: bool = False, worker_count: int = 0):
+  """One pass over an eval dataset; exact scores from summed statistics.
+
+  Returns (scores, collected) where collected holds per-frame outputs, labels and
+  record indices (padding removed) when `collect_outputs`.
+  """
+  accumulator = metrics.StatisticsAccumulator()
+  collected: dict[str, list] = {}
+  pending = None
+  iterator = input_pipeline.as_iterator(dataset, worker_count)
+  try:
+    for _, local_batch in zip(range(num_batches), iterator):
+      statistics, outputs = eval_fn(state, device_batch(local_batch, mesh))
+      if pending is not None:  # fetch the previous batch while this one computes
+        accumulator.add(pending)
+      pending = statistics
+      if collect_outputs:
+        _collect(collected, outputs, local_batch)
+  finally:
+    if hasattr(iterator, "close"):
+      iterator.close()
+  if pending is not None:
+    accumulator.add(pending)
+  scores = metrics.compute_scores(accumulator.result())
+  if collect_outputs:
+    collected = {k: np.concatenate(v) for k, v in collected.items()}
+    keep = collected["record_index"] >= 0
+    collected = {k: v[keep] for k, v in collected.items()}
+  return scores, collected
+
+
+def _collect(collected: dict, outputs: dict, local_batch: dict) -> None:
+  local = {k: np.asarray(jax.experimental.multihost_utils.process_allgather(v, tiled=True)
+                         if jax.process_count() > 1 else v) for k, v in outputs.items()}
+  if jax.process_count() > 1:
+    local_batch = {k: np.asarray(jax.experimental.multihost_utils.process_allgather(
+        v, tiled=True)) for k, v in local_batch.items() if k != "image"}
+  for key, value in local.items():
+    collected.setdefault(f"pred_{key}", []).append(value)
+  for key, value in local_batch.items():
+    if key != "image":
+      collected.setdefault(key, []).append(np.asarray(value))
+
+
+def dataset_label_statistics(config) -> dict | None:
+  """The training split's label counts from the dataset's metadata (no data pass)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tfds_affwild2  # pylint: disable=g-import-not-at-top,unused-import
+  builder = tfds.builder(config.dataset.name, data_dir=config.dataset.data_dir)
+  summary = builder.info.metadata.get("summary", {})
+  return summary.get(config.dataset.train_split)
+
+
+class Trainer:
+  """Everything a run needs, built once from the config: mesh, data, steps, state."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.config = config
+    self.workdir = workdir
+    self.mesh = create_mesh()
+    self.local_batch = local_batch_size(config.input.batch_size, self.mesh)
+    self.local_eval_batch = local_batch_size(config.input.eval_batch_size, self.mesh)
+    self.model = create_model(config.model)
+    self.learning_rate_fn = create_learning_rate_fn(config)
+    self.dtype = DTYPES[config.model.dtype]
+    self.settings = loss_settings_from_config(config, self._label_statistics())
+    self.train_fn = compile_train_step(
+        self.mesh, settings=self.settings, learning_rate_fn=self.learning_rate_fn,
+        dtype=self.dtype, seed=config.seed)
+    self.eval_fn = compile_eval_step(self.mesh,
+                                     num_expr_classes=config.model.num_expr_classes,
+                                     dtype=self.dtype)
+    self.manager = checkpoints.create_checkpoint_manager(
+        workdir, keep=config.checkpoint.keep,
+        best_metric=config.checkpoint.best_metric or None,
+        asynchronous=config.checkpoint.asynchronous)
+
+  def _label_statistics(self):
+    needs_counts = ("weighted" in self.config.loss.expression
+                    or "weighted" in self.config.loss.au)
+    return dataset_label_statistics(self.config) if needs_counts else None
+
+  def train_source(self):
+    return input_pipeline.open_data_source(self.config.dataset.name,
+                                           self.config.dataset.train_split,
+                                           self.config.dataset.data_dir)
+
+  def train_iterator(self):
+    ds = input_pipeline.train_dataset(
+        self.train_source(), local_batch_size=self.local_batch, seed=self.config.seed,
+        augment=input_pipeline.AugmentConfig.from_policy(self.config.input.augment),
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        image_size=self.config.input.image_size)
+    return input_pipeline.as_iterator(ds, self.config.input.worker_count,
+                                      self.config.input.worker_buffer_size)
+
+  def eval_data(self, split: str | None = None):
+    source = input_pipeline.open_data_source(
+        self.config.dataset.name, split or self.config.dataset.eval_split,
+        self.config.dataset.data_dir)
+    ds = input_pipeline.eval_dataset(source, local_batch_size=self.local_eval_batch,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count(),
+                                     image_size=self.config.input.image_size)
+    num_batches = input_pipeline.eval_num_batches(len(source), self.local_eval_batch,
+                                                  jax.process_count())
+    if self.config.eval_max_batches:
+      num_batches = min(num_batches, self.config.eval_max_batches)
+    return ds, num_batches
+
+  def new_state(self) -> TrainState:
+    return create_train_state(self.config, self.model, self.mesh, self.learning_rate_fn)
+
+  def evaluate(self, state, split: str | None = None, collect_outputs: bool = False):
+    ds, num_batches = self.eval_data(split)
+    return evaluate(self.eval_fn, state, ds, num_batches, self.mesh,
+                    collect_outputs=collect_outputs,
+                    worker_count=self.config.input.worker_count)
+
+
+def write_config(config, workdir: str) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains (resuming from the workdir's latest checkpoint), evaluates, checkpoints."""
+  trainer = Trainer(config, workdir)
+  write_config(config, workdir)
+  writer = MetricWriter(workdir)
+  state = trainer.new_state()
+  train_iter = trainer.train_iterator()
+  latest = trainer.manager.latest_step()
+  if latest is not None:
+    log.info("resuming from checkpoint at step %d in %s", latest, workdir)
+    state = checkpoints.restore_checkpoint(trainer.manager, latest,
+                                           checkpoints.abstract_like(state), train_iter)
+  start_step = int(state.step)
+  progress = ProgressLogger(config.num_train_steps, start_step,
+                            images_per_step=config.input.batch_size)
+  step_metrics = None
+  try:
+    for step in range(start_step + 1, config.num_train_steps + 1):
+      state, step_metrics = trainer.train_fn(state, device_batch(next(train_iter),
+                                                                  trainer.mesh))
+      if step % config.log_every_steps == 0 or step == config.num_train_steps:
+        values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        writer.write_scalars(step, values, prefix="train")
+        progress.log(step, values)
+      scores = None
+      if step % config.eval_every_steps == 0 or step == config.num_train_steps:
+        scores, _ = trainer.evaluate(state)
+        writer.write_scores(step, config.dataset.eval_split, scores)
+      if (step % config.checkpoint_every_steps == 0 or scores is not None):
+        checkpoints.save_checkpoint(trainer.manager, step, state, train_iter, scores)
+  finally:
+    trainer.manager.wait_until_finished()
+    if hasattr(train_iter, "close"):
+      train_iter.close()
+  writer.close()
+  return state
+
+
+def restore_for_eval(trainer: Trainer, step: int | None = None) -> TrainState:
+  """The given step's state, else the best checkpoint, else the latest."""
+  manager = trainer.manager
+  step = step or manager.best_step() or manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {trainer.workdir}/checkpoints")
+  state = trainer.new_state()
+  return checkpoints.restore_checkpoint(manager, step, checkpoints.abstract_like(state))
+
+
+def evaluate_checkpoint(config, workdir: str, step: int | None = None,
+                        split: str | None = None) -> tuple[int, dict]:
+  """`--mode eval`: restores a checkpoint, evaluates, appends to metrics.jsonl."""
+  trainer = Trainer(config, workdir)
+  state = restore_for_eval(trainer, step)
+  split = split or config.dataset.eval_split
+  scores, _ = trainer.evaluate(state, split)
+  step = int(state.step)
+  writer = MetricWriter(workdir)
+  writer.write_scores(step, split, scores, mode="eval")
+  writer.close()
+  log.info("step %d %s: %s", step, split, json.dumps(
+      {k: v for k, v in scores.items() if isinstance(v, float)}))
+  return step, scores

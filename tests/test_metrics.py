@@ -1,0 +1,288 @@
+"""Metrics from sufficient statistics against independent references.
+
+References: scikit-learn for F1 and accuracy, a float64 NumPy CCC written here. The
+statistics must give the same scores from one batch, many accumulated batches and eight
+devices.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, PartitionSpec as P
+from sklearn.metrics import accuracy_score, f1_score
+
+from affect_jax import metrics
+
+NUM_CLASSES = 8
+NUM_AUS = 12
+TOLERANCE = 1e-6
+
+
+def reference_ccc(predictions, labels):
+  """Float64 CCC with population moments; 0 when undefined (as the metric promises)."""
+  x = np.asarray(predictions, np.float64)
+  y = np.asarray(labels, np.float64)
+  if x.size == 0:
+    return 0.0
+  denominator = x.var() + y.var() + (x.mean() - y.mean()) ** 2
+  covariance = np.mean((x - x.mean()) * (y - y.mean()))
+  return 0.0 if denominator == 0 else 2.0 * covariance / denominator
+
+
+def away_from_zero(logits, margin=1e-3):
+  """Keep logits off the 0.5-probability decision edge, where float32 rounding of the
+  sigmoid could flip a comparison between this test and the device."""
+  return np.where(np.abs(logits) < margin, np.sign(logits + 1e-12) * margin, logits)
+
+
+def make_data(seed, num_frames, *, absent_class=NUM_CLASSES - 1):
+  """Random outputs and labels with random masks and garbage under the masks.
+
+  Class `absent_class` is neither a label nor a prediction: its F1 of 0 must still be
+  averaged in. Class 0 is labelled but never predicted.
+  """
+  rng = np.random.default_rng(seed)
+  labels_expr = rng.integers(0, NUM_CLASSES - 1, num_frames)
+  logits_expr = rng.normal(size=(num_frames, NUM_CLASSES)) + 1.5 * np.eye(NUM_CLASSES)[labels_expr]
+  logits_expr[:, [0, absent_class]] = -10.0
+  expr_mask = rng.random(num_frames) < 0.7
+  au = (rng.random((num_frames, NUM_AUS)) < np.linspace(0.05, 0.6, NUM_AUS)).astype(np.float32)
+  au_logits = away_from_zero(2.0 * (au - 0.4) + rng.normal(size=au.shape))
+  au_mask = rng.random((num_frames, NUM_AUS)) < 0.8
+  va = rng.uniform(-1, 1, (num_frames, 2))
+  va_pred = np.tanh(0.8 * va + rng.normal(0.1, 0.4, va.shape))
+  va_mask = rng.random(num_frames) < 0.6
+
+  outputs = {"expression": logits_expr.astype(np.float32),
+             "au": au_logits.astype(np.float32),
+             "va": va_pred.astype(np.float32)}
+  batch = {
+      "expression": np.where(expr_mask, labels_expr, -1).astype(np.int32),
+      "expression_mask": expr_mask.astype(np.float32),
+      "au": np.where(au_mask, au, -1.0).astype(np.float32),
+      "au_mask": au_mask.astype(np.float32),
+      "valence_arousal": np.where(va_mask[:, None], va, np.nan).astype(np.float32),
+      "va_mask": va_mask.astype(np.float32),
+  }
+  return outputs, batch
+
+
+def reference_scores(outputs, batch):
+  expr_valid = batch["expression_mask"] > 0
+  true_expr = batch["expression"][expr_valid]
+  predicted_expr = outputs["expression"][expr_valid].argmax(-1)
+  probabilities = np.asarray(jax.nn.sigmoid(outputs["au"]))
+  au_f1 = []
+  for au in range(NUM_AUS):
+    valid = batch["au_mask"][:, au] > 0
+    au_f1.append(f1_score(batch["au"][valid, au], probabilities[valid, au] >= 0.5,
+                          zero_division=0))
+  au_valid = batch["au_mask"] > 0
+  va_valid = batch["va_mask"] > 0
+  ccc = [reference_ccc(outputs["va"][va_valid, d], batch["valence_arousal"][va_valid, d])
+         for d in range(2)]
+  return {
+      "expr_f1": f1_score(true_expr, predicted_expr, labels=range(NUM_CLASSES),
+                          average="macro", zero_division=0),
+      "expr_accuracy": accuracy_score(true_expr, predicted_expr),
+      "au_f1_per_au": au_f1,
+      "au_f1": np.mean(au_f1),
+      "au_accuracy": accuracy_score(batch["au"][au_valid], probabilities[au_valid] >= 0.5),
+      "ccc_valence": ccc[0],
+      "ccc_arousal": ccc[1],
+      "p_va": np.mean(ccc),
+  }
+
+
+def assert_scores_match(scores, expected):
+  for key, value in expected.items():
+    np.testing.assert_allclose(scores[key], value, atol=TOLERANCE, rtol=0, err_msg=key)
+  np.testing.assert_allclose(
+      scores["p_mtl"], expected["p_va"] + expected["expr_f1"] + expected["au_f1"],
+      atol=TOLERANCE, rtol=0)
+
+
+statistics_fn = jax.jit(functools.partial(metrics.batch_statistics,
+                                          num_expr_classes=NUM_CLASSES))
+
+
+@pytest.fixture(scope="module")
+def data():
+  return make_data(seed=0, num_frames=2048)
+
+
+def test_one_batch_matches_references(data):
+  outputs, batch = data
+  scores = metrics.compute_scores(statistics_fn(outputs, batch))
+  assert_scores_match(scores, reference_scores(outputs, batch))
+  assert scores["expr_f1_per_class"][NUM_CLASSES - 1] == 0.0  # absent class
+  assert scores["expr_f1_per_class"][0] == 0.0  # labelled, never predicted
+  confusion = np.array(scores["expr_confusion"])
+  assert confusion.sum() == int(batch["expression_mask"].sum())
+
+
+def test_absent_class_is_averaged_in(data):
+  outputs, batch = data
+  scores = metrics.compute_scores(statistics_fn(outputs, batch))
+  valid = batch["expression_mask"] > 0
+  true_expr, predicted = batch["expression"][valid], outputs["expression"][valid].argmax(-1)
+  # scikit-learn's default (classes seen only) differs: the absent class must count.
+  seen_only = f1_score(true_expr, predicted, average="macro", zero_division=0)
+  assert scores["expr_f1"] == pytest.approx(seen_only * 7 / 8, abs=TOLERANCE)
+
+
+def test_accumulated_batches_equal_one_batch(data):
+  outputs, batch = data
+  whole = {k: np.asarray(v) for k, v in statistics_fn(outputs, batch).items()}
+  accumulator = metrics.StatisticsAccumulator()
+  edges = [0, 1, 100, 357, 1024, 1500, 2048]  # uneven batches, one of a single frame
+  for start, stop in zip(edges[:-1], edges[1:]):
+    part = lambda tree: {k: v[start:stop] for k, v in tree.items()}  # noqa: E731
+    accumulator.add(statistics_fn(part(outputs), part(batch)))
+  summed = accumulator.result()
+  for key, value in whole.items():
+    if np.issubdtype(value.dtype, np.integer):
+      assert summed[key].dtype == np.int64
+      np.testing.assert_array_equal(summed[key], value, err_msg=key)
+  assert_scores_match(metrics.compute_scores(summed), reference_scores(outputs, batch))
+
+
+def test_eight_devices_equal_one_device(data):
+  outputs, batch = data
+  devices = jax.devices()
+  assert len(devices) == 8
+  mesh = Mesh(devices, ("data",))
+  sharded_fn = jax.jit(jax.shard_map(
+      functools.partial(metrics.batch_statistics, num_expr_classes=NUM_CLASSES,
+                        axis_name="data"),
+      mesh=mesh, in_specs=P("data"), out_specs=P()))
+  sharded = sharded_fn(outputs, batch)
+  whole = statistics_fn(outputs, batch)
+  for key, value in whole.items():
+    if np.issubdtype(value.dtype, np.integer):
+      np.testing.assert_array_equal(sharded[key], value, err_msg=key)
+  assert_scores_match(metrics.compute_scores(sharded), reference_scores(outputs, batch))
+
+
+def test_ccc_exact_when_means_dwarf_spread():
+  # Raw float32 sums lose the variance here (CCC off by ~1e-5); the split sums must not.
+  rng = np.random.default_rng(1)
+  labels = (0.7 + 0.1 * rng.normal(size=(50_000, 2))).astype(np.float32)
+  predictions = (0.8 + 0.05 * rng.normal(size=labels.shape) + 0.02 * labels).astype(np.float32)
+  mask = np.ones(len(labels), np.float32)
+  scores = metrics.compute_scores(jax.jit(metrics.va_statistics)(predictions, labels, mask))
+  for dimension, key in enumerate(("ccc_valence", "ccc_arousal")):
+    expected = reference_ccc(predictions[:, dimension], labels[:, dimension])
+    assert scores[key] == pytest.approx(expected, abs=TOLERANCE)
+
+
+def test_all_masked_gives_zeros_not_nan(data):
+  outputs, batch = data
+  batch = dict(batch, expression_mask=np.zeros_like(batch["expression_mask"]),
+               au_mask=np.zeros_like(batch["au_mask"]),
+               va_mask=np.zeros_like(batch["va_mask"]))
+  scores = metrics.compute_scores(statistics_fn(outputs, batch))
+  for key in ("ccc_valence", "ccc_arousal", "p_va", "expr_f1", "expr_accuracy", "au_f1",
+              "au_accuracy", "p_mtl"):
+    assert scores[key] == 0.0, key
+  assert scores["au_f1_per_au"] == [0.0] * NUM_AUS
+
+
+def test_constant_predictions_give_zero_ccc():
+  # Equal constants make every CCC moment 0: the score is 0, not NaN or noise.
+  values = np.full((64, 2), 0.3, np.float32)
+  scores = metrics.compute_scores(
+      metrics.va_statistics(values, values, np.ones(64, np.float32)))
+  assert scores["ccc_valence"] == 0.0 and scores["ccc_arousal"] == 0.0
+
+
+def test_only_tasks_present_are_scored(data):
+  outputs, batch = data
+  scores = metrics.compute_scores(metrics.batch_statistics({"va": outputs["va"]}, batch))
+  assert set(scores) == {"ccc_valence", "ccc_arousal", "p_va", "p_mtl"}
+  assert scores["p_mtl"] == scores["p_va"]
+  scores = metrics.compute_scores(
+      metrics.batch_statistics({"expression": outputs["expression"]}, batch))
+  assert "p_va" not in scores and "au_f1" not in scores
+  assert scores["p_mtl"] == scores["expr_f1"]
+  assert metrics.compute_scores({}) == {}
+
+
+def test_au_thresholds_override(data):
+  outputs, batch = data
+  thresholds = np.linspace(0.2, 0.8, NUM_AUS).astype(np.float32)
+  statistics = metrics.batch_statistics({"au": outputs["au"]}, batch,
+                                        au_thresholds=thresholds)
+  scores = metrics.compute_scores(statistics)
+  probabilities = np.asarray(jax.nn.sigmoid(outputs["au"]))
+  for au in range(NUM_AUS):
+    valid = batch["au_mask"][:, au] > 0
+    expected = f1_score(batch["au"][valid, au], probabilities[valid, au] >= thresholds[au],
+                        zero_division=0)
+    assert scores["au_f1_per_au"][au] == pytest.approx(expected, abs=TOLERANCE)
+
+
+def test_best_au_thresholds_match_brute_force_search():
+  num_bins, num_frames = 100, 1500
+  rng = np.random.default_rng(2)
+  labels = (rng.random((num_frames, NUM_AUS)) < np.linspace(0.05, 0.5, NUM_AUS)).astype(np.float32)
+  # Scores kept at least 1e-4 away from every bin edge, so float32 rounding of the
+  # sigmoid cannot move a score across an edge between this test and the device.
+  bins = np.clip(np.round(num_bins * (0.5 + 0.25 * (labels - 0.3)
+                                      + 0.2 * rng.normal(size=labels.shape))), 0, num_bins - 1)
+  probabilities = (bins + rng.uniform(0.01, 0.99, labels.shape)) / num_bins
+  logits = np.log(probabilities / (1 - probabilities)).astype(np.float32)
+  mask = (rng.random(labels.shape) < 0.9).astype(np.float32)
+  mask[:, 3] = 0.0  # an AU with no valid label: F1 0 everywhere, threshold stays 0.5
+  statistics = metrics.au_statistics(logits, labels, mask, num_histogram_bins=num_bins)
+  thresholds, best_f1 = metrics.best_au_thresholds(statistics["au_hist_pos"],
+                                                   statistics["au_hist_neg"])
+  f1_at_half = metrics.compute_scores(statistics)["au_f1_per_au"]
+  edges = np.arange(num_bins) / num_bins
+  for au in range(NUM_AUS):
+    valid = mask[:, au] > 0
+    if not valid.any():
+      continue
+    searched = [f1_score(labels[valid, au], probabilities[valid, au] >= edge, zero_division=0)
+                for edge in edges]
+    assert best_f1[au] == pytest.approx(max(searched), abs=TOLERANCE)
+    at_chosen = f1_score(labels[valid, au], probabilities[valid, au] >= thresholds[au],
+                         zero_division=0)
+    assert at_chosen == pytest.approx(best_f1[au], abs=TOLERANCE)
+    assert best_f1[au] >= f1_at_half[au] - TOLERANCE
+  assert thresholds[3] == 0.5 and best_f1[3] == 0.0
+  assert np.mean(best_f1) > np.mean(f1_at_half) + 0.01  # the search does find gains
+
+
+@pytest.mark.parametrize("num_bins", [7, 100, 200])
+def test_bin_index_is_exact_at_edges(num_bins):
+  edges = metrics.histogram_bin_edges(num_bins)
+  below = np.nextafter(edges, np.float32(-1))
+  above = np.nextafter(edges, np.float32(2))
+  scores = np.concatenate([edges, below[1:], above, [np.float32(1.0)]]).astype(np.float32)
+  expected = np.searchsorted(edges, scores, side="right") - 1
+  np.testing.assert_array_equal(
+      jax.jit(metrics.histogram_bin_index, static_argnums=1)(scores, num_bins), expected)
+
+
+def test_histograms_count_every_valid_entry(data):
+  outputs, batch = data
+  statistics = statistics_fn(outputs, batch)
+  positives = ((batch["au"] > 0.5) & (batch["au_mask"] > 0)).sum(0)
+  negatives = ((batch["au"] < 0.5) & (batch["au_mask"] > 0)).sum(0)
+  np.testing.assert_array_equal(np.asarray(statistics["au_hist_pos"]).sum(-1), positives)
+  np.testing.assert_array_equal(np.asarray(statistics["au_hist_neg"]).sum(-1), negatives)
+  np.testing.assert_array_equal(
+      statistics["au_tp"] + statistics["au_fn"], positives)
+
+
+def test_errors_are_clear(data):
+  outputs, batch = data
+  with pytest.raises(ValueError, match="num_expr_classes"):
+    metrics.batch_statistics(outputs, batch, num_expr_classes=7)
+  accumulator = metrics.StatisticsAccumulator()
+  accumulator.add(metrics.batch_statistics({"va": outputs["va"]}, batch))
+  with pytest.raises(ValueError, match="keys"):
+    accumulator.add(metrics.batch_statistics({"au": outputs["au"]}, batch))
