@@ -7,3 +7,31 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def synthetic_release(tmp_path_factory):
+  """A small synthetic ABAW6 release (with s-Aff-Wild2 MTL files): (path, ground truth)."""
+  from tfds_affwild2 import synthetic
+  root = tmp_path_factory.mktemp("release")
+  truth = synthetic.generate_release(str(root), seed=3, num_videos=10,
+                                     frames_per_video=30)
+  return str(root), truth
+
+
+@pytest.fixture(scope="session")
+def built_union(synthetic_release, tmp_path_factory):
+  """The `affwild2/union` TFDS dataset of the synthetic release: (builder, data_dir)."""
+  from tfds_affwild2 import build
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  builder = build.build_dataset(synthetic_release[0], data_dir, "union")
+  return builder, data_dir
+
+
+def read_json(path):
+  with open(path) as f:
+    return json.load(f)

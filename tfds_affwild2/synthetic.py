@@ -70,6 +70,158 @@ def task_header(task: str, num_expr_classes: int) -> str:
     return ",".join(synthetic_faces.AU_NAMES)
 
 
+# EMFACS prototypes: expression -> (AUs always shown, AUs shown in half of the segments).
+PROTOTYPES = {
+    1: (("AU4", "AU7", "AU23", "AU24"), ()),                     # Anger
+    2: (("AU4", "AU10", "AU15"), ("AU7",)),                      # Disgust
+    3: (("AU1", "AU2", "AU4", "AU7", "AU25"), ("AU26",)),        # Fear
+    4: (("AU6", "AU12"), ("AU25",)),                             # Happiness
+    5: (("AU1", "AU4", "AU15"), ()),                             # Sadness
+    6: (("AU1", "AU2", "AU25", "AU26"), ()),                     # Surprise
+}
+# Each expression's place on the valence/arousal circumplex at full intensity.
+CIRCUMPLEX = {0: (0.0, 0.0), 1: (-0.6, 0.7), 2: (-0.6, 0.3), 3: (-0.6, 0.8),
+              4: (0.7, 0.4), 5: (-0.6, -0.4), 6: (0.2, 0.8)}
+# How often each expression starts a segment, in Aff-Wild2's imbalance: Neutral and
+# Other frequent, Happiness and Sadness medium, Fear and Disgust rare. Onset and offset
+# frames are labelled Neutral as well, which makes Neutral more frequent still.
+SEGMENT_PRIOR = np.array([0.17, 0.06, 0.03, 0.03, 0.17, 0.15, 0.06, 0.33])
+# Independent AU activations per frame, so AUs are not a function of the expression:
+# talking parts the lips often, brows flash, lids tighten; AU15/23/24/26 stay rare.
+AU_EVENT_RATE = np.array([0.003, 0.002, 0.004, 0.004, 0.012, 0.012,
+                          0.004, 0.001, 0.001, 0.001, 0.035, 0.003])
+# Movements that undo each other on the drawn face (corners up vs down, lips pressed vs
+# parted): never shown together, so every AU label stays visible in the image.
+ANTAGONISTS = (("AU12", "AU15"), ("AU24", "AU25"), ("AU24", "AU26"))
+_ANTAGONIST_INDEX = [tuple(synthetic_faces.AU_NAMES.index(n) for n in pair) for pair in ANTAGONISTS]
+# What each AU adds to (valence, arousal): smiles please, open jaws excite.
+_VA_PER_AU = np.zeros((12, 2))
+for _name, _effect in {"AU12": (0.3, 0.05), "AU6": (0.1, 0.0), "AU15": (-0.15, -0.05),
+                       "AU4": (-0.1, 0.05), "AU7": (-0.05, 0.05), "AU1": (0.0, 0.05),
+                       "AU2": (0.0, 0.05), "AU25": (0.0, 0.1), "AU26": (0.0, 0.2)}.items():
+    _VA_PER_AU[synthetic_faces.AU_NAMES.index(_name)] = _effect
+
+
+def _envelope(rng, length):
+    """Onset, apex and offset of one expression or AU event, smooth at both ends."""
+    onset, offset = (max(2, round(length * rng.uniform(0.15, 0.35))) for _ in range(2))
+    t = np.arange(length, dtype=float)
+    x = np.clip(np.minimum((t + 1) / (onset + 1), (length - t) / (offset + 1)), 0.0, 1.0)
+    return x * x * (3.0 - 2.0 * x)
+
+
+def _smooth_noise(rng, num_frames, columns, width=7):
+    """Unit-scale noise that wanders over about `width` frames."""
+    walk = np.cumsum(rng.normal(size=(num_frames + width, columns)), axis=0)
+    return (walk[width:] - walk[:-width]) / np.sqrt(width)
+
+
+def _segment_aus(rng, expression):
+    """AU amplitudes of one expression segment; Other is a sparse mix of 2-3 AUs that
+    contains no prototype."""
+    if expression in PROTOTYPES:
+        core, optional = PROTOTYPES[expression]
+    else:
+        while True:
+            core = set(rng.choice(synthetic_faces.AU_NAMES, size=rng.integers(2, 4),
+                                  replace=False).tolist())
+            if not any(set(p) <= core for p, _ in PROTOTYPES.values()) and not any(
+                    set(pair) <= core for pair in ANTAGONISTS):
+                break
+        core, optional = sorted(core), ()
+    amplitudes = {name: rng.uniform(0.8, 1.0) for name in core}
+    amplitudes.update({name: rng.uniform(0.6, 1.0) for name in optional if rng.random() < 0.5})
+    return {synthetic_faces.AU_NAMES.index(name): a for name, a in amplitudes.items()}
+
+
+def _au_events(rng, num_frames):
+    events = np.zeros((num_frames, 12))
+    for au, rate in enumerate(AU_EVENT_RATE):
+        for _ in range(rng.poisson(rate * num_frames)):
+            length = int(rng.integers(6, 26))
+            start = int(rng.integers(-length // 2, num_frames))
+            bump = rng.uniform(0.55, 1.0) * _envelope(rng, length)
+            lo, hi = max(0, start), min(num_frames, start + length)
+            events[lo:hi, au] = np.maximum(events[lo:hi, au], bump[lo - start:hi - start])
+    return events
+
+
+def simulate_labels(rng, num_frames, num_classes):
+    """One person's behaviour over a video: expression per frame (int), AU intensities
+    in [0, 1] (num_frames, 12) and valence/arousal in [-1, 1] (num_frames, 2)."""
+    prior = SEGMENT_PRIOR[:num_classes] * rng.gamma(4.0, 0.25, size=num_classes)  # per-person mood
+    prior /= prior.sum()
+    expr = np.zeros(num_frames, np.int64)
+    driven = np.zeros((num_frames, 12))
+    centre = np.zeros((num_frames, 2))
+    start = 0
+    while start < num_frames:
+        length = int(rng.integers(10, 41))
+        stop = min(num_frames, start + length)
+        expression = int(rng.choice(num_classes, p=prior))
+        intensity = (rng.uniform(0.55, 1.0) * _envelope(rng, length))[:stop - start]
+        if expression != 0:
+            expr[start:stop] = np.where(intensity >= EXPR_THRESHOLD, expression, 0)
+            for au, amplitude in _segment_aus(rng, expression).items():
+                driven[start:stop, au] = amplitude * intensity
+            place = CIRCUMPLEX.get(expression) or (rng.uniform(-0.3, 0.3), rng.uniform(-0.1, 0.5))
+            centre[start:stop] = np.outer(intensity, place)
+        start = stop
+    events = _au_events(rng, num_frames)
+    for first, second in _ANTAGONIST_INDEX:    # the expression wins over a chance event
+        events[driven[:, first] > 0.1, second] = 0.0
+        events[driven[:, second] > 0.1, first] = 0.0
+    aus = np.clip(np.maximum(driven, events)
+                  + 0.04 * _smooth_noise(rng, num_frames, 12), 0.0, 1.0)
+    va = (centre + aus @ _VA_PER_AU + rng.uniform(-0.1, 0.1, size=2)
+          + 0.05 * _smooth_noise(rng, num_frames, 2) + rng.normal(0.0, 0.01, (num_frames, 2)))
+    return expr, aus, np.clip(va, -1.0, 1.0)
+
+
+def simulate_poses(rng, num_frames):
+    """Head pose and gaze drifting slowly around a per-video base."""
+    t = np.arange(num_frames)
+
+    def drift(base, amplitude):
+        period, phase = rng.uniform(40, 160), rng.uniform(0, 2 * np.pi)
+        return (base + amplitude * np.sin(2 * np.pi * t / period + phase)).tolist()
+
+    tracks = zip(drift(rng.uniform(-0.08, 0.08), 0.05), drift(rng.uniform(-0.15, 0.15), 0.12),
+                 drift(rng.uniform(-3, 3), 2.0), drift(rng.uniform(-3, 3), 2.0),
+                 drift(rng.uniform(0.93, 1.07), 0.03), drift(0.0, 0.7), drift(0.0, 0.3))
+    return [synthetic_faces.Pose(*values) for values in tracks]
+
+
+def _runs(rng, num_frames, count, longest):
+    mask = np.zeros(num_frames, bool)
+    longest = max(1, min(longest, num_frames // 5))
+    for _ in range(count):
+        start = int(rng.integers(0, num_frames))
+        mask[start:start + int(rng.integers(1, longest + 1))] = True
+    return mask
+
+
+@dataclasses.dataclass(frozen=True)
+class Defects:
+    present: np.ndarray       # (n,) bool: the frame has a face image
+    valid: dict               # task -> (n,) bool; all False for tasks the video lacks
+    va_style: np.ndarray      # (n,) how an invalid VA line is written: -5 / -5.0 / one value
+    extra_lines: dict         # task -> lines after the last frame (no image)
+
+
+def sample_defects(rng, num_frames, tasks):
+    """Where the release is imperfect: runs of frames without a face (about 3%), runs of
+    invalid lines in each task file (about 4%), and files longer than the video."""
+    present = ~_runs(rng, num_frames, max(1, rng.poisson(num_frames * 0.008)), 6)
+    valid = {task: np.zeros(num_frames, bool) for task in TASKS}
+    extra = {}
+    for task in tasks:
+        valid[task] = ~_runs(rng, num_frames, max(1, rng.poisson(num_frames * 0.012)), 4)
+        extra[task] = int(rng.integers(1, 4)) if rng.random() < 0.3 else 0
+    va_style = rng.choice(3, size=num_frames, p=[0.45, 0.45, 0.1])
+    return Defects(present, valid, va_style, extra)
+
+
 @dataclasses.dataclass(frozen=True)
 class VideoPlan:
     name: str
@@ -216,3 +368,157 @@ def _mtl_lines(name, present, valid, labels, va_style):
                   ",".join(map(str, aus[k].tolist())) if valid["au"][k] else ",".join(["-1"] * 12)]
         rows.append(",".join(fields))
     return rows
+
+
+def _check_arguments(seed, generation, mtl_format, num_videos, frames_per_video, jpeg_quality):
+    if generation not in LAYOUTS:
+        raise ValueError(f"generation must be one of {sorted(LAYOUTS)}, got {generation!r}")
+    if mtl_format is not None and mtl_format not in MTL_FILES:
+        raise ValueError(f"mtl_format must be None or one of {sorted(MTL_FILES)}, got {mtl_format!r}")
+    for name, value, lowest in (("seed", seed, 0), ("num_videos", num_videos, 1),
+                                ("frames_per_video", frames_per_video, 5),
+                                ("jpeg_quality", jpeg_quality, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lowest:
+            raise ValueError(f"{name} must be an integer >= {lowest}, got {value!r}")
+    if jpeg_quality > 95:
+        raise ValueError(f"jpeg_quality must be at most 95 (PIL's useful maximum), got {jpeg_quality}")
+
+
+def _write_text(path, header, lines):
+    path.write_text("\n".join([header, *lines]) + "\n")
+
+
+class _Progress:
+    """Counts written images and reports every few hundred of them."""
+
+    def __init__(self, report):
+        self.report, self.images, self.start = report, 0, time.perf_counter()
+
+    def tick(self):
+        self.images += 1
+        if self.report is not None and self.images % _PROGRESS_EVERY == 0:
+            self.report(self.images, time.perf_counter() - self.start)
+
+
+def _write_video(out, video, layout, quality, progress):
+    """Renders and writes one video folder and its task files; returns what the ground
+    truth needs: (defects, labels with binary AUs)."""
+    rng = np.random.Generator(np.random.PCG64(video.seed))
+    identity = synthetic_faces.sample_identity(rng)
+    expr, intensities, va = simulate_labels(rng, video.num_frames, layout.num_expr_classes)
+    poses = simulate_poses(rng, video.num_frames)
+    defects = sample_defects(rng, video.num_frames, video.tasks)
+    noise_offsets = rng.integers(0, 1 << 16, size=(video.num_frames, 2))
+    folder = out / video.image_root / video.name
+    folder.mkdir(parents=True)
+    for k in np.flatnonzero(defects.present).tolist():
+        pixels = synthetic_faces.render_face(identity, intensities[k], poses[k], noise_offsets[k])
+        (folder / f"{k + 1:05d}.jpg").write_bytes(synthetic_faces.encode_jpeg(pixels, quality))
+        progress.tick()
+    labels = (expr, (intensities > AU_THRESHOLD).astype(np.int64), va)
+    for task in video.tasks:
+        lines = _annotation_lines(task, labels, defects.valid[task], defects.va_style)
+        lines += lines[-1:] * defects.extra_lines[task]    # lines for frames that have no image
+        task_dir = out / layout.task_roots[task] / layout.split_dirs[video.split]
+        _write_text(task_dir / f"{video.name}.txt", task_header(task, layout.num_expr_classes), lines)
+    return defects, labels
+
+
+def generate_release(out_dir, *, seed: int = 0, generation: str = "abaw6",
+                     mtl_format: str | None = "abaw4", num_videos: int = 12,
+                     frames_per_video: int = 60, jpeg_quality: int = 90,
+                     progress=None) -> dict:
+    """Writes a synthetic release into `out_dir` (new or empty) and returns its ground
+    truth, also saved as `out_dir/ground_truth.json`:
+
+    {"generation", "seed", "num_expr_classes", "image_roots": [folder names],
+     "splits": {"train"/"validation": {
+         "videos": folders with at least one task file in the split,
+         "images": JPEG files of those folders,
+         "frames": frames with an image and a valid label in at least one task file,
+         "labelled": {"expr", "au", "va"}: frames with an image and a valid label of the task,
+         "expr_class_counts": [K] over labelled expr frames,
+         "au_positive_counts": [12] over labelled au frames,
+         "skipped": {"image_absent": distinct frame numbers of a video that some task file
+                         has a line for but that have no JPEG (extra trailing lines included),
+                     "no_valid_label": frames with an image and annotation lines but no
+                         valid label in any task}},
+                "test": {"videos", "images"}},
+     "mtl": {"train"/"validation": {"rows", "labelled": {"expr", "au", "va"}}} or None}
+
+    `progress(images_written, seconds)` is called every few hundred images.
+    Same arguments, same bytes.
+    """
+    _check_arguments(seed, generation, mtl_format, num_videos, frames_per_video, jpeg_quality)
+    out = pathlib.Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty: a release is written into a new folder")
+    layout = LAYOUTS[generation]
+    num_classes = layout.num_expr_classes
+    plan = plan_release(seed, generation, num_videos, frames_per_video)
+    for folder in [*layout.image_roots, *(f"{layout.task_roots[t]}/{layout.split_dirs[s]}"
+                                         for t in TASKS for s in SPLITS)]:
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    counts = {split: _new_split_counts(num_classes) for split in SPLITS}
+    test = {"videos": 0, "images": 0}
+    mtl_rows = {split: [] for split in SPLITS} if mtl_format else None
+    tracker = _Progress(progress)
+    for video in plan:
+        defects, labels = _write_video(out, video, layout, jpeg_quality, tracker)
+        if video.split == "test":
+            test["videos"] += 1
+            test["images"] += int(defects.present.sum())
+            continue
+        _count_video(counts[video.split], defects.present, defects.valid, labels, defects.extra_lines)
+        if mtl_rows is not None:
+            mtl_rows[video.split] += _mtl_lines(video.name, defects.present, defects.valid,
+                                                labels, defects.va_style)
+    _write_text(out / TEST_LIST, "\n".join(v.name for v in plan if v.split == "test")
+                if test["videos"] else "", [])
+    mtl = None
+    if mtl_rows is not None:
+        mtl = {}
+        for split, rows in mtl_rows.items():
+            _write_text(out / MTL_FILES[mtl_format][split], MTL_HEADER, rows)
+            mtl[split] = {"rows": len(rows), "labelled": dict(counts[split]["labelled"])}
+    truth = {"generation": generation, "seed": seed, "num_expr_classes": num_classes,
+             "image_roots": list(layout.image_roots),
+             "splits": {**counts, "test": test}, "mtl": mtl}
+    (out / GROUND_TRUTH).write_text(json.dumps(truth, indent=2) + "\n")
+    return truth
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="new or empty folder to write into")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--generation", choices=sorted(LAYOUTS), default="abaw6")
+    parser.add_argument("--mtl-format", choices=[*sorted(MTL_FILES), "none"], default="abaw4",
+                        help="s-Aff-Wild2 MTL files to write; 'none' writes none")
+    parser.add_argument("--num-videos", type=int, default=12)
+    parser.add_argument("--frames-per-video", type=int, default=60)
+    parser.add_argument("--jpeg-quality", type=int, default=90)
+    args = parser.parse_args(argv)
+
+    def report(images, seconds):
+        print(f"  {images} images, {images / seconds:.0f} images/s", flush=True)
+
+    start = time.perf_counter()
+    try:
+        truth = generate_release(
+            args.out, seed=args.seed, generation=args.generation,
+            mtl_format=None if args.mtl_format == "none" else args.mtl_format,
+            num_videos=args.num_videos, frames_per_video=args.frames_per_video,
+            jpeg_quality=args.jpeg_quality, progress=report)
+    except (ValueError, FileExistsError) as error:
+        parser.error(str(error))
+    seconds = time.perf_counter() - start
+    splits = truth["splits"]
+    images = sum(splits[s]["images"] for s in ("train", "validation", "test"))
+    print(f"wrote {args.generation} release to {args.out}: videos train {splits['train']['videos']}"
+          f" / validation {splits['validation']['videos']} / test {splits['test']['videos']},"
+          f" {images} images in {seconds:.1f} s ({images / seconds:.0f} images/s)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

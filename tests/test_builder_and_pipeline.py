@@ -1,0 +1,159 @@
+"""The TFDS builder (counts, byte-exact images, discovery) and the grain pipeline
+(reproducible order, exact resume, sharding over processes, eval padding)."""
+import collections
+import io
+import os
+import sys
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+import tfds_affwild2  # noqa: F401  (registers the builder)
+from affect_jax import input_pipeline as ip
+from tfds_affwild2 import build
+
+
+def test_metadata_counts_equal_the_generated_ground_truth(built_union, synthetic_release):
+  builder, _ = built_union
+  _, truth = synthetic_release
+  summary = builder.info.metadata["summary"]
+  for split in ("train", "validation"):
+    expected = truth["splits"][split]
+    assert builder.info.splits[split].num_examples == expected["frames"]
+    for key in ("videos", "frames", "labelled", "expr_class_counts",
+                "au_positive_counts"):
+      assert summary[split][key] == expected[key], (split, key)
+    for key, value in expected["skipped"].items():
+      assert summary[split]["skipped"][key] == value
+  assert builder.info.splits["test"].num_examples == truth["splits"]["test"]["images"]
+  assert "tensorflow" not in sys.modules  # built and read without TensorFlow
+
+
+def test_images_round_trip_byte_exact_and_labels_match(built_union, synthetic_release):
+  _, data_dir = built_union
+  root, _ = synthetic_release
+  builder = tfds.builder("affwild2/union", data_dir=data_dir)  # found by name
+  source = builder.as_data_source("train", decoders={"image": tfds.decode.SkipDecoding()})
+  image_roots = [os.path.join(root, d) for d in os.listdir(root)
+                 if d.startswith("cropped_aligned")]
+  for i in range(0, len(source), 17):
+    record = source[i]
+    video = record["video"].decode()
+    name = f"{record['frame']:05d}.jpg"
+    paths = [os.path.join(r, video, name) for r in image_roots
+             if os.path.exists(os.path.join(r, video, name))]
+    assert len(paths) == 1
+    with open(paths[0], "rb") as f:
+      assert record["image"] == f.read()
+    assert bool(record["expression_mask"]) == (record["expression"] >= 0)
+    assert record["expression_mask"] or record["au_mask"].any() or record["va_mask"]
+
+
+def test_build_command_prints_the_summary(synthetic_release, tmp_path, capsys):
+  root, truth = synthetic_release
+  assert build.main(["--manual_dir", root, "--data_dir", str(tmp_path), "--config",
+                     "mtl"]) == 0
+  out = capsys.readouterr().out
+  assert "frames/s" in out and "peak memory" in out
+  builder = tfds.builder("affwild2/mtl", data_dir=str(tmp_path))
+  labelled = builder.info.metadata["summary"]["train"]["labelled"]
+  assert labelled == truth["mtl"]["train"]["labelled"]
+
+
+def _indices(iterator, num_batches):
+  return [next(iterator)["record_index"].tolist() for _ in range(num_batches)]
+
+
+def train_source(built_union):
+  return ip.open_data_source("affwild2/union", "train", built_union[1])
+
+
+def test_order_is_reproducible_and_reshuffled_each_epoch(built_union):
+  source = train_source(built_union)
+  make = lambda seed: ip.as_iterator(ip.train_dataset(  # noqa: E731
+      source, local_batch_size=8, seed=seed, augment=ip.AugmentConfig()))
+  epoch_batches = len(source) // 8
+  first = _indices(make(0), 2 * epoch_batches)
+  assert first == _indices(make(0), 2 * epoch_batches)
+  assert first != _indices(make(1), 2 * epoch_batches)
+  epoch_one = sum(first[:epoch_batches], [])
+  epoch_two = sum(first[epoch_batches:], [])
+  assert len(set(epoch_one)) == len(epoch_one)  # no repeats inside an epoch
+  assert epoch_one != epoch_two
+
+
+@pytest.mark.parametrize("worker_count", [0, 2])
+def test_resume_from_saved_state_continues_with_identical_batches(built_union,
+                                                                  worker_count):
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
+  source = train_source(built_union)
+  ds = ip.train_dataset(source, local_batch_size=4, seed=5,
+                        augment=ip.AugmentConfig.from_policy("strong"))
+  reference = ip.as_iterator(ds, worker_count)
+  for _ in range(3):
+    next(reference)
+  state = reference.get_state()
+  expected = [next(reference) for _ in range(3)]
+  resumed = ip.as_iterator(ds, worker_count)
+  resumed.set_state(state)
+  for want in expected:
+    got = next(resumed)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+  for it in (reference, resumed):
+    if hasattr(it, "close"):
+      it.close()
+
+
+def test_two_processes_cover_each_record_once_per_epoch(built_union):
+  source = train_source(built_union)
+  seen = collections.Counter()
+  for process in range(2):
+    per_process = len(range(process, len(source), 2))
+    ds = ip.train_dataset(source, local_batch_size=1, seed=0, augment=ip.AugmentConfig(),
+                          process_index=process, process_count=2)
+    seen.update(sum(_indices(ip.as_iterator(ds), per_process), []))
+  assert sorted(seen) == list(range(len(source)))
+  assert set(seen.values()) == {1}
+
+
+def test_eval_pads_with_masked_examples_and_keeps_images_unaugmented(built_union):
+  source = ip.open_data_source("affwild2/union", "validation", built_union[1])
+  batches = list(ip.eval_dataset(source, local_batch_size=16))
+  assert len(batches) == ip.eval_num_batches(len(source), 16, 1)
+  indices = np.concatenate([b["record_index"] for b in batches])
+  assert sorted(indices[indices >= 0].tolist()) == list(range(len(source)))
+  padding = indices < 0
+  for key in ("expression_mask", "va_mask"):
+    mask = np.concatenate([b[key] for b in batches])
+    assert not mask[padding].any()
+  first = np.asarray(Image.open(io.BytesIO(source[0]["image"])))
+  np.testing.assert_array_equal(batches[0]["image"][0], first)
+
+
+def test_augmentation_policies():
+  rng = np.random.default_rng(0)
+  pixels = rng.integers(0, 255, (112, 112, 3), np.uint8)
+  image = Image.fromarray(pixels)
+  np.testing.assert_array_equal(ip.augment_image(image, rng, ip.AugmentConfig()), pixels)
+  flip_only = ip.AugmentConfig(flip=True)
+  outcomes = {ip.augment_image(image, np.random.default_rng(s), flip_only).tobytes()
+              for s in range(8)}
+  assert outcomes == {pixels.tobytes(), pixels[:, ::-1].tobytes()}
+  strong = ip.augment_image(image, np.random.default_rng(1),
+                            ip.AugmentConfig.from_policy("strong"))
+  assert strong.shape == (112, 112, 3) and strong.dtype == np.uint8
+  assert not np.array_equal(strong, pixels)
+  with pytest.raises(ValueError, match="unknown augmentation policy"):
+    ip.AugmentConfig.from_policy("extreme")
+
+
+def test_normalize_images_uses_imagenet_statistics():
+  images = np.stack([np.full((2, 2, 3), v, np.uint8) for v in (0, 255)])
+  out = ip.normalize_images(images)
+  np.testing.assert_allclose(out[0, 0, 0], -ip.MEAN_RGB / ip.STDDEV_RGB, rtol=1e-6)
+  np.testing.assert_allclose(out[1, 0, 0], (255 - ip.MEAN_RGB) / ip.STDDEV_RGB,
+                             rtol=1e-6)
