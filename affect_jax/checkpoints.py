@@ -11,7 +11,6 @@ import os
 from typing import Any
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -63,8 +62,3 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract_state
     items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
   restored = manager.restore(step, args=ocp.args.Composite(**items))
   return restored[STATE]
-
-
-def abstract_like(state: Any) -> Any:
-  """Shapes, dtypes and shardings of a state, for restoring onto the current devices."""
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)

@@ -49,7 +49,7 @@ def _focal_modulation(one_minus_p_true, gamma):
   positive = one_minus_p_true > 0
   safe_base = jnp.where(positive, one_minus_p_true, 1.0)
   value_at_zero = jnp.where(jnp.asarray(gamma) == 0, 1.0, 0.0)
-  return one_minus_p_true ** gamma
+  return jnp.where(positive, safe_base ** gamma, value_at_zero)
 
 
 # ----------------------------------------------------------------------------------

@@ -35,10 +35,10 @@ import numpy as np
 DEFAULT_HISTOGRAM_BINS = 200
 DEFAULT_AU_THRESHOLD = 0.5
 
-# VA sums split values into integer multiples of 1/64 plus a small float remainder
-# (see `va_statistics`). |coarse| <= 64 keeps a product <= 2^12, so int32 sums are
-# exact for (global) batches of fewer than 524,288 frames.
-_VA_COARSE_SCALE = 64.0
+# VA sums split values into integer multiples of 1/32 plus a small float remainder
+# (see `va_statistics`). Integer parts |a| <= 32 keep a product <= 2^10, so int32 sums
+# are exact for any (global) batch of fewer than 2,097,152 frames.
+_VA_COARSE_SCALE = 32.0
 _VA_COARSE_LIMIT = 1.0
 
 # The rebuilt VA sums carry float32 rounding of the remainder terms, about 1e-9 of the
@@ -84,8 +84,8 @@ def va_statistics(predictions, labels, mask) -> dict[str, jax.Array]:
 
   Why split: CCC from raw sums subtracts mean^2 from E[x^2]; with a mean of 0.8 and a
   standard deviation of 0.05 a float32 sum loses 2-3 of its 7 digits there (CCC off by
-  1e-5, measured). Each value is split as x = a / 64 + r with an integer a: the sums of
-  a, a*a, a*b are exact integers and only the small remainder terms (|r| <= 1/128) are
+  1e-5, measured). Each value is split as x = a / 32 + r with an integer a: the sums of
+  a, a*a, a*b are exact integers and only the small remainder terms (|r| <= 1/64) are
   float32 sums, so the float64 sums rebuilt by `va_moment_sums` give the CCC to about
   1e-9. Every statistic is still a plain sum: psum and host addition stay valid.
   """

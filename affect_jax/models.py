@@ -18,7 +18,8 @@ no counterpart: the backbone ends at global average pooling)::
 
 ``MultiTaskNet`` nests the backbone under ``backbone`` and adds ``expression_head``,
 ``au_head`` and ``va_head`` (each ``TaskHead``: an optional ``hidden`` Dense layer and
-an ``output`` Dense layer).
+an ``output`` Dense layer). ``pretrained.backbone_layout`` spells the mapping out key
+by key.
 """
 from __future__ import annotations
 
@@ -31,7 +32,6 @@ import jax.numpy as jnp
 
 TASKS = ("expression", "au", "va")
 NUM_ACTION_UNITS = 12
-BACKBONE_FEATURES = 512  # ResNet-18/34 with num_filters=64: 64 * 2**3 channels.
 
 # torchvision initialises convs with kaiming_normal_(mode="fan_out",
 # nonlinearity="relu"): an untruncated normal with variance 2 / fan_out.
@@ -79,6 +79,7 @@ class ResNet(nn.Module):
     bn_axis_name: mapped axis over which BN batch statistics are averaged in training
       (the data axis of ``jax.shard_map``); None for statistics of the local batch.
     bn_momentum: Flax convention (weight of the old value): 0.9 == torch momentum 0.1.
+    bn_epsilon: 1e-5 as torch.
     zero_init_last_bn: start each block's last BN gamma at 0 (off, as torchvision).
   """
 
@@ -118,7 +119,12 @@ ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))
 
 
 class TaskHead(nn.Module):
-  """Linear head, or a one-hidden-layer ReLU MLP when hidden_dim > 0; float32 throughout."""
+  """Linear head, or a one-hidden-layer ReLU MLP when hidden_dim > 0; float32 throughout.
+
+  Heads are small, so computing them in float32 costs nothing under bf16 and keeps the
+  logits exact. Flax's Dense init (LeCun normal, zero bias) is kept: torchvision's fc
+  init is never imported.
+  """
 
   num_outputs: int
   hidden_dim: int = 0

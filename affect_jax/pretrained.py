@@ -176,7 +176,7 @@ def merge_backbone(variables: Mapping[str, Mapping], imported: Mapping[str, Mapp
             f"{collection}: backbone leaves without an imported value "
             f"{sorted('/'.join(k) for k in missing)[:5]}, imported leaves without a place "
             f"{sorted('/'.join(k) for k in unexpected)[:5]}")
-      for key in target_keys:
+      for key in sorted(target_keys):
         current, new = flat[prefix + key], source[key]
         if tuple(np.shape(new)) != tuple(current.shape):
           raise WeightImportError(f"{collection}/{'/'.join(prefix + key)} has shape "

@@ -4,9 +4,15 @@ Eight simulated CPU devices let the data-parallel code paths run here exactly as
 run on an 8-GPU host; the flag must be set before JAX is first imported.
 """
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Subprocesses and repeated Trainers compile the same small programs again: a shared
+# persistent cache turns those compiles into loads.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "affect_jax_test_jit_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 import json  # noqa: E402
 

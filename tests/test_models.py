@@ -10,13 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 from jax.sharding import Mesh, PartitionSpec as P
 
 from affect_jax import models
 
-# torchvision resnet18 has 11,689,512 parameters; its fc (512 * 1000 + 1000) has 513,000.
-TORCHVISION_RESNET18_PARAMS_WITHOUT_FC = 11_176_512
+# torchvision's resnet18 / resnet34 have 11,689,512 / 21,797,672 parameters, of which
+# fc (512 * 1000 + 1000) has 513,000.
+TORCHVISION_PARAMS_WITHOUT_FC = {"resnet18": 11_176_512, "resnet34": 21_284_672}
 
 TinyNet = functools.partial(models.MultiTaskNet, stage_sizes=(1, 1, 1, 1), num_filters=8)
 
@@ -57,9 +57,11 @@ def _count(tree):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-def test_backbone_has_torchvision_resnet18_parameter_count():
-  variables = _abstract_variables(models.ResNet18())
-  assert _count(variables["params"]) == TORCHVISION_RESNET18_PARAMS_WITHOUT_FC
+@pytest.mark.parametrize("name, backbone", [("resnet18", models.ResNet18),
+                                            ("resnet34", models.ResNet34)])
+def test_backbone_has_torchvision_parameter_count(name, backbone):
+  variables = _abstract_variables(backbone())
+  assert _count(variables["params"]) == TORCHVISION_PARAMS_WITHOUT_FC[name]
 
 
 def test_parameter_tree_uses_torchvision_module_names():

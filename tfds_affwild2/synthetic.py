@@ -13,6 +13,7 @@ videos split into _left/_right, and (ABAW6) two image roots. ground_truth.json s
 what a correct reader must count; its schema is documented on `generate_release`.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import pathlib
@@ -87,9 +88,10 @@ CIRCUMPLEX = {0: (0.0, 0.0), 1: (-0.6, 0.7), 2: (-0.6, 0.3), 3: (-0.6, 0.8),
 # frames are labelled Neutral as well, which makes Neutral more frequent still.
 SEGMENT_PRIOR = np.array([0.17, 0.06, 0.03, 0.03, 0.17, 0.15, 0.06, 0.33])
 # Independent AU activations per frame, so AUs are not a function of the expression:
-# talking parts the lips often, brows flash, lids tighten; AU15/23/24/26 stay rare.
-AU_EVENT_RATE = np.array([0.003, 0.002, 0.004, 0.004, 0.012, 0.012,
-                          0.004, 0.001, 0.001, 0.001, 0.035, 0.003])
+# talking parts the lips often, brows flash, lids tighten; a chance smile (AU12) or
+# frown (AU15) would contradict the expression label, so those stay rare.
+AU_EVENT_RATE = np.array([0.003, 0.002, 0.004, 0.002, 0.012, 0.012,
+                          0.001, 0.001, 0.001, 0.001, 0.035, 0.003])
 # Movements that undo each other on the drawn face (corners up vs down, lips pressed vs
 # parted): never shown together, so every AU label stays visible in the image.
 ANTAGONISTS = (("AU12", "AU15"), ("AU24", "AU25"), ("AU24", "AU26"))
@@ -104,7 +106,7 @@ for _name, _effect in {"AU12": (0.3, 0.05), "AU6": (0.1, 0.0), "AU15": (-0.15, -
 
 def _envelope(rng, length):
     """Onset, apex and offset of one expression or AU event, smooth at both ends."""
-    onset, offset = (max(2, round(length * rng.uniform(0.15, 0.35))) for _ in range(2))
+    onset, offset = (max(4, round(length * rng.uniform(0.15, 0.35))) for _ in range(2))
     t = np.arange(length, dtype=float)
     x = np.clip(np.minimum((t + 1) / (onset + 1), (length - t) / (offset + 1)), 0.0, 1.0)
     return x * x * (3.0 - 2.0 * x)
@@ -134,14 +136,19 @@ def _segment_aus(rng, expression):
     return {synthetic_faces.AU_NAMES.index(name): a for name, a in amplitudes.items()}
 
 
-def _au_events(rng, num_frames):
+def _au_events(rng, num_frames, driven):
+    """AU activations independent of the expression; an event is dropped where the
+    expression drives its antagonist, so the expression wins and nothing jumps."""
     events = np.zeros((num_frames, 12))
     for au, rate in enumerate(AU_EVENT_RATE):
+        antagonists = [b if a == au else a for a, b in _ANTAGONIST_INDEX if au in (a, b)]
         for _ in range(rng.poisson(rate * num_frames)):
-            length = int(rng.integers(6, 26))
+            length = int(rng.integers(8, 31))
             start = int(rng.integers(-length // 2, num_frames))
             bump = rng.uniform(0.55, 1.0) * _envelope(rng, length)
             lo, hi = max(0, start), min(num_frames, start + length)
+            if driven[lo:hi, antagonists].max(initial=0.0) > 0.1:
+                continue
             events[lo:hi, au] = np.maximum(events[lo:hi, au], bump[lo - start:hi - start])
     return events
 
@@ -156,7 +163,7 @@ def simulate_labels(rng, num_frames, num_classes):
     centre = np.zeros((num_frames, 2))
     start = 0
     while start < num_frames:
-        length = int(rng.integers(10, 41))
+        length = int(rng.integers(12, 41))
         stop = min(num_frames, start + length)
         expression = int(rng.choice(num_classes, p=prior))
         intensity = (rng.uniform(0.55, 1.0) * _envelope(rng, length))[:stop - start]
@@ -167,11 +174,7 @@ def simulate_labels(rng, num_frames, num_classes):
             place = CIRCUMPLEX.get(expression) or (rng.uniform(-0.3, 0.3), rng.uniform(-0.1, 0.5))
             centre[start:stop] = np.outer(intensity, place)
         start = stop
-    events = _au_events(rng, num_frames)
-    for first, second in _ANTAGONIST_INDEX:    # the expression wins over a chance event
-        events[driven[:, first] > 0.1, second] = 0.0
-        events[driven[:, second] > 0.1, first] = 0.0
-    aus = np.clip(np.maximum(driven, events)
+    aus = np.clip(np.maximum(driven, _au_events(rng, num_frames, driven))
                   + 0.04 * _smooth_noise(rng, num_frames, 12), 0.0, 1.0)
     va = (centre + aus @ _VA_PER_AU + rng.uniform(-0.1, 0.1, size=2)
           + 0.05 * _smooth_noise(rng, num_frames, 2) + rng.normal(0.0, 0.01, (num_frames, 2)))
@@ -291,22 +294,24 @@ def plan_release(seed: int, generation: str, num_videos: int, frames_per_video: 
     if num_videos >= 5:
         num_pairs = max(1, num_pairs)
     units = _video_names(rng, num_videos - num_pairs, num_pairs)
-    unit_splits = _unit_splits([len(u) for u in units], num_videos)
+    order = rng.permutation(len(units))
+    unit_splits = [None] * len(units)
+    for i, split in zip(order, _unit_splits([len(units[i]) for i in order], num_videos)):
+        unit_splits[i] = split
     lengths = [max(5, round(frames_per_video * rng.uniform(0.7, 1.3))) for _ in units]
+    # ABAW6 added its last videos (about a quarter) in a second image root.
     roots = LAYOUTS[generation].image_roots
-    # ABAW6 added its last videos in a second image root.
-    num_late = num_videos // 4 if len(roots) > 1 else 0
-    folders = [(name, split, length) for unit, split, length in zip(units, unit_splits, lengths)
-               for name in unit]
-    unit_root, late = [], 0
-    for unit in reversed(units):
-        unit_root.append(roots[-1] if late < num_late else roots[0])
-        late += len(unit)
-    folder_roots = [root for unit, root in zip(units, reversed(unit_root)) for _ in unit]
-    tasks = _annotated_tasks(rng, [split for _, split, _ in folders])
+    unit_roots, late = [roots[0]] * len(units), 0
+    for i in reversed(range(len(units))):
+        if len(roots) == 1 or late >= num_videos // 4:
+            break
+        unit_roots[i], late = roots[-1], late + len(units[i])
+    folders = [(name, split, length, root) for unit, split, length, root
+               in zip(units, unit_splits, lengths, unit_roots) for name in unit]
+    tasks = _annotated_tasks(rng, [split for _, split, _, _ in folders])
     seeds = video_seq.spawn(len(folders))
-    return [VideoPlan(name, split, length, task, root, s) for (name, split, length), task, root, s
-            in zip(folders, tasks, folder_roots, seeds)]
+    return [VideoPlan(name, split, length, task, root, seed) for (name, split, length, root), task, seed
+            in zip(folders, tasks, seeds)]
 
 
 def _format_va(values, valid, style):
@@ -318,19 +323,14 @@ def _format_va(values, valid, style):
     return f"{marker},{marker}"
 
 
-def _annotation_lines(task, labels, valid, va_style):
-    """Lines 2.. of one task file: frame k's label, or the task's invalid marker."""
+def _label_text(task, labels, k, valid, va_style):
+    """Frame k's label as a task file (and the MTL file) writes it, or the invalid marker."""
     expr, aus, va = labels
-    lines = []
-    for k in range(len(expr)):
-        if task == "expr":
-            lines.append(str(int(expr[k])) if valid[k] else "-1")
-        elif task == "au":
-            lines.append(",".join(map(str, aus[k].tolist())) if valid[k] else
-                         ",".join(["-1"] * len(synthetic_faces.AU_NAMES)))
-        else:
-            lines.append(_format_va(va[k], valid[k], va_style[k]))
-    return lines
+    if task == "expr":
+        return str(int(expr[k])) if valid else "-1"
+    if task == "au":
+        return ",".join(map(str, aus[k].tolist())) if valid else ",".join(["-1"] * 12)
+    return _format_va(va[k], valid, va_style)
 
 
 def _new_split_counts(num_classes):
@@ -339,9 +339,10 @@ def _new_split_counts(num_classes):
             "skipped": {"image_absent": 0, "no_valid_label": 0}}
 
 
-def _count_video(counts, present, valid, labels, extra_lines):
+def _count_video(counts, defects, labels):
     """Adds one annotated video to its split's ground truth (see generate_release)."""
     expr, aus, _ = labels
+    present, valid = defects.present, defects.valid
     any_valid = np.logical_or.reduce([valid[t] for t in TASKS])
     counts["videos"] += 1
     counts["images"] += int(present.sum())
@@ -353,20 +354,19 @@ def _count_video(counts, present, valid, labels, extra_lines):
     counts["expr_class_counts"] = [a + int(b) for a, b in zip(counts["expr_class_counts"], classes)]
     positives = aus[present & valid["au"]].sum(axis=0)
     counts["au_positive_counts"] = [a + int(b) for a, b in zip(counts["au_positive_counts"], positives)]
-    counts["skipped"]["image_absent"] += int((~present).sum()) + max(extra_lines.values())
+    counts["skipped"]["image_absent"] += int((~present).sum()) + max(defects.extra_lines.values())
     counts["skipped"]["no_valid_label"] += int((present & ~any_valid).sum())
 
 
-def _mtl_lines(name, present, valid, labels, va_style):
+def _mtl_lines(name, defects, labels):
     """s-Aff-Wild2 rows: every frame with an image, invalid markers where a task is not
     annotated for the video or its line is invalid."""
-    expr, aus, va = labels
     rows = []
-    for k in np.flatnonzero(present).tolist():
-        fields = [f"{name}/{k + 1:05d}.jpg", _format_va(va[k], valid["va"][k], va_style[k]),
-                  str(int(expr[k])) if valid["expr"][k] else "-1",
-                  ",".join(map(str, aus[k].tolist())) if valid["au"][k] else ",".join(["-1"] * 12)]
-        rows.append(",".join(fields))
+    for k in np.flatnonzero(defects.present).tolist():
+        fields = [f"{name}/{k + 1:05d}.jpg"] + [
+            _label_text(task, labels, k, defects.valid[task][k], defects.va_style[k])
+            for task in ("va", "expr", "au")]
+        rows.append(",".join(fields) + "\n")
     return rows
 
 
@@ -417,7 +417,8 @@ def _write_video(out, video, layout, quality, progress):
         progress.tick()
     labels = (expr, (intensities > AU_THRESHOLD).astype(np.int64), va)
     for task in video.tasks:
-        lines = _annotation_lines(task, labels, defects.valid[task], defects.va_style)
+        lines = [_label_text(task, labels, k, defects.valid[task][k], defects.va_style[k])
+                 for k in range(video.num_frames)]
         lines += lines[-1:] * defects.extra_lines[task]    # lines for frames that have no image
         task_dir = out / layout.task_roots[task] / layout.split_dirs[video.split]
         _write_text(task_dir / f"{video.name}.txt", task_header(task, layout.num_expr_classes), lines)
@@ -461,27 +462,29 @@ def generate_release(out_dir, *, seed: int = 0, generation: str = "abaw6",
         (out / folder).mkdir(parents=True, exist_ok=True)
     counts = {split: _new_split_counts(num_classes) for split in SPLITS}
     test = {"videos": 0, "images": 0}
-    mtl_rows = {split: [] for split in SPLITS} if mtl_format else None
+    mtl_rows = dict.fromkeys(SPLITS, 0)
     tracker = _Progress(progress)
-    for video in plan:
-        defects, labels = _write_video(out, video, layout, jpeg_quality, tracker)
-        if video.split == "test":
-            test["videos"] += 1
-            test["images"] += int(defects.present.sum())
-            continue
-        _count_video(counts[video.split], defects.present, defects.valid, labels, defects.extra_lines)
-        if mtl_rows is not None:
-            mtl_rows[video.split] += _mtl_lines(video.name, defects.present, defects.valid,
-                                                labels, defects.va_style)
-    _write_text(out / TEST_LIST, "\n".join(v.name for v in plan if v.split == "test")
-                if test["videos"] else "", [])
-    mtl = None
-    if mtl_rows is not None:
-        mtl = {}
-        for split, rows in mtl_rows.items():
-            _write_text(out / MTL_FILES[mtl_format][split], MTL_HEADER, rows)
-            mtl[split] = {"rows": len(rows), "labelled": dict(counts[split]["labelled"])}
-    truth = {"generation": generation, "seed": seed, "num_expr_classes": num_classes,
+    with contextlib.ExitStack() as stack:
+        mtl_files = {}
+        for split, name in (MTL_FILES[mtl_format].items() if mtl_format else ()):
+            mtl_files[split] = stack.enter_context(open(out / name, "w"))
+            mtl_files[split].write(MTL_HEADER + "\n")
+        for video in plan:
+            defects, labels = _write_video(out, video, layout, jpeg_quality, tracker)
+            if video.split == "test":
+                test["videos"] += 1
+                test["images"] += int(defects.present.sum())
+                continue
+            _count_video(counts[video.split], defects, labels)
+            if mtl_files:
+                rows = _mtl_lines(video.name, defects, labels)
+                mtl_files[video.split].writelines(rows)
+                mtl_rows[video.split] += len(rows)
+    (out / TEST_LIST).write_text("".join(f"{v.name}\n" for v in plan if v.split == "test"))
+    # The MTL files list every frame with an image, so their labelled counts are the split's.
+    mtl = {split: {"rows": mtl_rows[split], "labelled": dict(counts[split]["labelled"])}
+           for split in SPLITS} if mtl_format else None
+    truth = {"generation": generation, "seed": int(seed), "num_expr_classes": num_classes,
              "image_roots": list(layout.image_roots),
              "splits": {**counts, "test": test}, "mtl": mtl}
     (out / GROUND_TRUTH).write_text(json.dumps(truth, indent=2) + "\n")

@@ -1,0 +1,139 @@
+"""Training: 1 device equals 8 devices, kill + resume equals an uninterrupted run,
+`--mode eval` reproduces the logged scores."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from affect_jax import checkpoints, train
+from configs import tiny
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(data_dir, **overrides):
+  config = tiny.get_config()
+  config.dataset.data_dir = data_dir
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def random_batch(rng, size, num_classes=8):
+  masks = lambda p, shape: (rng.random(shape) < p).astype(np.float32)  # noqa: E731
+  return {
+      "image": rng.integers(0, 256, (size, 32, 32, 3), dtype=np.uint8),
+      "expression": rng.integers(0, num_classes, size).astype(np.int32),
+      "expression_mask": masks(0.7, size),
+      "au": (rng.random((size, 12)) < 0.3).astype(np.float32),
+      "au_mask": np.repeat(masks(0.6, (size, 1)), 12, axis=1),
+      "valence_arousal": rng.uniform(-1, 1, (size, 2)).astype(np.float32),
+      "va_mask": masks(0.6, size),
+  }
+
+
+def run_steps(config, devices, batches):
+  mesh = train.create_mesh(devices)
+  model = train.create_model(config.model)
+  lr_fn = train.create_learning_rate_fn(config)
+  state = train.create_train_state(config, model, mesh, lr_fn)
+  initial_params = jax.device_get(state.params)
+  step_fn = train.compile_train_step(
+      mesh, settings=train.loss_settings_from_config(config, None),
+      learning_rate_fn=lr_fn, dtype=np.float32, seed=config.seed)
+  for batch in batches:
+    state, step_metrics = step_fn(state, train.device_batch(batch, mesh))
+  return initial_params, jax.device_get(state), jax.device_get(step_metrics)
+
+
+@pytest.mark.parametrize("va_loss,weighting", [("ccc", "fixed"),
+                                               ("ccc+mse", "uncertainty")])
+def test_one_device_equals_eight_devices(va_loss, weighting):
+  config = tiny_config(None, **{"input.image_size": 32, "loss.va": va_loss,
+                                "loss.weighting": weighting, "optimizer.name": "sgd",
+                                "optimizer.learning_rate": 0.05})
+  rng = np.random.default_rng(0)
+  batches = [random_batch(rng, 16) for _ in range(2)]
+  initial, state_1, metrics_1 = run_steps(config, jax.devices()[:1], batches)
+  _, state_8, metrics_8 = run_steps(config, jax.devices()[:8], batches)
+  assert len(jax.devices()) == 8
+  np.testing.assert_allclose(metrics_1["loss"], metrics_8["loss"], rtol=1e-5)
+  flat_1 = jax.tree_util.tree_leaves_with_path(state_1.params)
+  flat_8 = jax.tree.leaves(state_8.params)
+  moved = 0
+  for (path, a), b in zip(flat_1, flat_8):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4, err_msg=str(path))
+  for a, b in zip(jax.tree.leaves(state_1.batch_stats),
+                  jax.tree.leaves(state_8.batch_stats)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+  moved = sum(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(initial),
+                                                    jax.tree.leaves(state_1.params)))
+  assert moved > len(flat_8) // 2  # the step really trained
+
+
+def test_batch_not_divisible_by_devices_fails_before_compiling():
+  with pytest.raises(ValueError, match="multiple of the number of devices"):
+    train.local_batch_size(12, train.create_mesh(jax.devices()[:8]))
+
+
+def finalized_steps(workdir):
+  folder = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(folder):
+    return []
+  return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
+
+
+def restored_params(config, workdir, step):
+  trainer = train.Trainer(config, workdir)
+  return jax.device_get(train.restore_for_eval(trainer, step).params)
+
+
+def test_killed_run_resumes_to_the_same_result_and_eval_reproduces(built_union,
+                                                                   tmp_path):
+  _, data_dir = built_union
+  steps = 60
+  overrides = {"num_train_steps": steps, "checkpoint_every_steps": 4,
+               "eval_every_steps": 30, "log_every_steps": 10}
+  config = tiny_config(data_dir, **overrides)
+  reference_dir, killed_dir = str(tmp_path / "reference"), str(tmp_path / "killed")
+  train.train_and_evaluate(config, reference_dir)
+
+  command = [sys.executable, "-m", "affect_jax.main", "--config",
+             os.path.join(REPO, "configs", "tiny.py"), "--workdir", killed_dir,
+             f"--config.dataset.data_dir={data_dir}"]
+  command += [f"--config.{k}={v}" for k, v in overrides.items()]
+  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+  deadline = time.time() + 300
+  while not finalized_steps(killed_dir) and time.time() < deadline:
+    assert process.poll() is None, process.stderr.read().decode()[-3000:]
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  interrupted_at = max(finalized_steps(killed_dir))
+  assert interrupted_at < steps, "the run finished before it could be killed"
+
+  train.train_and_evaluate(config, killed_dir)  # resumes from the last checkpoint
+  for a, b in zip(jax.tree.leaves(restored_params(config, reference_dir, steps)),
+                  jax.tree.leaves(restored_params(config, killed_dir, steps))):
+    np.testing.assert_array_equal(a, b)
+
+  with open(os.path.join(reference_dir, "metrics.jsonl")) as f:
+    logged = [json.loads(line) for line in f]
+  final = [m for m in logged if m["step"] == steps][0]
+  step, scores = train.evaluate_checkpoint(config, reference_dir, step=steps)
+  assert step == steps
+  for key in ("p_va", "expr_f1", "au_f1", "p_mtl"):
+    assert scores[key] == pytest.approx(final[key], abs=1e-9)
+  with open(os.path.join(reference_dir, "metrics.jsonl")) as f:
+    assert json.loads(f.readlines()[-1])["mode"] == "eval"
