@@ -1,6 +1,8 @@
 """The synthetic Aff-Wild2 release: layout, determinism, ground truth, drawn AUs."""
 import json
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -57,7 +59,8 @@ def _count_split(root, generation, split_dir, image_roots):
             for k, line in enumerate(path.read_text().splitlines()[1:], start=1):
                 fields = line.split(",")
                 frames.setdefault((path.stem, k), {})[task] = (_valid(task, fields), fields)
-    counts = {"videos": len({v for v, _ in frames}), "frames": 0,
+    videos = {v for v, _ in frames}
+    counts = {"videos": len(videos), "frames": 0,
               "labelled": {"expr": 0, "au": 0, "va": 0}, "expr_class_counts": [0] * num_classes,
               "au_positive_counts": [0] * 12, "skipped": {"image_absent": 0, "no_valid_label": 0}}
     for (video, k), labels in frames.items():
@@ -76,7 +79,6 @@ def _count_split(root, generation, split_dir, image_roots):
         if "au" in valid:
             counts["au_positive_counts"] = [c + int(x) for c, x in
                                             zip(counts["au_positive_counts"], labels["au"][1])]
-    videos = {v for v, _ in frames}
     counts["images"] = sum(len(list((root / r / v).glob("*.jpg"))) for r in image_roots
                            for v in videos if (root / r / v).is_dir())
     return counts
@@ -106,10 +108,11 @@ def test_each_generation_writes_its_folders_headers_and_files(tmp_path, generati
         [*task_roots, *image_roots, *mtl_names, "ground_truth.json", "test_set_release.txt"])
     assert truth["image_roots"] == image_roots and truth["num_expr_classes"] == num_classes
     for task_root, header in zip(task_roots, HEADERS):
+        expected = header.removesuffix(",Other") if num_classes == 7 else header
         assert sorted(p.name for p in (tmp_path / task_root).iterdir()) == sorted(split_dirs)
+        assert list((tmp_path / task_root).rglob("*.txt"))
         for path in (tmp_path / task_root).rglob("*.txt"):
-            assert path.read_text().splitlines()[0] == header.rsplit(",Other", 1)[0] \
-                if num_classes == 7 else header
+            assert path.read_text().splitlines()[0] == expected
             assert any((tmp_path / r / path.stem).is_dir() for r in image_roots)
     for name in mtl_names:
         lines = (tmp_path / name).read_text().splitlines()
@@ -284,3 +287,11 @@ def test_command_line_writes_a_release_and_prints_a_summary(tmp_path, capsys):
     assert all(truth["splits"][s]["videos"] == 1 for s in ("train", "validation", "test"))
     with pytest.raises(SystemExit):
         synthetic.main(["--out", str(tmp_path / "r")])          # not empty
+
+
+def test_generator_imports_neither_jax_nor_tensorflow():
+    code = ("import sys, tfds_affwild2.synthetic; "
+            "print(sorted(m for m in ('jax', 'tensorflow') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=pathlib.Path(__file__).parents[1], check=True)
+    assert result.stdout.strip() == "[]"
