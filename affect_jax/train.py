@@ -381,7 +381,8 @@ class Trainer:
         self.train_source(), local_batch_size=self.local_batch, seed=self.config.seed,
         augment=input_pipeline.AugmentConfig.from_policy(self.config.input.augment),
         process_index=jax.process_index(), process_count=jax.process_count(),
-        image_size=self.config.input.image_size)
+        image_size=self.config.input.image_size,
+        task_balanced=self.config.input.task_balanced)
     return input_pipeline.as_iterator(ds, self.config.input.worker_count,
                                       self.config.input.worker_buffer_size)
 

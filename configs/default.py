@@ -26,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.input.augment = "basic"  # none | basic | strong
   config.input.worker_count = 8  # grain worker processes per host (0: in-process)
   config.input.worker_buffer_size = 2
+  config.input.task_balanced = False  # oversample frames carrying rarer task labels
 
   config.model = ml_collections.ConfigDict()
   config.model.tasks = ("expression", "au", "va")

@@ -157,3 +157,22 @@ def test_normalize_images_uses_imagenet_statistics():
   np.testing.assert_allclose(out[0, 0, 0], -ip.MEAN_RGB / ip.STDDEV_RGB, rtol=1e-6)
   np.testing.assert_allclose(out[1, 0, 0], (255 - ip.MEAN_RGB) / ip.STDDEV_RGB,
                              rtol=1e-6)
+
+
+def test_task_balanced_sampling_oversamples_rare_task_labels(built_union):
+  source = train_source(built_union)
+  masks = ip.label_masks(source)
+  weights = ip.task_balanced_weights(masks)
+  fraction = masks.mean(0)
+  rare, common = int(np.argmin(fraction)), int(np.argmax(fraction))
+  assert fraction[rare] < fraction[common]
+  ds = ip.train_dataset(source, local_batch_size=8, seed=0, augment=ip.AugmentConfig(),
+                        task_balanced=True)
+  drawn = np.concatenate(_indices(ip.as_iterator(ds), 3 * len(source) // 8))
+  drawn_fraction = masks[drawn].mean(0)
+  assert drawn_fraction[rare] > fraction[rare]  # the rare task is seen more often
+  # Same seed, same draws; resumable from the position alone.
+  again = np.concatenate(_indices(ip.as_iterator(ds), 3 * len(source) // 8))
+  np.testing.assert_array_equal(drawn, again)
+  assert weights.min() >= 0 and np.isclose(weights.sum(), 1)
+  assert np.all(weights[~masks.any(1)] == 0)
