@@ -28,7 +28,8 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from affect_jax import checkpoints, input_pipeline, losses, metrics, models
+from affect_jax import (checkpoints, initialization, input_pipeline, losses,
+                        metrics, models)
 from affect_jax.metric_writer import MetricWriter, ProgressLogger
 
 log = logging.getLogger(__name__)
@@ -94,21 +95,45 @@ def decay_mask(params) -> Any:
       lambda path, _: path[-1] == "kernel", params)
 
 
-def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
-  opt = config.optimizer
-  parts = []
-  if opt.grad_clip_norm:
-    parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
+def _base_optimizer(opt, learning_rate_fn) -> optax.GradientTransformation:
   if opt.name == "sgd":
+    parts = []
     if opt.weight_decay:
       parts.append(optax.add_decayed_weights(opt.weight_decay, mask=decay_mask))
     parts.append(optax.sgd(learning_rate_fn, momentum=opt.momentum,
                            nesterov=opt.nesterov))
-  elif opt.name == "adamw":
-    parts.append(optax.adamw(learning_rate_fn, weight_decay=opt.weight_decay,
-                             mask=decay_mask))
+    return optax.chain(*parts)
+  if opt.name == "adamw":
+    return optax.adamw(learning_rate_fn, weight_decay=opt.weight_decay, mask=decay_mask)
+  raise ValueError(f"unknown optimizer.name {opt.name!r}; expected sgd or adamw")
+
+
+def parameter_part(params) -> Any:
+  """'backbone' for the shared ResNet's parameters, 'heads' for everything else."""
+  return flax.traverse_util.path_aware_map(
+      lambda path, _: "backbone" if path[:2] == ("model", "backbone") else "heads",
+      params)
+
+
+def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
+  """optax optimizer; the backbone can learn at a multiple of the heads' rate and stay
+  frozen (no update at all, weight decay included) for its first steps."""
+  opt = config.optimizer
+  multiplier = opt.get("backbone_lr_multiplier", 1.0)
+  freeze_steps = opt.get("freeze_backbone_steps", 0)
+  backbone = _base_optimizer(opt, lambda step: learning_rate_fn(step) * multiplier)
+  if freeze_steps:
+    backbone = optax.chain(backbone, optax.scale_by_schedule(
+        lambda step: (step >= freeze_steps).astype(jnp.float32)))
+  parts = []
+  if opt.grad_clip_norm:
+    parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
+  if multiplier == 1.0 and not freeze_steps:
+    parts.append(_base_optimizer(opt, learning_rate_fn))
   else:
-    raise ValueError(f"unknown optimizer.name {opt.name!r}; expected sgd or adamw")
+    parts.append(optax.multi_transform(
+        {"backbone": backbone, "heads": _base_optimizer(opt, learning_rate_fn)},
+        parameter_part))
   return optax.chain(*parts)
 
 
@@ -434,6 +459,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                            trainer.abstract_state(), train_iter)
   else:
     state = trainer.new_state()
+    if config.init_from.path:
+      state, copied = initialization.warm_start(state, config.init_from.path,
+                                                config.init_from.parts,
+                                                config.init_from.step)
+      log.info("initialised %s from %s", ", ".join(copied), config.init_from.path)
   start_step = int(state.step)
   progress = ProgressLogger(config.num_train_steps, start_step,
                             images_per_step=config.input.batch_size)

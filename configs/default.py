@@ -57,6 +57,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.grad_clip_norm = 0.0  # 0: no clipping
   config.optimizer.warmup_steps = 500
   config.optimizer.schedule = "cosine"  # cosine | constant
+  config.optimizer.backbone_lr_multiplier = 1.0  # backbone rate = multiplier x heads'
+  config.optimizer.freeze_backbone_steps = 0  # no backbone update before this step
+
+  # Resume order: the workdir's latest checkpoint, else init_from, else from scratch.
+  config.init_from = ml_collections.ConfigDict()
+  config.init_from.path = ""  # a training workdir, or converted pretrained weights
+  config.init_from.step = ml_collections.config_dict.placeholder(int)  # default: latest
+  config.init_from.parts = "backbone"  # backbone | backbone+heads
 
   config.num_train_steps = 20_000
   config.log_every_steps = 100

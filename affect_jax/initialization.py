@@ -1,0 +1,118 @@
+"""Warm starts: a run's first state from an earlier run's checkpoint or from converted
+pretrained weights (ImageNet / face ResNet-18), backbone only or backbone + heads.
+
+  python -m affect_jax.initialization --input resnet18.pth --output weights/imagenet
+  ... --config.init_from.path=weights/imagenet   (or a training workdir)
+
+A converted file is an Orbax checkpoint holding {'params': {'backbone': ...},
+'batch_stats': {'backbone': ...}}, the same tree as a model's variables; a training
+workdir's checkpoint holds the whole TrainState. Both load without the source's config.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from affect_jax import pretrained
+
+BACKBONE = "backbone"
+PARTS = ("backbone", "backbone+heads")
+
+
+def convert_pretrained(input_path: str, output_dir: str) -> dict:
+  """torchvision `.pth` / timm `.safetensors` ResNet-18 -> an Orbax checkpoint."""
+  imported = pretrained.torchvision_state_dict_to_flax(
+      pretrained.load_state_dict(input_path))
+  variables = {"params": {BACKBONE: imported["params"]},
+               "batch_stats": {BACKBONE: imported["batch_stats"]}}
+  output_dir = os.path.abspath(output_dir)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(output_dir, variables)
+  return variables
+
+
+def _read_raw(path: str):
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(os.path.abspath(path))
+
+
+def load_init_variables(path: str, step: int | None = None) -> dict:
+  """{'params', 'batch_stats'} of a model, from a converted file or a training workdir
+  (its `step`, else its best, else its latest checkpoint)."""
+  checkpoints_dir = os.path.join(path, "checkpoints")
+  if os.path.isdir(checkpoints_dir):
+    manager = ocp.CheckpointManager(os.path.abspath(checkpoints_dir),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    step = step or manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"init_from: no checkpoint in {checkpoints_dir}")
+    state = _read_raw(os.path.join(checkpoints_dir, str(step), "state"))
+    return {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"init_from: {path} is neither a training workdir nor "
+                            "converted weights (python -m affect_jax.initialization)")
+  return _read_raw(path)
+
+
+def merge_variables(target: dict, source: dict, parts: str) -> tuple[dict, list[str]]:
+  """Copies the backbone (and, with 'backbone+heads', every head whose name and shapes
+  match) from source into target; returns the new tree and the copied top-level parts."""
+  if parts not in PARTS:
+    raise ValueError(f"init_from.parts must be one of {PARTS}, got {parts!r}")
+  merged, copied = {}, set()
+  for collection in ("params", "batch_stats"):
+    flat_target = traverse_util.flatten_dict(target.get(collection, {}))
+    flat_source = traverse_util.flatten_dict(source.get(collection, {}))
+    for key, value in flat_target.items():
+      part = key[0]
+      wanted = part == BACKBONE or (parts == "backbone+heads" and part.endswith("_head"))
+      if not wanted:
+        continue
+      if part == BACKBONE and key not in flat_source:
+        raise ValueError(f"init_from: the source has no {collection}/{'/'.join(key)}")
+      if key in flat_source:
+        new = np.asarray(flat_source[key])
+        if new.shape != tuple(value.shape):
+          if part == BACKBONE:
+            raise ValueError(f"init_from: {collection}/{'/'.join(key)} has shape "
+                             f"{new.shape} in the source, {tuple(value.shape)} here")
+          continue  # a head of another size (e.g. 7 vs 8 classes) stays re-initialised
+        flat_target[key] = new.astype(value.dtype)
+        copied.add(part)
+    merged[collection] = traverse_util.unflatten_dict(flat_target) if flat_target else {}
+  return merged, sorted(copied)
+
+
+def warm_start(state, path: str, parts: str = "backbone", step: int | None = None):
+  """The TrainState with its model variables partly replaced; shardings kept."""
+  source = load_init_variables(path, step)
+  target = {"params": state.params["model"], "batch_stats": state.batch_stats}
+  merged, copied = merge_variables(target, source, parts)
+  place = lambda new, old: jax.device_put(new, old.sharding)  # noqa: E731
+  params = dict(state.params, model=jax.tree.map(place, merged["params"],
+                                                 state.params["model"]))
+  batch_stats = jax.tree.map(place, merged["batch_stats"], state.batch_stats)
+  return state.replace(params=params, batch_stats=batch_stats), copied
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description="Convert a torchvision .pth or timm "
+                                   ".safetensors ResNet-18 into weights a run can start "
+                                   "from (--config.init_from.path=OUTPUT).")
+  parser.add_argument("--input", required=True)
+  parser.add_argument("--output", required=True)
+  args = parser.parse_args(argv)
+  variables = convert_pretrained(args.input, args.output)
+  count = sum(np.size(x) for x in jax.tree.leaves(variables["params"]))
+  print(f"wrote {count:,} backbone parameters to {os.path.abspath(args.output)}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
