@@ -2,10 +2,11 @@
 augmented uint8 batches for the devices of this process.
 
 Images leave the host as uint8 (a quarter of float32's bytes); `normalize_images` turns
-them into float on the device, inside the jitted step. Every random choice derives from
-(config seed, record index, epoch) through grain's `random_map`, so a batch does not
-depend on the number of worker processes, and the iterator state (`get_state`) is
-enough to resume exactly.
+them into float on the device, inside the jitted step. The record order is one global
+stream (a seeded shuffle per epoch) of which each process reads its rows of every global
+batch, and each augmentation is seeded by (config seed, global stream position): a
+batch depends neither on the number of worker processes nor on the number of JAX
+processes, and the iterator state (`get_state`) is enough to resume exactly.
 """
 from __future__ import annotations
 
@@ -123,29 +124,33 @@ def record_to_example(record: dict, index: int) -> dict:
   }
 
 
-class DecodeAndAugment(grain.transforms.RandomMap):
+def load_example(record: dict, index: int, augment: AugmentConfig,
+                 rng: np.random.Generator | None, image_size: int = IMAGE_SIZE) -> dict:
   """record (JPEG bytes + labels) -> example with a uint8 image."""
+  example = record_to_example(record, index)
+  example["image"] = augment_image(decode_jpeg(record["image"]), rng, augment, image_size)
+  return example
 
-  def __init__(self, cfg: AugmentConfig, image_size: int = IMAGE_SIZE):
-    self._cfg = cfg
+
+class LoadForTraining(grain.transforms.Map):
+  """(global stream position, record index) -> augmented example.
+
+  The augmentation's generator is seeded by (seed, global position), not by anything
+  local to a process, so the same global batch comes out whatever the process count.
+  """
+
+  def __init__(self, source, augment: AugmentConfig, seed: int,
+               image_size: int = IMAGE_SIZE):
+    self._source = source
+    self._augment = augment
+    self._seed = seed
     self._image_size = image_size
 
-  def random_map(self, element, rng: np.random.Generator):
-    index, record = element
-    example = record_to_example(record, index)
-    example["image"] = augment_image(decode_jpeg(record["image"]), rng, self._cfg,
-                                     self._image_size)
-    return example
-
-
-class ReadRecord(grain.transforms.Map):
-  """record index -> (index, record); a class, not a lambda, so workers can pickle it."""
-
-  def __init__(self, source):
-    self._source = source
-
-  def map(self, index):
-    return index, self._source[index]
+  def map(self, element):
+    position, index = element
+    rng = np.random.default_rng([self._seed, position])
+    return load_example(self._source[index], index, self._augment, rng,
+                        self._image_size)
 
 
 class LoadForEval(grain.transforms.Map):
@@ -153,13 +158,13 @@ class LoadForEval(grain.transforms.Map):
 
   def __init__(self, source, image_size: int = IMAGE_SIZE):
     self._source = source
-    self._decode = DecodeAndAugment(AugmentConfig(), image_size)
     self._image_size = image_size
 
   def map(self, index):
     if index < 0:
       return empty_example(self._image_size)
-    return self._decode.random_map((index, self._source[index]), None)
+    return load_example(self._source[index], index, AugmentConfig(), None,
+                        self._image_size)
 
 
 def empty_example(image_size: int = IMAGE_SIZE) -> dict:
@@ -234,27 +239,58 @@ class WeightedEpochs(grain.MapDataset):
     return int(self._indices[self._epoch_draws[1][position]])
 
 
-def train_dataset(source, *, local_batch_size: int, seed: int, augment: AugmentConfig,
+class ProcessShareOfGlobalBatches(grain.MapDataset):
+  """This process's rows of each global batch of a global record stream.
+
+  Local element j is global position (j // local) * global + process * local + j % local;
+  it yields (global position, record index). Every process walks the same global
+  stream, so the global batches, and the training run, do not depend on how many
+  processes read them.
+  """
+
+  def __init__(self, parent: grain.MapDataset, global_batch_size: int,
+               local_batch_size: int, process_index: int):
+    super().__init__(parent)
+    self._global = global_batch_size
+    self._local = local_batch_size
+    self._offset = process_index * local_batch_size
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._global * self._local
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    batch, row = divmod(index, self._local)
+    position = batch * self._global + self._offset + row
+    return position, self._parent[position]
+
+
+def train_dataset(source, *, global_batch_size: int, seed: int, augment: AugmentConfig,
                   process_index: int = 0, process_count: int = 1,
                   image_size: int = IMAGE_SIZE, task_balanced: bool = False
                   ) -> grain.MapDataset:
-  """Endless, reshuffled each epoch, augmented, batched: a MapDataset of batches.
+  """Endless, reshuffled each epoch, augmented: a MapDataset of this process's batches.
 
-  With `task_balanced`, records are drawn by `task_balanced_weights` instead of once
-  per epoch each.
+  The record order is global (one seeded shuffle per epoch over the whole split, or
+  with `task_balanced` draws by `task_balanced_weights`); each process reads its rows
+  of every global batch.
   """
-  indices = _process_shard(len(source), process_index, process_count)
-  if len(indices) < local_batch_size:
-    raise ValueError(f"the training split has {len(indices)} records for this process, "
-                     f"fewer than one batch of {local_batch_size}")
+  if global_batch_size % process_count:
+    raise ValueError(f"batch size {global_batch_size} is not divisible by the "
+                     f"{process_count} processes")
+  if len(source) < global_batch_size:
+    raise ValueError(f"the training split has {len(source)} records, fewer than one "
+                     f"batch of {global_batch_size}")
   if task_balanced:
-    weights = task_balanced_weights(label_masks(source))[list(indices)]
-    ds = WeightedEpochs(indices, weights, seed + process_index).seed(seed)
+    order = WeightedEpochs(range(len(source)), task_balanced_weights(label_masks(source)),
+                           seed)
   else:
-    ds = grain.MapDataset.source(list(indices)).seed(seed)
-    ds = ds.shuffle().repeat(None)
-  ds = ds.map(ReadRecord(source))
-  ds = ds.random_map(DecodeAndAugment(augment, image_size))
+    order = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat(None)
+  local_batch_size = global_batch_size // process_count
+  ds = ProcessShareOfGlobalBatches(order, global_batch_size, local_batch_size,
+                                   process_index)
+  ds = ds.map(LoadForTraining(source, augment, seed, image_size))
   return ds.batch(local_batch_size, drop_remainder=True)
 
 

@@ -16,7 +16,8 @@ import functools
 import json
 import logging
 import os
-import time
+import signal
+import threading
 from typing import Any, Callable
 
 import flax
@@ -26,6 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax.training import train_state
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from affect_jax import (checkpoints, initialization, input_pipeline, losses,
@@ -258,12 +260,19 @@ def train_step(state: TrainState, batch: dict, *, settings: LossSettings,
         log_variances=params["loss"] if uncertainty else None)
     return total, (new_model_state, per_task)
 
-  grads, (new_model_state, per_task) = jax.grad(loss_fn, has_aux=True)(state.params)
-  loss = sum(per_task.values())
-  new_state = state.apply_gradients(grads=grads,
-                                    batch_stats=new_model_state["batch_stats"])
+  (total, (new_model_state, per_task)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  # A non-finite loss or gradient (a bad batch, an overflow) must not poison the
+  # weights: the update is skipped, the step still counts, the host counts the streak.
+  finite = jnp.isfinite(total) & jnp.all(jnp.array(
+      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  updated = state.apply_gradients(grads=grads,
+                                  batch_stats=new_model_state["batch_stats"])
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated,
+                           state.replace(step=updated.step))
   step_metrics = {f"loss_{task}": value for task, value in per_task.items()}
-  step_metrics["loss"] = loss
+  step_metrics["loss"] = sum(per_task.values())
+  step_metrics["finite"] = finite.astype(jnp.float32)
   step_metrics["learning_rate"] = learning_rate_fn(state.step)
   if settings.weighting == "uncertainty":
     step_metrics.update({f"log_variance_{t}": v for t, v in state.params["loss"].items()})
@@ -346,10 +355,10 @@ def evaluate(eval_fn, state: TrainState, dataset, num_batches: int, mesh: Mesh, 
 
 
 def _collect(collected: dict, outputs: dict, local_batch: dict) -> None:
-  local = {k: np.asarray(jax.experimental.multihost_utils.process_allgather(v, tiled=True)
+  local = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)
                          if jax.process_count() > 1 else v) for k, v in outputs.items()}
   if jax.process_count() > 1:
-    local_batch = {k: np.asarray(jax.experimental.multihost_utils.process_allgather(
+    local_batch = {k: np.asarray(multihost_utils.process_allgather(
         v, tiled=True)) for k, v in local_batch.items() if k != "image"}
   for key, value in local.items():
     collected.setdefault(f"pred_{key}", []).append(value)
@@ -370,10 +379,10 @@ def dataset_label_statistics(config) -> dict | None:
 class Trainer:
   """Everything a run needs, built once from the config: mesh, data, steps, state."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, devices=None):
     self.config = config
     self.workdir = workdir
-    self.mesh = create_mesh()
+    self.mesh = create_mesh(devices)
     self.local_batch = local_batch_size(config.input.batch_size, self.mesh)
     self.local_eval_batch = local_batch_size(config.input.eval_batch_size, self.mesh)
     self.model = create_model(config.model)
@@ -403,7 +412,8 @@ class Trainer:
 
   def train_iterator(self):
     ds = input_pipeline.train_dataset(
-        self.train_source(), local_batch_size=self.local_batch, seed=self.config.seed,
+        self.train_source(), global_batch_size=self.config.input.batch_size,
+        seed=self.config.seed,
         augment=input_pipeline.AugmentConfig.from_policy(self.config.input.augment),
         process_index=jax.process_index(), process_count=jax.process_count(),
         image_size=self.config.input.image_size,
@@ -439,17 +449,124 @@ class Trainer:
                     worker_count=self.config.input.worker_count)
 
 
-def write_config(config, workdir: str) -> None:
+# Settings that may differ when a run is resumed: they change no result.
+RESUMABLE_CHANGES = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+                     "eval_max_batches", "allow_config_change", "dataset.data_dir",
+                     "input.worker_count", "input.worker_buffer_size",
+                     "input.eval_batch_size", "checkpoint.keep",
+                     "checkpoint.asynchronous", "max_nonfinite_steps_in_row")
+
+
+def _flat_config(config_dict: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in config_dict.items():
+    if isinstance(value, dict):
+      flat.update(_flat_config(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+  """Keys whose values differ between two configs, ignoring RESUMABLE_CHANGES."""
+  old, new = _flat_config(saved), _flat_config(current)
+  return sorted(k for k in old.keys() | new.keys()
+                if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
+
+
+def check_and_write_config(config, workdir: str) -> None:
+  """Refuses to resume a workdir whose run had another config (unless
+  config.allow_config_change); then records the config as `config.json`."""
+  path = os.path.join(workdir, "config.json")
+  current = json.loads(config.to_json_best_effort())
+  if os.path.exists(path) and not config.get("allow_config_change", False):
+    with open(path) as f:
+      differences = config_differences(json.load(f), current)
+    if differences:
+      raise ValueError(
+          f"{workdir} holds a run with another config (different: "
+          f"{', '.join(differences)}); use a new --workdir, or pass "
+          "--config.allow_config_change=True to resume with the new values")
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    with open(path, "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+class NonFiniteGuard:
+  """Counts skipped (non-finite) steps; too many in a row stops the run with the step
+  and the videos of the last bad batch."""
+
+  def __init__(self, max_in_row: int, describe_records: Callable[[np.ndarray], str]):
+    self.max_in_row = max_in_row
+    self.in_row = 0
+    self.total = 0
+    self._describe = describe_records
+
+  def check(self, step: int, finite: float, record_indices: np.ndarray) -> None:
+    if finite:
+      self.in_row = 0
+      return
+    self.in_row += 1
+    self.total += 1
+    log.warning("step %d: non-finite loss or gradients, update skipped (%d in a row, "
+                "%d in all)", step, self.in_row, self.total)
+    if self.max_in_row and self.in_row >= self.max_in_row:
+      raise NonFiniteLossError(
+          f"{self.in_row} steps in a row with a non-finite loss or gradients, the last "
+          f"at step {step}; its batch held {self._describe(record_indices)}. Lower the "
+          "learning rate, enable optimizer.grad_clip_norm, or check these frames.")
+
+
+class PreemptionNotice:
+  """SIGTERM (what a pre-empted cloud VM receives) asks the loop to checkpoint and stop
+  at the next step; all processes stop at the same step."""
+
+  def __init__(self):
+    self._received = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    log.warning("SIGTERM received: saving a checkpoint and stopping")
+    self._received = True
+
+  def should_stop(self) -> bool:
+    if jax.process_count() == 1:
+      return self._received
+    flags = multihost_utils.process_allgather(np.int32(self._received))
+    return bool(np.any(flags))
+
+
+def _text(value) -> str:
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _record_videos(source) -> Callable[[np.ndarray], str]:
+  def describe(indices):
+    names = sorted({_text(source[int(i)]["video"]) for i in indices if i >= 0})
+    return f"records {sorted(int(i) for i in indices)[:16]} of videos {names[:8]}"
+  return describe
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains (resuming from the workdir's latest checkpoint), evaluates, checkpoints."""
+  """Trains (resuming from the workdir's latest checkpoint, else config.init_from, else
+  from scratch), evaluates, checkpoints; SIGTERM saves and stops early."""
   trainer = Trainer(config, workdir)
-  write_config(config, workdir)
+  check_and_write_config(config, workdir)
   writer = MetricWriter(workdir)
   train_iter = trainer.train_iterator()
   latest = trainer.manager.latest_step()
@@ -467,26 +584,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   start_step = int(state.step)
   progress = ProgressLogger(config.num_train_steps, start_step,
                             images_per_step=config.input.batch_size)
-  step_metrics = None
+  guard = NonFiniteGuard(config.get("max_nonfinite_steps_in_row", 10),
+                         _record_videos(trainer.train_source()))
+  pending = None  # the previous step's finite flag, read one step late (no stall)
   try:
-    for step in range(start_step + 1, config.num_train_steps + 1):
-      state, step_metrics = trainer.train_fn(state, device_batch(next(train_iter),
-                                                                  trainer.mesh))
-      if step % config.log_every_steps == 0 or step == config.num_train_steps:
-        values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        writer.write_scalars(step, values, prefix="train")
-        progress.log(step, values)
-      scores = None
-      if step % config.eval_every_steps == 0 or step == config.num_train_steps:
-        scores, _ = trainer.evaluate(state)
-        writer.write_scores(step, config.dataset.eval_split, scores)
-      if (step % config.checkpoint_every_steps == 0 or scores is not None):
-        checkpoints.save_checkpoint(trainer.manager, step, state, train_iter, scores)
+    with PreemptionNotice() as preemption:
+      for step in range(start_step + 1, config.num_train_steps + 1):
+        local_batch = next(train_iter)
+        state, step_metrics = trainer.train_fn(state, device_batch(local_batch,
+                                                                    trainer.mesh))
+        if pending is not None:
+          guard.check(pending[0], float(pending[1]), pending[2])
+        pending = (step, step_metrics["finite"], local_batch["record_index"])
+        if step % config.log_every_steps == 0 or step == config.num_train_steps:
+          values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+          values["skipped_steps"] = guard.total
+          writer.write_scalars(step, values, prefix="train")
+          progress.log(step, values)
+        scores = None
+        if step % config.eval_every_steps == 0 or step == config.num_train_steps:
+          scores, _ = trainer.evaluate(state)
+          writer.write_scores(step, config.dataset.eval_split, scores)
+        stop = preemption.should_stop()
+        if step % config.checkpoint_every_steps == 0 or scores is not None or stop:
+          checkpoints.save_checkpoint(trainer.manager, step, state, train_iter, scores,
+                                      force=stop)
+        if stop:
+          log.warning("stopped at step %d after SIGTERM; the next start resumes", step)
+          break
+      if pending is not None:
+        guard.check(pending[0], float(pending[1]), pending[2])
   finally:
     trainer.manager.wait_until_finished()
     if hasattr(train_iter, "close"):
       train_iter.close()
-  writer.close()
+    writer.close()
   return state
 
 
@@ -500,9 +632,10 @@ def restore_for_eval(trainer: Trainer, step: int | None = None) -> TrainState:
 
 
 def evaluate_checkpoint(config, workdir: str, step: int | None = None,
-                        split: str | None = None) -> tuple[int, dict]:
-  """`--mode eval`: restores a checkpoint, evaluates, appends to metrics.jsonl."""
-  trainer = Trainer(config, workdir)
+                        split: str | None = None, devices=None) -> tuple[int, dict]:
+  """`--mode eval`: restores a checkpoint (written on any number of devices) onto
+  `devices` (default: all), evaluates, appends to metrics.jsonl."""
+  trainer = Trainer(config, workdir, devices)
   state = restore_for_eval(trainer, step)
   split = split or config.dataset.eval_split
   scores, _ = trainer.evaluate(state, split)

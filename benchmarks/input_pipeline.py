@@ -14,7 +14,7 @@ from affect_jax import input_pipeline as ip
 
 
 def measure(source, policy: str, batch_size: int, batches: int) -> float:
-  ds = ip.train_dataset(source, local_batch_size=batch_size, seed=0,
+  ds = ip.train_dataset(source, global_batch_size=batch_size, seed=0,
                         augment=ip.AugmentConfig.from_policy(policy))
   iterator = ip.as_iterator(ds)
   next(iterator)  # opens files, warms caches

@@ -71,6 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = 2_000
   config.checkpoint_every_steps = 1_000
   config.eval_max_batches = 0  # 0: the whole eval split
+  config.max_nonfinite_steps_in_row = 10  # skipped updates in a row before stopping
+  config.allow_config_change = False  # resume a workdir whose run had another config
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.keep = 3

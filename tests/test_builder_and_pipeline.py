@@ -73,7 +73,7 @@ def train_source(built_union):
 def test_order_is_reproducible_and_reshuffled_each_epoch(built_union):
   source = train_source(built_union)
   make = lambda seed: ip.as_iterator(ip.train_dataset(  # noqa: E731
-      source, local_batch_size=8, seed=seed, augment=ip.AugmentConfig()))
+      source, global_batch_size=8, seed=seed, augment=ip.AugmentConfig()))
   epoch_batches = len(source) // 8
   first = _indices(make(0), 2 * epoch_batches)
   assert first == _indices(make(0), 2 * epoch_batches)
@@ -90,7 +90,7 @@ def test_resume_from_saved_state_continues_with_identical_batches(built_union,
   from absl import flags
   flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
   source = train_source(built_union)
-  ds = ip.train_dataset(source, local_batch_size=4, seed=5,
+  ds = ip.train_dataset(source, global_batch_size=4, seed=5,
                         augment=ip.AugmentConfig.from_policy("strong"))
   reference = ip.as_iterator(ds, worker_count)
   for _ in range(3):
@@ -108,16 +108,31 @@ def test_resume_from_saved_state_continues_with_identical_batches(built_union,
       it.close()
 
 
-def test_two_processes_cover_each_record_once_per_epoch(built_union):
+def test_processes_split_each_global_batch_and_cover_each_record_once(built_union):
   source = train_source(built_union)
-  seen = collections.Counter()
+  steps = len(source) // 8  # one epoch of global batches of 8
+  single = _indices(ip.as_iterator(ip.train_dataset(
+      source, global_batch_size=8, seed=0, augment=ip.AugmentConfig.from_policy(
+          "strong"))), steps)
+  shares = []
   for process in range(2):
-    per_process = len(range(process, len(source), 2))
-    ds = ip.train_dataset(source, local_batch_size=1, seed=0, augment=ip.AugmentConfig(),
+    ds = ip.train_dataset(source, global_batch_size=8, seed=0,
+                          augment=ip.AugmentConfig.from_policy("strong"),
                           process_index=process, process_count=2)
-    seen.update(sum(_indices(ip.as_iterator(ds), per_process), []))
-  assert sorted(seen) == list(range(len(source)))
-  assert set(seen.values()) == {1}
+    shares.append(_indices(ip.as_iterator(ds), steps))
+  # The two processes' rows, side by side, are exactly the one-process global batches.
+  assert [a + b for a, b in zip(*shares)] == single
+  seen = collections.Counter(sum(single, []))
+  assert set(seen.values()) == {1} and len(seen) == steps * 8
+  ds0 = ip.train_dataset(source, global_batch_size=8, seed=0,
+                         augment=ip.AugmentConfig.from_policy("strong"))
+  ds1 = ip.train_dataset(source, global_batch_size=8, seed=0,
+                         augment=ip.AugmentConfig.from_policy("strong"),
+                         process_index=1, process_count=2)
+  np.testing.assert_array_equal(ds0[0]["image"][4:], ds1[0]["image"])  # same augmentation
+  with pytest.raises(ValueError, match="not divisible"):
+    ip.train_dataset(source, global_batch_size=9, seed=0, augment=ip.AugmentConfig(),
+                     process_count=2)
 
 
 def test_eval_pads_with_masked_examples_and_keeps_images_unaugmented(built_union):
@@ -166,7 +181,7 @@ def test_task_balanced_sampling_oversamples_rare_task_labels(built_union):
   fraction = masks.mean(0)
   rare, common = int(np.argmin(fraction)), int(np.argmax(fraction))
   assert fraction[rare] < fraction[common]
-  ds = ip.train_dataset(source, local_batch_size=8, seed=0, augment=ip.AugmentConfig(),
+  ds = ip.train_dataset(source, global_batch_size=8, seed=0, augment=ip.AugmentConfig(),
                         task_balanced=True)
   drawn = np.concatenate(_indices(ip.as_iterator(ds), 3 * len(source) // 8))
   drawn_fraction = masks[drawn].mean(0)

@@ -98,35 +98,48 @@ def restored_params(config, workdir, step):
   return jax.device_get(train.restore_for_eval(trainer, step).params)
 
 
-def test_killed_run_resumes_to_the_same_result_and_eval_reproduces(built_union,
-                                                                   tmp_path):
+def interrupt_after_first_checkpoint(command, workdir, signal_number):
+  """Starts a training process, sends it a signal once its first checkpoint is
+  complete; returns (exit code, latest complete checkpoint step)."""
+  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+  deadline = time.time() + 300
+  while not finalized_steps(workdir) and time.time() < deadline:
+    assert process.poll() is None, process.stderr.read().decode()[-3000:]
+    time.sleep(0.02)
+  process.send_signal(signal_number)
+  code = process.wait(timeout=300)
+  return code, max(finalized_steps(workdir)), process.stderr.read().decode()
+
+
+def test_interrupted_runs_resume_to_the_same_result_and_eval_reproduces(built_union,
+                                                                        tmp_path):
   _, data_dir = built_union
   steps = 60
   overrides = {"num_train_steps": steps, "checkpoint_every_steps": 4,
                "eval_every_steps": 30, "log_every_steps": 10}
   config = tiny_config(data_dir, **overrides)
-  reference_dir, killed_dir = str(tmp_path / "reference"), str(tmp_path / "killed")
+  reference_dir = str(tmp_path / "reference")
   train.train_and_evaluate(config, reference_dir)
+  reference = jax.tree.leaves(restored_params(config, reference_dir, steps))
 
-  command = [sys.executable, "-m", "affect_jax.main", "--config",
-             os.path.join(REPO, "configs", "tiny.py"), "--workdir", killed_dir,
-             f"--config.dataset.data_dir={data_dir}"]
-  command += [f"--config.{k}={v}" for k, v in overrides.items()]
-  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE)
-  deadline = time.time() + 300
-  while not finalized_steps(killed_dir) and time.time() < deadline:
-    assert process.poll() is None, process.stderr.read().decode()[-3000:]
-    time.sleep(0.02)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  interrupted_at = max(finalized_steps(killed_dir))
-  assert interrupted_at < steps, "the run finished before it could be killed"
-
-  train.train_and_evaluate(config, killed_dir)  # resumes from the last checkpoint
-  for a, b in zip(jax.tree.leaves(restored_params(config, reference_dir, steps)),
-                  jax.tree.leaves(restored_params(config, killed_dir, steps))):
-    np.testing.assert_array_equal(a, b)
+  for name, signal_number in (("sigkill", signal.SIGKILL), ("sigterm", signal.SIGTERM)):
+    workdir = str(tmp_path / name)
+    command = [sys.executable, "-m", "affect_jax.main", "--config",
+               os.path.join(REPO, "configs", "tiny.py"), "--workdir", workdir,
+               f"--config.dataset.data_dir={data_dir}"]
+    command += [f"--config.{k}={v}" for k, v in overrides.items()]
+    code, interrupted_at, stderr = interrupt_after_first_checkpoint(command, workdir,
+                                                                    signal_number)
+    assert interrupted_at < steps, "the run finished before it could be interrupted"
+    if signal_number == signal.SIGTERM:
+      assert code == 0, stderr[-3000:]  # a clean stop after its own last checkpoint
+      assert "stopped at step" in stderr
+    else:
+      assert code == -signal.SIGKILL
+    train.train_and_evaluate(config, workdir)  # resumes from the last checkpoint
+    for a, b in zip(reference, jax.tree.leaves(restored_params(config, workdir, steps))):
+      np.testing.assert_array_equal(a, b)
 
   with open(os.path.join(reference_dir, "metrics.jsonl")) as f:
     logged = [json.loads(line) for line in f]
@@ -135,5 +148,10 @@ def test_killed_run_resumes_to_the_same_result_and_eval_reproduces(built_union,
   assert step == steps
   for key in ("p_va", "expr_f1", "au_f1", "p_mtl"):
     assert scores[key] == pytest.approx(final[key], abs=1e-9)
+  # Written on 8 devices, restored on 1: the same scores (up to reduction order).
+  _, scores_1 = train.evaluate_checkpoint(config, reference_dir, step=steps,
+                                          devices=jax.devices()[:1])
+  for key in ("p_va", "expr_f1", "au_f1", "p_mtl"):
+    assert scores_1[key] == pytest.approx(final[key], abs=1e-4)
   with open(os.path.join(reference_dir, "metrics.jsonl")) as f:
     assert json.loads(f.readlines()[-1])["mode"] == "eval"

@@ -1,0 +1,121 @@
+"""Reliability: non-finite steps are skipped and counted, a workdir of another run is
+refused, and 2 processes x 2 devices train exactly as 1 process x 4 devices."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from affect_jax import train
+from configs import tiny
+from tests.test_train import REPO, random_batch, restored_params, tiny_config
+
+
+def test_non_finite_step_is_skipped_but_counted():
+  config = tiny_config(None, **{"input.image_size": 32})
+  mesh = train.create_mesh(jax.devices()[:2])
+  lr_fn = train.create_learning_rate_fn(config)
+  state = train.create_train_state(config, train.create_model(config.model), mesh, lr_fn)
+  before = jax.device_get(state)
+  step = train.compile_train_step(mesh, settings=train.loss_settings_from_config(
+      config, None), learning_rate_fn=lr_fn, dtype=np.float32, seed=0)
+  batch = random_batch(np.random.default_rng(0), 8)
+  batch["valence_arousal"][3] = np.nan
+  batch["va_mask"][3] = 1.0
+  state, metrics = step(state, train.device_batch(batch, mesh))
+  assert float(metrics["finite"]) == 0.0 and int(state.step) == 1
+  for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(before.batch_stats),
+                  jax.tree.leaves(state.batch_stats)):
+    np.testing.assert_array_equal(a, b)
+  batch["valence_arousal"][3] = 0.5
+  for _ in range(2):  # the optimizer's own count (and warm-up) skipped the bad step too
+    state, metrics = step(state, train.device_batch(batch, mesh))
+    assert float(metrics["finite"]) == 1.0
+  changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before.params),
+                                                      jax.tree.leaves(state.params))]
+  assert all(changed)
+
+
+def test_non_finite_guard_stops_after_a_streak_naming_step_and_videos():
+  guard = train.NonFiniteGuard(3, lambda idx: f"videos of {sorted(idx.tolist())}")
+  guard.check(1, 0.0, np.array([1, 2]))
+  guard.check(2, 1.0, np.array([3]))  # a finite step ends the streak
+  guard.check(3, 0.0, np.array([4]))
+  guard.check(4, 0.0, np.array([5]))
+  with pytest.raises(train.NonFiniteLossError, match=r"3 steps in a row.*step 5.*\[6, 7\]"):
+    guard.check(5, 0.0, np.array([7, 6]))
+  assert guard.total == 4
+
+
+def test_workdir_of_another_run_is_refused(tmp_path):
+  config = tiny.get_config()
+  train.check_and_write_config(config, str(tmp_path))
+  harmless = tiny.get_config()
+  harmless.log_every_steps = 1
+  harmless.dataset.data_dir = "/elsewhere"
+  train.check_and_write_config(harmless, str(tmp_path))
+  changed = tiny.get_config()
+  changed.optimizer.learning_rate = 0.5
+  changed.model.num_filters = 16
+  with pytest.raises(ValueError, match="model.num_filters, optimizer.learning_rate"):
+    train.check_and_write_config(changed, str(tmp_path))
+  changed.allow_config_change = True
+  train.check_and_write_config(changed, str(tmp_path))
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["optimizer"]["learning_rate"] == 0.5
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _train_command(workdir, data_dir, overrides):
+  command = [sys.executable, "-m", "affect_jax.main", "--config",
+             os.path.join(REPO, "configs", "tiny.py"), "--workdir", workdir,
+             f"--config.dataset.data_dir={data_dir}"]
+  return command + [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def _environment(devices: int) -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return env
+
+
+def test_two_processes_train_exactly_as_one(built_union, tmp_path):
+  _, data_dir = built_union
+  overrides = {"num_train_steps": 4, "eval_every_steps": 4, "checkpoint_every_steps": 4,
+               "log_every_steps": 2, "checkpoint.asynchronous": False}
+  single = str(tmp_path / "one_process")
+  multi = str(tmp_path / "two_processes")
+  port = _free_port()
+  workers = [subprocess.Popen(
+      _train_command(multi, data_dir, overrides) + [
+          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+          f"--process_id={i}"], cwd=REPO, env=_environment(2),
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(2)]
+  reference = subprocess.run(_train_command(single, data_dir, overrides), cwd=REPO,
+                             env=_environment(4), capture_output=True, timeout=600)
+  assert reference.returncode == 0, reference.stderr.decode()[-3000:]
+  for worker in workers:
+    assert worker.wait(timeout=600) == 0, worker.stderr.read().decode()[-3000:]
+
+  config = tiny_config(data_dir, **overrides)
+  for a, b in zip(jax.tree.leaves(restored_params(config, single, 4)),
+                  jax.tree.leaves(restored_params(config, multi, 4))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  logged = []
+  for workdir in (single, multi):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      logged.append([json.loads(line) for line in f])
+  assert len(logged[1]) == 1  # only process 0 writes
+  for key in ("p_va", "expr_f1", "au_f1", "p_mtl"):
+    assert logged[0][0][key] == pytest.approx(logged[1][0][key], abs=1e-4)
