@@ -67,12 +67,12 @@ def main(argv=None) -> int:
   train_dir = os.path.join(workdir, "train")
   log.info("3/4 multi-task training, %d steps -> %s", config.num_train_steps, train_dir)
   train_started = time.perf_counter()
-  train.train_and_evaluate(config, train_dir)
+  trainer = train.Trainer(config, train_dir)
+  final_state = train.train_and_evaluate(config, train_dir, trainer)
   train_seconds = time.perf_counter() - train_started
 
   log.info("4/4 evaluation of the best checkpoint and report")
-  trainer = train.Trainer(config, train_dir)
-  state = train.restore_for_eval(trainer)
+  state = train.restore_for_eval(trainer, current=final_state)
   scores, collected = trainer.evaluate(state, collect_outputs=True)
   path = report.write_report(
       os.path.join(workdir, "report"), scores, collected,

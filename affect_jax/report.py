@@ -22,6 +22,11 @@ SCORE_ROWS = (("p_va", "P_VA"), ("ccc_valence", "CCC valence"),
               ("p_mtl", "P_MTL"))
 
 
+def _fixed(value: float) -> str:
+  text = f"{value:.4f}"
+  return "0.0000" if text == "-0.0000" else text
+
+
 def constant_predictor_scores(collected: dict, num_expr_classes: int) -> dict:
   """Scores of the best label-blind predictors on the same frames: the majority class
   (EXPR), every AU on (the best constant for F1), the mean label (VA, CCC 0)."""
@@ -101,7 +106,8 @@ def write_report(out_dir: str, scores: dict, collected: dict, *, num_expr_classe
   lines = [f"# {title}", "", "| score | model | constant predictor |", "|---|---|---|"]
   for key, label in SCORE_ROWS:
     if key in scores:
-      lines.append(f"| {label} | {scores[key]:.4f} | {baseline.get(key, 0.0):.4f} |")
+      lines.append(f"| {label} | {_fixed(scores[key])} | "
+                   f"{_fixed(baseline.get(key, 0.0))} |")
   lines.append("")
   if "expr_confusion" in scores:
     names = EXPRESSION_NAMES[:num_expr_classes]

@@ -562,10 +562,12 @@ def _record_videos(source) -> Callable[[np.ndarray], str]:
   return describe
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       trainer: Trainer | None = None) -> TrainState:
   """Trains (resuming from the workdir's latest checkpoint, else config.init_from, else
-  from scratch), evaluates, checkpoints; SIGTERM saves and stops early."""
-  trainer = Trainer(config, workdir)
+  from scratch), evaluates, checkpoints; SIGTERM saves and stops early. A caller that
+  evaluates afterwards can pass its Trainer to reuse the compiled steps."""
+  trainer = trainer or Trainer(config, workdir)
   check_and_write_config(config, workdir)
   writer = MetricWriter(workdir)
   train_iter = trainer.train_iterator()
@@ -622,12 +624,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   return state
 
 
-def restore_for_eval(trainer: Trainer, step: int | None = None) -> TrainState:
-  """The given step's state, else the best checkpoint, else the latest."""
+def restore_for_eval(trainer: Trainer, step: int | None = None,
+                     current: TrainState | None = None) -> TrainState:
+  """The given step's state, else the best checkpoint, else the latest; `current` is
+  returned as it is when it already is that step."""
   manager = trainer.manager
   step = step or manager.best_step() or manager.latest_step()
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {trainer.workdir}/checkpoints")
+  if current is not None and int(current.step) == step:
+    return current
   return checkpoints.restore_checkpoint(manager, step, trainer.abstract_state())
 
 
