@@ -60,5 +60,9 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract_state
   items = {STATE: ocp.args.StandardRestore(abstract_state)}
   if data_iterator is not None:
     items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+  except ValueError as e:
+    raise ValueError(f"checkpoint {manager.directory}/{step} does not fit this model "
+                     f"(it was written by another model or config): {e}") from None
   return restored[STATE]

@@ -200,6 +200,12 @@ def apply_overrides(config, overrides: Sequence[tuple[str, Any]]):
   return config
 
 
+def config_value(config, key: str):
+  for part in key.split("."):
+    config = config[part]
+  return config
+
+
 def variant_config(study_config, variant: Variant, study_dir: str):
   config = apply_overrides(study_config.base, variant.overrides)
   if variant.init_from_variant:
@@ -314,7 +320,7 @@ def run_variant(study_config, variant: Variant, study_dir: str,
   steps = checkpoint_steps(workdir)
   session = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
              "start_step": steps[-1] if steps else 0, "seconds": None,
-             "outcome": "running"}
+             "outcome": "running", "machine": describe_machine()}
   record["sessions"].append(session)
   write_run_record(workdir, record)
   started = time.perf_counter()
@@ -336,3 +342,460 @@ def dependency_finished(study_config, variant: Variant, study_dir: str) -> bool:
   dependency = {v.name: v for v in study_variants(study_config)}[variant.init_from_variant]
   config = variant_config(study_config, dependency, study_dir)
   return is_finished(variant_workdir(study_dir, dependency.name), config.num_train_steps)
+
+
+def describe_machine() -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  devices = jax.devices()
+  return {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
+          "devices": len(devices), "cpu_count": os.cpu_count()}
+
+
+def run_study(study_config, study_dir: str, names: Sequence[str] | None = None,
+              shard_index: int = 0, shard_count: int = 1,
+              train_fn: Callable | None = None) -> dict[str, str]:
+  """Trains this shard's variants in dependency order; {name: 'skipped' | 'trained'}."""
+  plan = plan_study(study_config, names, shard_index, shard_count)
+  outcomes = {}
+  for number, variant in enumerate(plan, 1):
+    source = (f", warm start from {variant.init_from_variant}"
+              if variant.init_from_variant else "")
+    log.info("[%d/%d] %s: %s%s", number, len(plan), variant.name, variant.description,
+             source)
+    outcomes[variant.name] = run_variant(study_config, variant, study_dir, train_fn)
+    log.info("[%d/%d] %s: %s", number, len(plan), variant.name, outcomes[variant.name])
+  return outcomes
+
+
+# ------------------------------------------------------------------------------- report
+
+SCORE_COLUMNS = (("p_va", "P_VA"), ("ccc_valence", "CCC_v"), ("ccc_arousal", "CCC_a"),
+                 ("expr_f1", "EXPR F1"), ("au_f1", "AU F1"), ("p_mtl", "P_MTL"))
+TASK_SCORE = {"expression": "expr_f1", "au": "au_f1", "va": "p_va"}
+ALL_TASKS = ("expression", "au", "va")
+CSV_FIELDS = ("variant", "group", "selection", "step", "final_step", "finished",
+              *(key for key, _ in SCORE_COLUMNS), "wall_time_s")
+
+
+@dataclasses.dataclass
+class VariantResult:
+  variant: Variant
+  config: Any
+  workdir: str
+  evaluations: list[dict]  # every training-time evaluation, in logged order
+  evaluation: dict | None  # the one the report uses
+  finished: bool
+  wall_time_s: float | None
+  wall_time_complete: bool
+
+  @property
+  def tasks(self) -> tuple[str, ...]:
+    return tuple(self.config.model.tasks)
+
+  def score(self, key: str) -> float | None:
+    """A logged score; P_MTL only for a model of all three tasks (for a uni-task model
+    the logged p_mtl is its one task score, which is not comparable)."""
+    if self.evaluation is None or key not in self.evaluation:
+      return None
+    if key == "p_mtl" and set(self.tasks) != set(ALL_TASKS):
+      return None
+    return float(self.evaluation[key])
+
+
+def select_evaluation(evaluations: Sequence[dict], selection: str, best_metric: str
+                      ) -> dict | None:
+  """'last': the evaluation of the highest step (the latest logged, if a resumed run
+  evaluated a step twice). 'best': the highest best_metric, the earliest on ties."""
+  if not evaluations:
+    return None
+  if selection == "last":
+    top = max(m["step"] for m in evaluations)
+    return [m for m in evaluations if m["step"] == top][-1]
+  if selection == "best":
+    scored = [m for m in evaluations if best_metric in m]
+    if not scored:
+      return None
+    return max(scored, key=lambda m: (m[best_metric], -m["step"]))
+  raise ValueError(f"report.selection must be last or best, got {selection!r}")
+
+
+def collect_results(study_config, study_dir: str) -> list[VariantResult]:
+  """Every variant of the study that has a workdir, in the study's order."""
+  selection = study_config.report.selection
+  results = []
+  for variant in order_by_dependencies(study_variants(study_config)):
+    workdir = variant_workdir(study_dir, variant.name)
+    if not os.path.isdir(workdir):
+      continue
+    config = variant_config(study_config, variant, study_dir)
+    evaluations = training_evaluations(workdir)
+    seconds, complete = wall_time_seconds(read_run_record(workdir))
+    results.append(VariantResult(
+        variant=variant, config=config, workdir=workdir, evaluations=evaluations,
+        evaluation=select_evaluation(evaluations, selection,
+                                     config.checkpoint.best_metric),
+        finished=is_finished(workdir, config.num_train_steps),
+        wall_time_s=seconds, wall_time_complete=complete))
+  return results
+
+
+def best_per_column(results: Sequence[VariantResult]) -> dict[str, set[str]]:
+  """{score key: names of the variants with its highest value}."""
+  best = {}
+  for key, _ in SCORE_COLUMNS:
+    values = {r.variant.name: r.score(key) for r in results if r.score(key) is not None}
+    if values:
+      top = max(values.values())
+      best[key] = {name for name, value in values.items() if value == top}
+  return best
+
+
+def format_wall_time(result: VariantResult) -> str:
+  if result.wall_time_s is None:
+    return "n/a"
+  minutes, seconds = divmod(round(result.wall_time_s), 60)
+  return f"{'≥' if not result.wall_time_complete else ''}{minutes}:{seconds:02d}"
+
+
+def format_steps(result: VariantResult) -> str:
+  step = result.evaluation["step"] if result.evaluation else 0
+  return str(step) if result.finished else f"{step} (of {result.config.num_train_steps})"
+
+
+def results_table(results: Sequence[VariantResult]) -> list[str]:
+  best = best_per_column(results)
+  header = ["variant", *(label for _, label in SCORE_COLUMNS), "steps", "wall time"]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for result in results:
+    cells = [f"`{result.variant.name}`"]
+    for key, _ in SCORE_COLUMNS:
+      value = result.score(key)
+      text = "" if value is None else f"{value:.4f}"
+      cells.append(f"**{text}**" if result.variant.name in best.get(key, ()) else text)
+    cells += [format_steps(result), format_wall_time(result)]
+    lines.append("| " + " | ".join(cells) + " |")
+  lines.append("| best | " + " | ".join(
+      ", ".join(f"`{n}`" for n in sorted(best.get(key, ()))) for key, _ in SCORE_COLUMNS)
+      + " | | |")
+  return lines
+
+
+def csv_rows(results: Sequence[VariantResult], selection: str) -> list[dict]:
+  rows = []
+  for result in results:
+    row = {"variant": result.variant.name, "group": result.variant.group,
+           "selection": selection,
+           "step": result.evaluation["step"] if result.evaluation else "",
+           "final_step": result.config.num_train_steps, "finished": result.finished,
+           "wall_time_s": "" if result.wall_time_s is None else result.wall_time_s}
+    for key, _ in SCORE_COLUMNS:
+      value = result.score(key)
+      row[key] = "" if value is None else repr(value)  # repr: the logged float exactly
+    rows.append(row)
+  return rows
+
+
+def uni_task_deltas(results: Sequence[VariantResult], baselines: dict[str, str]
+                    ) -> list[str]:
+  """Each multi-task variant's score on each task minus its uni-task baseline's, and
+  P_MTL against the three uni-task models taken together."""
+  by_name = {r.variant.name: r for r in results}
+  uni = {task: by_name.get(name) for task, name in baselines.items()}
+  if not any(uni.values()):
+    return []
+  header = [*(f"{TASK_SCORE[t]} − `{baselines[t]}`" for t in ALL_TASKS),
+            "P_MTL − uni-task sum"]
+  lines = ["| variant | " + " | ".join(header) + " |", "|" + "---|" * (len(header) + 1)]
+  uni_sum = None
+  if all(uni.get(t) and uni[t].score(TASK_SCORE[t]) is not None for t in ALL_TASKS):
+    uni_sum = sum(uni[t].score(TASK_SCORE[t]) for t in ALL_TASKS)
+  for result in results:
+    if len(result.tasks) < 2:
+      continue
+    cells = []
+    for task in ALL_TASKS:
+      mine = result.score(TASK_SCORE[task])
+      theirs = uni[task].score(TASK_SCORE[task]) if uni.get(task) else None
+      cells.append("" if mine is None or theirs is None else f"{mine - theirs:+.4f}")
+    p_mtl = result.score("p_mtl")
+    cells.append("" if p_mtl is None or uni_sum is None else f"{p_mtl - uni_sum:+.4f}")
+    lines.append(f"| `{result.variant.name}` | " + " | ".join(cells) + " |")
+  if uni_sum is not None:
+    lines += ["", f"The three uni-task models together ("
+              + " + ".join(f"`{baselines[t]}`" for t in ALL_TASKS)
+              + f") score {uni_sum:.4f} on the P_MTL scale, with three networks."]
+  return lines
+
+
+def search_ranking(results: Sequence[VariantResult], search) -> list[str]:
+  if not search or not search.trials:
+    return []
+  ranked = [r for r in results
+            if r.variant.group == "search" or r.variant.name == search.base_variant]
+  ranked = sorted(ranked, key=lambda r: -(r.score(search.metric) or float("-inf")))
+  lines = [f"| rank | variant | settings | {search.metric} |", "|---|---|---|---|"]
+  for rank, result in enumerate(ranked, 1):
+    values = ", ".join(f"{key}={format_value(config_value(result.config, key))}"
+                       for key, _, _ in search.space)
+    value = result.score(search.metric)
+    lines.append(f"| {rank} | `{result.variant.name}` | {values} | "
+                 f"{'' if value is None else f'{value:.4f}'} |")
+  return lines
+
+
+def variants_table(results: Sequence[VariantResult]) -> list[str]:
+  lines = ["| variant | group | what changes | overrides of `base` |", "|---|---|---|---|"]
+  for result in results:
+    v = result.variant
+    overrides = ", ".join(f"`{k}={format_value(val)}`" for k, val in v.overrides)
+    if v.init_from_variant:
+      overrides += (", " if overrides else "") + f"init from `{v.init_from_variant}`"
+    lines.append(f"| `{v.name}` | {v.group} | {v.description} | {overrides} |")
+  return lines
+
+
+def setup_lines(study_config, results: Sequence[VariantResult]) -> list[str]:
+  base = study_config.base
+  machines = set()
+  for result in results:
+    record = read_run_record(result.workdir)
+    for session in (record or {}).get("sessions", []):
+      machine = session.get("machine")
+      if machine:
+        machines.add(f"{machine['devices']} x {machine['device_kind']} "
+                     f"({machine['platform']}, {machine['cpu_count']} CPU cores)")
+  return [
+      f"- dataset: `{base.dataset.name}`, trained on `{base.dataset.train_split}`, "
+      f"scored on `{base.dataset.eval_split}`",
+      f"- model: ResNet stages {tuple(base.model.stage_sizes)}, "
+      f"{base.model.num_filters} filters, {base.input.image_size}x"
+      f"{base.input.image_size} input",
+      f"- training: {base.num_train_steps} steps of {base.input.batch_size} images, "
+      f"{base.optimizer.name} at {format_value(base.optimizer.learning_rate)} "
+      f"({base.optimizer.schedule}, {base.optimizer.warmup_steps} warm-up steps), "
+      f"augmentation `{base.input.augment}`, seed {base.seed}",
+      f"- scores: {selection_text(study_config.report.selection)}",
+      "- wall time: measured by the runner around each training session (compilation, "
+      "training and evaluations), summed over sessions; ≥ marks a session killed "
+      "before it could record its end",
+      f"- machine: {'; '.join(sorted(machines)) or 'not recorded'}",
+  ]
+
+
+def selection_text(selection: str) -> str:
+  if selection == "last":
+    return "each variant's last evaluation (its final step once finished)"
+  return ("each variant's best evaluation by its own `checkpoint.best_metric`, chosen on "
+          "the validation split itself (optimistic)")
+
+
+def read_training_losses(workdir: str, tag: str = "train/loss") -> list[tuple[int, float]]:
+  """(step, value) of a training scalar from the run's TensorBoard event files (the
+  trainer logs training losses there, evaluations to metrics.jsonl). A step logged
+  again by a resumed session keeps its latest value."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import struct  # pylint: disable=g-import-not-at-top
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  values = {}
+  for path in sorted(glob.glob(os.path.join(workdir, "tensorboard", "events.*"))):
+    with open(path, "rb") as f:
+      data = f.read()
+    position = 0
+    # TFRecord framing: u64 length, u32 length CRC, payload, u32 payload CRC.
+    while position + 12 <= len(data):
+      (length,) = struct.unpack("<Q", data[position:position + 8])
+      payload = data[position + 12:position + 12 + length]
+      position += 12 + length + 4
+      if len(payload) < length:
+        break  # a record cut short by a killed writer
+      event = event_pb2.Event.FromString(payload)
+      for value in event.summary.value:
+        if value.tag == tag:
+          values[(event.wall_time, event.step)] = value.simple_value
+  latest = {}
+  for (_, step), value in sorted(values.items()):
+    latest[step] = value
+  return sorted(latest.items())
+
+
+def plot_scores(results: Sequence[VariantResult], path: str) -> None:
+  """One horizontal bar chart per score; the best bar in each is drawn darker."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  best = best_per_column(results)
+  fig, axes = plt.subplots(2, 3, figsize=(15, 0.32 * len(results) * 2 + 3))
+  for ax, (key, label) in zip(axes.flat, SCORE_COLUMNS):
+    shown = [r for r in results if r.score(key) is not None]
+    names = [r.variant.name for r in shown]
+    values = [r.score(key) for r in shown]
+    colours = ["tab:red" if n in best.get(key, ()) else "tab:blue" for n in names]
+    ax.barh(range(len(shown)), values, color=colours)
+    ax.set_yticks(range(len(shown)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_title(label)
+    for y, value in enumerate(values):
+      ax.text(value, y, f" {value:.3f}", va="center", fontsize=7)
+    ax.margins(x=0.2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_curves(results: Sequence[VariantResult], path: str) -> None:
+  """Training loss and validation scores against steps, every variant overlaid."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  panels = [("train/loss", "training loss (scales differ between losses)")]
+  panels += [(key, f"validation {label}") for key, label in SCORE_COLUMNS
+             if key not in ("ccc_valence", "ccc_arousal")]
+  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.8))
+  colours = plt.get_cmap("tab20")
+  for index, result in enumerate(results):
+    style = {"color": colours(index % 20), "label": result.variant.name,
+             "ls": "--" if len(result.tasks) == 1 else "-"}
+    losses = read_training_losses(result.workdir)
+    if losses:
+      axes[0].plot(*zip(*losses), lw=1, **style)
+    for ax, (key, _) in zip(axes[1:], panels[1:]):
+      points = [(m["step"], m[key]) for m in result.evaluations if key in m]
+      if key == "p_mtl" and set(result.tasks) != set(ALL_TASKS):
+        points = []
+      if points:
+        ax.plot(*zip(*points), marker="o", ms=3, **style)
+  for ax, (_, title) in zip(axes, panels):
+    ax.set(title=title, xlabel="step")
+    ax.grid(alpha=0.3)
+  axes[0].set_yscale("log")
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8)
+  fig.tight_layout(rect=(0, 0.06 + 0.025 * (len(labels) // 7), 1, 1))
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def read_commands(study_dir: str) -> list[str]:
+  path = os.path.join(study_dir, COMMANDS_LOG)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def write_study_report(study_config, study_dir: str, report_dir: str | None = None,
+                       title: str = "Study") -> dict[str, str]:
+  """report.md, results.csv, scores.png and curves.png in report_dir (default
+  <study_dir>/report); returns their paths."""
+  import csv  # pylint: disable=g-import-not-at-top
+  report_dir = report_dir or os.path.join(study_dir, "report")
+  os.makedirs(report_dir, exist_ok=True)
+  results = collect_results(study_config, study_dir)
+  selection = study_config.report.selection
+  paths = {name: os.path.join(report_dir, name)
+           for name in ("report.md", "results.csv", "scores.png", "curves.png")}
+  with open(paths["results.csv"], "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(csv_rows(results, selection))
+  lines = [f"# {title}", "", *setup_lines(study_config, results), "",
+           "## Scores", "",
+           "Validation scores; the best of each column in bold. P_MTL = P_VA + EXPR F1 "
+           "+ AU F1, shown for the three-task models only. Every number is in "
+           "[results.csv](results.csv), copied from the variants' `metrics.jsonl`.", "",
+           *results_table(results), ""]
+  deltas = uni_task_deltas(results, dict(study_config.report.uni_task_baselines))
+  if deltas:
+    lines += ["## Multi-task minus uni-task", "",
+              "Each multi-task variant's score on a task minus that of the uni-task "
+              "model of the task (same steps, same data).", "", *deltas, ""]
+  ranking = search_ranking(results, study_config.get("search"))
+  if ranking:
+    search = study_config.search
+    lines += ["## Hyper-parameter search", "",
+              f"{search.kind} search, {search.trials} trials (seed {search.seed}) over "
+              + ", ".join(f"`{k}` ∈ {{{', '.join(format_value(v) for v in values)}}}"
+                          for k, _, values in search.space)
+              + f", each on top of `{search.base_variant}` (ranked with it by "
+              f"{search.metric}).", "", *ranking, ""]
+  plot_scores(results, paths["scores.png"])
+  plot_curves(results, paths["curves.png"])
+  lines += ["## Plots", "", "![scores per variant](scores.png)", "",
+            "![training loss and validation curves](curves.png)", "",
+            "## Variants", "", *variants_table(results), ""]
+  commands = read_commands(study_dir)
+  if commands:
+    lines += ["## Commands", "", "Invocations of the runner on this study directory, "
+              "in order:", "", "```", *commands, "```", ""]
+  with open(paths["report.md"], "w") as f:
+    f.write("\n".join(lines))
+  return paths
+
+
+# ---------------------------------------------------------------------- command line
+
+def record_command(study_dir: str, argv: Sequence[str]) -> None:
+  os.makedirs(study_dir, exist_ok=True)
+  with open(os.path.join(study_dir, COMMANDS_LOG), "a") as f:
+    f.write("python -m affect_jax.study " + " ".join(argv[1:]) + "\n")
+
+
+def enable_compilation_cache(study_dir: str) -> None:
+  """Variants share programs (every eval step of a three-task model, most train steps):
+  a persistent cache turns their repeated compilations into loads."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    jax.config.update("jax_compilation_cache_dir", os.path.join(
+        os.path.abspath(study_dir), ".jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def main(argv) -> int:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from affect_jax import cli_logging  # pylint: disable=g-import-not-at-top
+  del argv
+  logging.getLogger().setLevel(logging.INFO)
+  cli_logging.quiet_library_logs()
+  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  study_config = FLAGS.config
+  study_dir = os.path.abspath(FLAGS.study_dir)
+  names = [n for n in (FLAGS.variants or "").split(",") if n]
+  if FLAGS.list:
+    for variant in plan_study(study_config, names, FLAGS.shard_index, FLAGS.shard_count):
+      print(f"{variant.name:32s} {variant.group:15s} {variant.description}")
+    return 0
+  if not FLAGS.report_only:
+    record_command(study_dir, sys.argv)
+    enable_compilation_cache(study_dir)
+    run_study(study_config, study_dir, names, FLAGS.shard_index, FLAGS.shard_count)
+  paths = write_study_report(study_config, study_dir, FLAGS.report_dir,
+                             title=FLAGS.title)
+  log.info("report: %s", paths["report.md"])
+  return 0
+
+
+def define_flags() -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("study_dir", None, "Folder of the variants' workdirs.")
+  flags.DEFINE_string("variants", "", "Comma-separated variants to run (with the ones "
+                      "they warm-start from); default: all.")
+  flags.DEFINE_integer("shard_index", 0, "This machine's shard, in [0, shard_count).")
+  flags.DEFINE_integer("shard_count", 1, "Machines sharing the study.")
+  flags.DEFINE_bool("report_only", False, "Write the report from the workdirs; train "
+                    "nothing.")
+  flags.DEFINE_bool("list", False, "Print what this shard would run, in order; train "
+                    "nothing.")
+  flags.DEFINE_string("report_dir", None, "Where the report goes (default: "
+                      "<study_dir>/report).")
+  flags.DEFINE_string("title", "Study: uni-task vs multi-task affect models",
+                      "The report's title.")
+  config_flags.DEFINE_config_file("config", None, "Study configuration file.",
+                                  lock_config=True)
+  flags.mark_flags_as_required(["config", "study_dir"])
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  define_flags()
+  app.run(main)

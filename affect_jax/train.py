@@ -30,8 +30,8 @@ from flax.training import train_state
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from affect_jax import (checkpoints, initialization, input_pipeline, losses,
-                        metrics, models)
+from affect_jax import (checkpoints, config_checks, initialization, input_pipeline,
+                        losses, metrics, models)
 from affect_jax.metric_writer import MetricWriter, ProgressLogger
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,6 @@ def create_mesh(devices=None) -> Mesh:
 
 
 def create_model(model_config, *, axis_name: str | None = AXIS) -> models.MultiTaskNet:
-  if model_config.dtype not in DTYPES:
-    raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, "
-                     f"got {model_config.dtype!r}")
   return models.MultiTaskNet(
       tasks=tuple(model_config.tasks), num_expr_classes=model_config.num_expr_classes,
       head_hidden_dim=model_config.head_hidden_dim,
@@ -367,21 +364,33 @@ def _collect(collected: dict, outputs: dict, local_batch: dict) -> None:
       collected.setdefault(key, []).append(np.asarray(value))
 
 
-def dataset_label_statistics(config) -> dict | None:
-  """The training split's label counts from the dataset's metadata (no data pass)."""
+def dataset_metadata(config) -> dict:
+  """The built dataset's metadata: class names and the per-split label counts."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   import tfds_affwild2  # pylint: disable=g-import-not-at-top,unused-import
-  builder = tfds.builder(config.dataset.name, data_dir=config.dataset.data_dir)
-  summary = builder.info.metadata.get("summary", {})
-  return summary.get(config.dataset.train_split)
+  try:
+    builder = tfds.builder(config.dataset.name, data_dir=config.dataset.data_dir)
+  except Exception as e:  # TFDS raises several types for a missing dataset
+    raise FileNotFoundError(
+        f"dataset {config.dataset.name} not found in data_dir "
+        f"{config.dataset.data_dir!r} (build it with python -m tfds_affwild2.build): "
+        f"{e}") from None
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f"dataset {config.dataset.name} is not built in {builder.data_dir_root}; build "
+        "it with python -m tfds_affwild2.build")
+  return dict(builder.info.metadata)
 
 
 class Trainer:
   """Everything a run needs, built once from the config: mesh, data, steps, state."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, devices=None):
+    config_checks.validate_config(config)
     self.config = config
     self.workdir = workdir
+    self.metadata = dataset_metadata(config)
+    config_checks.check_dataset_classes(config, self.metadata.get("expression_names"))
     self.mesh = create_mesh(devices)
     self.local_batch = local_batch_size(config.input.batch_size, self.mesh)
     self.local_eval_batch = local_batch_size(config.input.eval_batch_size, self.mesh)
@@ -401,9 +410,7 @@ class Trainer:
         asynchronous=config.checkpoint.asynchronous)
 
   def _label_statistics(self):
-    needs_counts = ("weighted" in self.config.loss.expression
-                    or "weighted" in self.config.loss.au)
-    return dataset_label_statistics(self.config) if needs_counts else None
+    return self.metadata.get("summary", {}).get(self.config.dataset.train_split)
 
   def train_source(self):
     return input_pipeline.open_data_source(self.config.dataset.name,

@@ -97,10 +97,28 @@ def parse_au_fields(path, line_number: int, fields: list[str]) -> FrameLabel:
   return FrameLabel(True, aus)
 
 
+def _decode_line(path, line_number: int, raw: bytes) -> str:
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise AnnotationError(path, line_number, f"not UTF-8 text ({e.reason} at byte "
+                          f"{e.start} of the line)") from None
+
+
+def _iter_file_lines(path) -> Iterator[str]:
+  """Streams decoded lines without line endings: a BOM, CRLF and CR are tolerated,
+  bytes that are not UTF-8 are an error naming the line."""
+  with open(path, "rb") as f:
+    for line_number, raw in enumerate(f, start=1):
+      if line_number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+      # Lines end in \n, \r\n, or \r alone (then one raw line holds several).
+      yield from _decode_line(path, line_number, raw).splitlines() or [""]
+
+
 def _read_lines(path) -> list[str]:
-  """Lines of a text file without line endings; tolerates a BOM and CRLF."""
-  with open(path, encoding="utf-8-sig", newline=None) as f:
-    lines = f.read().splitlines()
+  """All lines of a (small) per-task file; trailing blank lines dropped."""
+  lines = list(_iter_file_lines(path))
   while lines and not lines[-1].strip():
     lines.pop()  # trailing blank lines carry no frame
   if not lines:
@@ -186,7 +204,10 @@ def frame_number(path, line_number: int, image_name: str) -> int:
 def iter_mtl_file(path, num_expr_classes: int = 8) -> Iterator[MtlRow]:
   """Streams the rows of an s-Aff-Wild2 MTL file (ABAW3 `train_set.txt` or ABAW4+)."""
   lines_iter = _iter_file_lines(path)
-  header = _normalised_fields(next(lines_iter))
+  first = next(lines_iter, "")
+  if not first.strip():
+    raise AnnotationError(path, 1, "empty file (a header line is required)")
+  header = _normalised_fields(first)
   if _header_names(header) != MTL_HEADER:
     raise AnnotationError(path, 1, f"unknown MTL header {','.join(header)!r}; "
                           f"expected {','.join(MTL_HEADER)}")
@@ -205,14 +226,3 @@ def iter_mtl_file(path, num_expr_classes: int = 8) -> Iterator[MtlRow]:
     }
     yield MtlRow(line_number, video, frame_number(path, line_number, image_name),
                  image_name, labels)
-
-
-def _iter_file_lines(path) -> Iterator[str]:
-  """Streams lines (BOM and CRLF tolerated) so 100k-line files need no big buffer."""
-  with open(path, encoding="utf-8-sig", newline=None) as f:
-    first = f.readline()
-    if not first.strip():
-      raise AnnotationError(path, 1, "empty file (a header line is required)")
-    yield first.rstrip("\n")
-    for line in f:
-      yield line.rstrip("\n")

@@ -178,7 +178,13 @@ def iter_mtl_examples(layout: ReleaseLayout, split: str, summary: SplitSummary,
   if path is None:
     raise FileNotFoundError(f"the release has no MTL annotation file for split {split}")
   videos = set()
+  first_line_of = {}  # (video, frame) -> line: a duplicate row is an error
   for row in annotations.iter_mtl_file(path, num_expr_classes=8):
+    key = (row.video, row.frame)
+    if key in first_line_of:
+      raise AnnotationError(path, row.line_number, f"{row.video}/{row.image_name} is "
+                            f"already listed at line {first_line_of[key]}")
+    first_line_of[key] = row.line_number
     videos.add(row.video)
     image_path = index.frames(row.video).get(row.frame)
     if image_path is None:
