@@ -28,7 +28,9 @@ def create_checkpoint_manager(workdir: str, *, keep: int = 3,
   if best_metric:
     best_fn = lambda metrics: float(metrics[best_metric])  # noqa: E731
     policies.append(checkpoint_managers.BestN(
-        get_metric_fn=best_fn, reverse=best_mode == "min", n=1))
+        get_metric_fn=best_fn, reverse=best_mode == "min", n=1,
+        # periodic saves carry no scores: LatestN alone decides about them
+        keep_checkpoints_without_metrics=False))
   options = ocp.CheckpointManagerOptions(
       best_fn=best_fn, best_mode=best_mode,
       preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),

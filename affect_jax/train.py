@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from clu import parameter_overview
 from flax.training import train_state
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -591,6 +592,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                                 config.init_from.step)
       log.info("initialised %s from %s", ", ".join(copied), config.init_from.path)
   start_step = int(state.step)
+  if jax.process_index() == 0:
+    log.info("parameters:\n%s", parameter_overview.get_parameter_overview(
+        state.params, include_stats=False, max_lines=12))
   progress = ProgressLogger(config.num_train_steps, start_step,
                             images_per_step=config.input.batch_size)
   guard = NonFiniteGuard(config.get("max_nonfinite_steps_in_row", 10),

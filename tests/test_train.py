@@ -155,3 +155,12 @@ def test_interrupted_runs_resume_to_the_same_result_and_eval_reproduces(built_un
     assert scores_1[key] == pytest.approx(final[key], abs=1e-4)
   with open(os.path.join(reference_dir, "metrics.jsonl")) as f:
     assert json.loads(f.readlines()[-1])["mode"] == "eval"
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+  config = tiny_config(None, **{"input.image_size": 32, "model.dtype": "bfloat16"})
+  _, state, step_metrics = run_steps(config, jax.devices()[:2],
+                                     [random_batch(np.random.default_rng(1), 8)])
+  assert np.isfinite(step_metrics["loss"]) and step_metrics["finite"] == 1.0
+  assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {np.float32}
+  assert {leaf.dtype for leaf in jax.tree.leaves(state.batch_stats)} == {np.float32}
