@@ -400,7 +400,10 @@ def predict_frames(predictor: Predictor, data, worker_count: int = 0) -> FrameTa
                                   predictor.mesh)["image"]
       outputs = predictor.predict_fn(predictor.state, images)
       host = _gathered({"outputs": outputs, "batch": local_batch})
-      for key, value in {**host["outputs"], **host["batch"]}.items():
+      # Labels and outputs share names ("expression", "au"): outputs get a prefix.
+      for key, value in host["outputs"].items():
+        chunks.setdefault(f"pred_{key}", []).append(value)
+      for key, value in host["batch"].items():
         chunks.setdefault(key, []).append(value)
   finally:
     if hasattr(iterator, "close"):
@@ -415,7 +418,8 @@ def predict_frames(predictor: Predictor, data, worker_count: int = 0) -> FrameTa
       frame=columns["frame"].astype(np.int32),
       image_path=np.asarray(data.image_paths(positions), dtype=str),
       record_index=data.record_indices(positions),
-      expression=columns.get("expression"), au=columns.get("au"), va=columns.get("va"),
+      expression=columns.get("pred_expression"), au=columns.get("pred_au"),
+      va=columns.get("pred_va"),
       labels=labels)
 
 
@@ -424,14 +428,18 @@ def predict_frames(predictor: Predictor, data, worker_count: int = 0) -> FrameTa
 # ----------------------------------------------------------------------------------
 
 
+def check_window(window: int) -> None:
+  if window < 1 or window % 2 == 0:
+    raise ValueError(f"the smoothing window must be a positive odd number of frames, "
+                     f"got {window}")
+
+
 def centred_moving_average(values: np.ndarray, video, frame, window: int) -> np.ndarray:
   """Mean of each row over the rows of the same video whose frame lies within
   window // 2 frames of its own (a centred window in time: a gap of frames without a
   face shrinks it, the ends of a video truncate it). Rows keep their order and count;
   a window of 1 returns the values unchanged."""
-  if window < 1 or window % 2 == 0:
-    raise ValueError(f"the smoothing window must be a positive odd number of frames, "
-                     f"got {window}")
+  check_window(window)
   values = np.asarray(values)
   flat = values.reshape(len(values), -1)
   video = np.asarray(video)
@@ -516,7 +524,26 @@ def tune_au_thresholds(table: FrameTable, num_expr_classes: int) -> dict:
           "histogram_bins": metrics.DEFAULT_HISTOGRAM_BINS,
           "au_f1_default": before["au_f1"], "au_f1_tuned": after["au_f1"],
           "au_f1_per_au_default": before["au_f1_per_au"],
-          "au_f1_per_au_tuned": after["au_f1_per_au"]}
+          "au_f1_per_au_tuned": after["au_f1_per_au"],
+          "au_f1_tuned_held_out": held_out_au_f1(table, num_expr_classes)}
+
+
+def held_out_au_f1(table: FrameTable, num_expr_classes: int) -> float | None:
+  """AU F1 of tuned thresholds on frames they were not tuned on: videos split in two
+  folds, each fold decided with the thresholds tuned on the other, statistics of both
+  summed. Tuning and scoring on the same frames flatters the thresholds; this does
+  not. None with fewer than two videos."""
+  videos = np.unique(table.video)
+  if len(videos) < 2:
+    return None
+  in_first = np.isin(table.video, videos[::2])
+  accumulator = metrics.StatisticsAccumulator()
+  for held_out in (in_first, ~in_first):
+    tuned_on = table.take(np.flatnonzero(~held_out))
+    thresholds = table_scores(tuned_on, num_expr_classes)["au_best_thresholds"]
+    accumulator.add(table_statistics(table.take(np.flatnonzero(held_out)),
+                                     num_expr_classes, thresholds))
+  return metrics.compute_scores(accumulator.result())["au_f1"]
 
 
 def save_au_thresholds(workdir: str, tuned: dict, *, step: int, split: str,
@@ -660,7 +687,7 @@ def run_prediction(config, workdir: str, source: str, out_dir: str, *,
                    batch_size: int | None = None) -> dict:
   """Predicts every face frame of `source`, writes the CSV, the submissions and
   summary.json into out_dir; returns the summary."""
-  centred_moving_average(np.zeros((1, 1)), ["v"], [1], smooth_window)  # check early
+  check_window(smooth_window)  # before minutes of prediction, not after
   unknown = [f for f in formats if f not in submission.FORMATS]
   if unknown:
     raise ValueError(f"unknown submission formats {unknown}; expected some of "
@@ -699,7 +726,12 @@ def run_tuning(config, workdir: str, *, split: str | None = None,
                smooth_au: bool = False, au_smoothing_window: int = 1, devices=None,
                batch_size: int | None = None) -> dict:
   """On a labelled split (default: the config's eval split): tunes the AU thresholds
-  (saved as <workdir>/au_thresholds.json) and scores each smoothing window."""
+  (saved as <workdir>/au_thresholds.json; on AU probabilities smoothed over
+  `au_smoothing_window`) and scores each smoothing window with them (AU probabilities
+  smoothed too when `smooth_au`)."""
+  check_window(au_smoothing_window)
+  for window in smooth_windows:
+    check_window(window)
   split = split or config.dataset.eval_split
   predictor = restore_predictor(config, workdir, step, devices, batch_size)
   opened = open_source(f"tfds:{split}", config)
@@ -710,7 +742,7 @@ def run_tuning(config, workdir: str, *, split: str | None = None,
             "smoothing": {}}
   for window in smooth_windows:
     smoothed = smooth_table(table, window, smooth_au)
-    scores = table_scores(smoothed, k, tuned["thresholds"] if not smooth_au else None)
+    scores = table_scores(smoothed, k, tuned["thresholds"])
     report["smoothing"][str(window)] = {
         key: scores[key] for key in ("ccc_valence", "ccc_arousal", "p_va", "expr_f1",
                                      "au_f1", "p_mtl") if key in scores}
@@ -725,8 +757,12 @@ def run_tuning(config, workdir: str, *, split: str | None = None,
 
 def format_tuning_report(report: dict) -> str:
   tuned = report["au_thresholds"]
-  lines = [f"step {report['step']} on {report['split']}: AU F1 {tuned['au_f1_default']:.4f}"
-           f" at 0.5 -> {tuned['au_f1_tuned']:.4f} with tuned thresholds",
+  lines = [f"step {report['step']} on {report['split']}: AU F1 "
+           f"{tuned['au_f1_default']:.4f}"
+           f" at 0.5 -> {tuned['au_f1_tuned']:.4f} with thresholds tuned on it"
+           + ("" if tuned["au_f1_tuned_held_out"] is None else
+              f" ({tuned['au_f1_tuned_held_out']:.4f} tuned on the other half of the "
+              "videos)"),
            f"{'window':>6} {'CCC-V':>7} {'CCC-A':>7} {'P_VA':>7} {'EXPR F1':>8} "
            f"{'AU F1':>7} {'P_MTL':>7}"]
   for window, s in report["smoothing"].items():

@@ -532,7 +532,9 @@ def search_ranking(results: Sequence[VariantResult], search) -> list[str]:
     return []
   ranked = [r for r in results
             if r.variant.group == "search" or r.variant.name == search.base_variant]
-  ranked = sorted(ranked, key=lambda r: -(r.score(search.metric) or float("-inf")))
+  unscored = float("-inf")
+  ranked = sorted(ranked, key=lambda r: -(unscored if r.score(search.metric) is None
+                                          else r.score(search.metric)))
   lines = [f"| rank | variant | settings | {search.metric} |", "|---|---|---|---|"]
   for rank, result in enumerate(ranked, 1):
     values = ", ".join(f"{key}={format_value(config_value(result.config, key))}"
@@ -650,7 +652,8 @@ def plot_curves(results: Sequence[VariantResult], path: str) -> None:
   panels = [("train/loss", "training loss (scales differ between losses)")]
   panels += [(key, f"validation {label}") for key, label in SCORE_COLUMNS
              if key not in ("ccc_valence", "ccc_arousal")]
-  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.8))
+  fig, grid = plt.subplots(2, 3, figsize=(16, 9))
+  axes = grid.flat[:len(panels)]
   colours = plt.get_cmap("tab20")
   for index, result in enumerate(results):
     style = {"color": colours(index % 20), "label": result.variant.name,
@@ -668,10 +671,13 @@ def plot_curves(results: Sequence[VariantResult], path: str) -> None:
     ax.set(title=title, xlabel="step")
     ax.grid(alpha=0.3)
   axes[0].set_yscale("log")
+  legend_panel = grid.flat[len(panels)]  # the sixth panel holds the legend
+  legend_panel.axis("off")
   handles, labels = axes[0].get_legend_handles_labels()
-  fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8)
-  fig.tight_layout(rect=(0, 0.06 + 0.025 * (len(labels) // 7), 1, 1))
-  fig.savefig(path, dpi=110)
+  legend_panel.legend(handles, labels, loc="center", fontsize=9,
+                      title="uni-task dashed, multi-task solid")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
   plt.close(fig)
 
 

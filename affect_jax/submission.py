@@ -78,10 +78,14 @@ def group_by_video(videos: Sequence[str], frames, *, va=None, expression=None,
     if np.any(np.diff(frames[rows]) == 0):
       duplicate = frames[rows][np.flatnonzero(np.diff(frames[rows]) == 0)[0]]
       raise ValueError(f"video {video}: two predictions for frame {duplicate}")
-    pick = lambda values: None if values is None else np.asarray(values)[rows]  # noqa: E731
-    result[video] = VideoPredictions(frames[rows], va=pick(va),
-                                     expression=pick(expression), aus=pick(aus))
+    result[video] = VideoPredictions(frames[rows], va=_rows_of(va, rows),
+                                     expression=_rows_of(expression, rows),
+                                     aus=_rows_of(aus, rows))
   return result
+
+
+def _rows_of(values, rows):
+  return None if values is None else np.asarray(values)[rows]
 
 
 def source_rows_for_frames(known_frames: np.ndarray, frames) -> np.ndarray:
@@ -101,9 +105,9 @@ def predictions_at(video: str, predictions: Mapping[str, VideoPredictions],
                      "predicted): nothing to fill its frames with")
   known = predictions[video]
   rows = source_rows_for_frames(known.frames, frames)
-  take = lambda values: None if values is None else values[rows]  # noqa: E731
-  return VideoPredictions(np.asarray(frames, np.int64), va=take(known.va),
-                          expression=take(known.expression), aus=take(known.aus))
+  return VideoPredictions(np.asarray(frames, np.int64), va=_rows_of(known.va, rows),
+                          expression=_rows_of(known.expression, rows),
+                          aus=_rows_of(known.aus, rows))
 
 
 # ----------------------------------------------------------------------------------

@@ -1,0 +1,59 @@
+"""Helpers shared by the benchmark scripts: machine description, load, medians, output.
+
+Timings on a shared 2-core machine are noisy, so every script measures a contender and
+its peer interleaved in rounds, reports medians and their ratio, and records the load
+average (`os.getloadavg`, what `uptime` prints) before and after.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def load() -> list[float]:
+  return [round(x, 2) for x in os.getloadavg()]
+
+
+def machine() -> dict:
+  """Date, CPU, cores of the machine and cores this process may run on (`taskset -c 0`
+  pins a run to one core: XLA's thread pool and torch's OpenMP both size themselves
+  from the affinity mask, which makes a 1-thread against 1-thread comparison that
+  suffers less from other processes' load than 2 threads against 2)."""
+  return {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_model(),
+          "cores": os.cpu_count(), "cores_used": len(os.sched_getaffinity(0)),
+          "python": platform.python_version()}
+
+
+def median(values) -> float:
+  return float(statistics.median(values))
+
+
+def timed(fn, repeats: int = 1) -> float:
+  """Seconds per call of fn (which must block until its work is done)."""
+  start = time.perf_counter()
+  for _ in range(repeats):
+    fn()
+  return (time.perf_counter() - start) / repeats
+
+
+def emit(row: dict, out: str | None) -> None:
+  line = json.dumps(row)
+  print(line, flush=True)
+  if out:
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "a") as f:
+      f.write(line + "\n")

@@ -1,0 +1,262 @@
+"""ABAW submission files: the fill rule, the writers (read back by the project's own
+ABAW reader), and the validator catching what is wrong, with file and line."""
+import os
+
+import numpy as np
+import pytest
+
+from affect_jax import submission
+from tfds_affwild2 import annotations, synthetic
+from tfds_affwild2.annotations import AnnotationError
+
+
+def test_frames_without_a_prediction_take_the_previous_one_and_leading_the_next():
+  known = np.array([3, 4, 8])
+  rows = submission.source_rows_for_frames(known, np.arange(1, 11))
+  #                      frame: 1  2  3  4  5  6  7  8  9  10
+  np.testing.assert_array_equal(rows, [0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
+  with pytest.raises(ValueError, match="no predicted frame"):
+    submission.source_rows_for_frames(np.array([], np.int64), [1])
+
+
+def test_grouping_sorts_frames_and_refuses_duplicates():
+  grouped = submission.group_by_video(["b", "a", "b", "a"], [5, 2, 1, 1],
+                                      expression=np.array([0, 1, 2, 3]))
+  assert list(grouped) == ["a", "b"]
+  np.testing.assert_array_equal(grouped["a"].frames, [1, 2])
+  np.testing.assert_array_equal(grouped["a"].expression, [3, 1])
+  np.testing.assert_array_equal(grouped["b"].expression, [2, 0])
+  assert grouped["a"].tasks() == ("expr",)
+  with pytest.raises(ValueError, match="video a: two predictions for frame 2"):
+    submission.group_by_video(["a", "a"], [2, 2], expression=np.array([0, 1]))
+
+
+def write_test_release(root, listing, frames_by_video):
+  """Empty files named like face images (the index reads names only) and a list."""
+  for video, frames in frames_by_video.items():
+    folder = os.path.join(root, "cropped_aligned", video)
+    os.makedirs(folder)
+    for frame in frames:
+      open(os.path.join(folder, f"{frame:05d}.jpg"), "wb").close()
+  list_path = os.path.join(root, "test_set.txt")
+  with open(list_path, "w") as f:
+    f.write("\n".join(listing) + "\n")
+  return list_path, [os.path.join(root, "cropped_aligned")]
+
+
+def random_predictions(rng, frames_by_video, num_classes=8):
+  videos = [v for v, frames in frames_by_video.items() for _ in frames]
+  frames = [f for fs in frames_by_video.values() for f in fs]
+  n = len(frames)
+  return submission.group_by_video(
+      videos, frames, va=np.round(rng.uniform(-1, 1, (n, 2)), 6),
+      expression=rng.integers(0, num_classes, n), aus=rng.integers(0, 2, (n, 12)))
+
+
+# Gaps in the face frames, a leading gap, a whole listed video and single images
+# (one of them, frame 7 of v2, has no face image: its line is filled).
+FACES = {"v1": [1, 2, 5, 6, 9], "v2": [3, 4, 8], "v3_left": [2, 3]}
+LISTING = ["image", "v1", "v2/00003.jpg", "v2/00007.jpg", "v3_left"]
+
+
+@pytest.fixture
+def test_release(tmp_path):
+  list_path, roots = write_test_release(str(tmp_path), LISTING, FACES)
+  return list_path, roots, random_predictions(np.random.default_rng(0), FACES)
+
+
+def expected_values(predictions, video, frame):
+  """The fill rule, spelled out: the last face frame <= frame, else the first."""
+  known = predictions[video].frames.tolist()
+  earlier = [i for i, f in enumerate(known) if f <= frame]
+  return earlier[-1] if earlier else 0
+
+
+@pytest.mark.parametrize("num_classes", [7, 8])
+def test_per_video_files_cover_every_frame_and_read_back(tmp_path, test_release,
+                                                          num_classes):
+  list_path, roots, _ = test_release
+  predictions = random_predictions(np.random.default_rng(1), FACES, num_classes)
+  entries = submission.read_test_list(list_path)
+  faces = submission.face_frames_of(entries, roots)
+  lengths = submission.video_lengths(entries, faces, {"v3_left": 6})
+  assert lengths == {"v1": 9, "v2": 8, "v3_left": 6}
+  out = str(tmp_path / "sub")
+  submission.write_per_video_files(out, predictions, lengths,
+                                   num_expr_classes=num_classes)
+  for video, length in lengths.items():
+    known = predictions[video]
+    expr, k = annotations.read_task_file(os.path.join(out, "EXPR", f"{video}.txt"),
+                                         "expr")
+    va, _ = annotations.read_task_file(os.path.join(out, "VA", f"{video}.txt"), "va")
+    au, _ = annotations.read_task_file(os.path.join(out, "AU", f"{video}.txt"), "au")
+    assert k == num_classes
+    assert len(expr) == len(va) == len(au) == length
+    for frame in range(1, length + 1):
+      row = expected_values(predictions, video, frame)
+      assert expr[frame - 1].value == known.expression[row]
+      np.testing.assert_allclose(va[frame - 1].value, known.va[row], atol=1e-6)
+      np.testing.assert_array_equal(au[frame - 1].value, known.aus[row])
+  assert submission.validate_submission(
+      out, "per_video", list_path, image_roots=roots, frame_counts={"v3_left": 6},
+      num_expr_classes=num_classes) == []
+
+
+def test_mtl_file_has_one_line_per_listed_image_and_reads_back(tmp_path, test_release):
+  list_path, roots, predictions = test_release
+  entries = submission.read_test_list(list_path)
+  images = submission.listed_images(entries, submission.face_frames_of(entries, roots))
+  assert images == [("v1", 1), ("v1", 2), ("v1", 5), ("v1", 6), ("v1", 9), ("v2", 3),
+                    ("v2", 7), ("v3_left", 2), ("v3_left", 3)]
+  out = str(tmp_path / "sub")
+  path = submission.write_mtl_file(out, predictions, images)
+  rows = list(annotations.iter_mtl_file(path))
+  assert [(r.video, r.frame) for r in rows] == images
+  for row in rows:
+    known = predictions[row.video]
+    i = expected_values(predictions, row.video, row.frame)
+    assert row.labels["expr"].value == known.expression[i]
+    np.testing.assert_allclose(row.labels["va"].value, known.va[i], atol=1e-6)
+    np.testing.assert_array_equal(row.labels["au"].value, known.aus[i])
+  assert submission.validate_submission(out, "mtl", list_path, image_roots=roots) == []
+
+
+def test_image_location_files_pass_the_validator(tmp_path, test_release):
+  list_path, roots, predictions = test_release
+  entries = submission.read_test_list(list_path)
+  images = submission.listed_images(entries, submission.face_frames_of(entries, roots))
+  out = str(tmp_path / "sub")
+  written = submission.write_image_location_files(out, predictions, images)
+  assert sorted(os.path.basename(p) for p in written) == ["AU.txt", "EXPR.txt", "VA.txt"]
+  with open(os.path.join(out, "EXPR.txt")) as f:
+    lines = f.read().splitlines()
+  assert lines[0] == "image_location," + ",".join(annotations.EXPRESSION_NAMES_8)
+  # v2/00007.jpg has no face image: it carries the class of frame 4, the last face
+  # frame before it, although frame 4 itself is not listed.
+  assert lines[7] == f"v2/00007.jpg,{predictions['v2'].expression[1]}"
+  assert submission.validate_submission(out, "image_location", list_path,
+                                        image_roots=roots) == []
+
+
+def lines_of(path):
+  with open(path) as f:
+    return f.read().splitlines()
+
+
+def rewrite(path, lines):
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def problems_as_text(problems):
+  return "\n".join(str(p) for p in problems)
+
+
+def test_validator_names_file_and_line_of_each_problem(tmp_path, test_release):
+  list_path, roots, predictions = test_release
+  entries = submission.read_test_list(list_path)
+  faces = submission.face_frames_of(entries, roots)
+  out = str(tmp_path / "sub")
+  submission.write_per_video_files(out, predictions,
+                                    submission.video_lengths(entries, faces))
+  submission.write_mtl_file(out, predictions, submission.listed_images(entries, faces))
+
+  va_file = os.path.join(out, "VA", "v1.txt")
+  lines = lines_of(va_file)
+  rewrite(va_file, lines[:-1])  # one frame short
+  expr_file = os.path.join(out, "EXPR", "v2.txt")
+  lines = lines_of(expr_file)
+  lines[0] = "Neutral,Anger"  # bad header
+  lines[3] = "8"  # class outside 0..7, frame 3 (line 4)
+  rewrite(expr_file, lines)
+  au_file = os.path.join(out, "AU", "v3_left.txt")
+  lines = lines_of(au_file)
+  lines[2] = "1,0,1,0,1,0,1,0,1,0,1,2"  # AU26 = 2, frame 2 (line 3)
+  rewrite(au_file, lines)
+  problems = problems_as_text(submission.validate_submission(
+      out, "per_video", list_path, image_roots=roots))
+  assert f"{va_file}:9: 8 frame lines, expected 9" in problems
+  assert f"{expr_file}:1: header 'Neutral,Anger'" in problems
+  assert f"{expr_file}:4: expression '8' is not a class in 0..7" in problems
+  assert f"{au_file}:3: AU26=2 is not 0 or 1" in problems
+  assert len(problems.splitlines()) == 4
+
+  mtl = os.path.join(out, "MTL.txt")
+  lines = lines_of(mtl)
+  lines[2] = lines[2].split(",", 1)[0] + ",1.5,0.2," + lines[2].split(",", 4)[4]
+  rewrite(mtl, lines + [lines[1]])  # valence 1.5 on line 3; line 1 repeated
+  problems = problems_as_text(submission.validate_submission(
+      out, "mtl", list_path, image_roots=roots))
+  assert f"{mtl}:3: valence 1.5 outside [-1, 1]" in problems
+  assert f"{mtl}:11: 10 image lines, expected 9" in problems
+  assert f"{mtl}:11: image 'v1/00001.jpg' appears twice" in problems
+
+
+def test_validator_reports_missing_and_unlisted_files(tmp_path, test_release):
+  list_path, roots, predictions = test_release
+  out = str(tmp_path / "sub")
+  grouped = dict(predictions)
+  grouped["stray"] = grouped["v1"]
+  submission.write_per_video_files(out, grouped, {"v1": 9, "v2": 8, "stray": 3},
+                                   tasks=["va"])
+  problems = problems_as_text(submission.validate_submission(
+      out, "per_video", list_path, image_roots=roots, tasks=["va", "au"]))
+  assert f"{os.path.join(out, 'VA', 'stray.txt')}: video not in the test list" in problems
+  assert f"{os.path.join(out, 'VA', 'v3_left.txt')}: missing file" in problems
+  assert f"{os.path.join(out, 'AU')}: missing AU folder" in problems
+
+
+def test_validate_command(tmp_path, test_release, capsys):
+  list_path, roots, predictions = test_release
+  entries = submission.read_test_list(list_path)
+  out = str(tmp_path / "sub")
+  path = submission.write_mtl_file(
+      out, predictions,
+      submission.listed_images(entries, submission.face_frames_of(entries, roots)))
+  argv = ["validate", out, "--format", "mtl", "--test_list", list_path,
+          "--image_root", roots[0]]
+  assert submission.main(argv) == 0
+  assert "OK" in capsys.readouterr().out
+  lines = lines_of(path)
+  rewrite(path, lines[:1] + [lines[1].replace(",", ";", 1)] + lines[2:])
+  assert submission.main(argv) == 1
+  printed = capsys.readouterr().out
+  assert f"{path}:2: image 'v1/00001.jpg;" in printed and "1 listed images have no" \
+      in printed
+
+
+def test_bad_test_lists_and_missing_predictions_are_named(tmp_path):
+  bad = tmp_path / "list.txt"
+  bad.write_text("video\nv1\n../etc/00001.jpg\n")
+  with pytest.raises(AnnotationError, match=f"{bad}:3: image path"):
+    submission.read_test_list(str(bad))
+  (tmp_path / "empty.txt").write_text("image\n\n")
+  with pytest.raises(AnnotationError, match="names no video"):
+    submission.read_test_list(str(tmp_path / "empty.txt"))
+  with pytest.raises(ValueError, match="video v9 has no predicted frame"):
+    submission.predictions_at("v9", {}, [1, 2])
+  with pytest.raises(ValueError, match="give the image roots"):
+    submission.validate_submission(str(tmp_path), "mtl",
+                                   [submission.TestEntry(1, "v1")])
+  counts = tmp_path / "counts.csv"
+  counts.write_text("video,frames\nv1,12\nv2,x\n")
+  with pytest.raises(AnnotationError, match=f"{counts}:3:"):
+    submission.read_frame_counts(str(counts))
+
+
+def test_synthetic_release_test_list_round_trip(tmp_path):
+  """The synthetic release's own test list (whole videos, gaps in the faces)."""
+  root = str(tmp_path / "release")
+  synthetic.generate_release(root, seed=5, num_videos=6, frames_per_video=12)
+  list_path = os.path.join(root, synthetic.TEST_LIST)
+  roots = [os.path.join(root, r) for r in synthetic.LAYOUTS["abaw6"].image_roots]
+  entries = submission.read_test_list(list_path)
+  faces = submission.face_frames_of(entries, roots)
+  assert entries and all(faces[e.video] for e in entries)
+  predictions = random_predictions(np.random.default_rng(2), faces)
+  out = str(tmp_path / "sub")
+  submission.write_per_video_files(out, predictions,
+                                   submission.video_lengths(entries, faces))
+  submission.write_mtl_file(out, predictions, submission.listed_images(entries, faces))
+  for fmt in ("per_video", "mtl"):
+    assert submission.validate_submission(out, fmt, list_path, image_roots=roots) == []
