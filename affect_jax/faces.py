@@ -213,8 +213,9 @@ def plot_affect(path: str, title: str, table, rows: np.ndarray, num_frames: int
   frames = table.frame[rows]
   panels = [name for name in ("va", "expression", "au")
             if getattr(table, name) is not None]
+  # Constrained layout keeps the panels' time axes aligned beside the colour bar.
   fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.6 * len(panels)),
-                           sharex=True, squeeze=False)
+                           sharex=True, squeeze=False, layout="constrained")
   x = np.arange(1, num_frames + 1)
   extent = (0.5, num_frames + 0.5)
   for ax, panel in zip(axes[:, 0], panels):
@@ -228,11 +229,11 @@ def plot_affect(path: str, title: str, table, rows: np.ndarray, num_frames: int
     elif panel == "expression":
       probabilities = timeline(table.expression[rows], frames, num_frames)
       names = predict.expression_names(probabilities.shape[1])
-      ax.imshow(probabilities.T, aspect="auto", cmap="viridis", vmin=0, vmax=1,
+      ax.imshow(probabilities.T, aspect="auto", cmap="magma", vmin=0, vmax=1,
                 interpolation="nearest", extent=(*extent, len(names) - 0.5, -0.5))
       predicted = np.where(np.isnan(probabilities[:, 0]), np.nan,
-                           np.nanargmax(np.nan_to_num(probabilities, nan=-1), 1))
-      ax.plot(x, predicted, "w.", ms=3)
+                           np.argmax(np.nan_to_num(probabilities, nan=-1), 1))
+      ax.plot(x, predicted, "w.", ms=3)  # the predicted class of each frame
       ax.set(yticks=range(len(names)), ylabel="expression")
       ax.set_yticklabels(names, fontsize=7)
     else:
@@ -242,11 +243,11 @@ def plot_affect(path: str, title: str, table, rows: np.ndarray, num_frames: int
                         extent=(*extent, len(annotations.AU_NAMES) - 0.5, -0.5))
       ax.set(yticks=range(len(annotations.AU_NAMES)), ylabel="AU probability")
       ax.set_yticklabels(annotations.AU_NAMES, fontsize=7)
-      fig.colorbar(image, ax=ax, pad=0.01, fraction=0.03)
+      fig.colorbar(image, ax=axes[:, 0].tolist(), pad=0.01, fraction=0.03,
+                   label="probability")
   axes[-1, 0].set_xlabel("frame")
   axes[-1, 0].set_xlim(*extent)
   fig.suptitle(title)
-  fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path

@@ -19,9 +19,9 @@ whatever number of devices wrote it.
 Outputs under --out: `predictions.csv` (one row per face frame, sorted by video and
 frame), `summary.json` (step, thresholds, smoothing, counts, and, for a labelled TFDS
 split, the scores before/after thresholds and smoothing) and `submission/<format>/`.
-Predictions are held in host memory as float32 arrays (about 100 bytes a frame: 250 MB
-for all 2.6M frames of Aff-Wild2), because smoothing needs each video's frames
-together and TFDS stores records shuffled.
+Predictions are held in host memory (smoothing needs each video's frames together, and
+TFDS stores records shuffled): about 300 bytes a frame with labels or image paths,
+300 MB for a million frames.
 """
 from __future__ import annotations
 
@@ -400,21 +400,22 @@ def predict_frames(predictor: Predictor, data, worker_count: int = 0) -> FrameTa
                                   predictor.mesh)["image"]
       outputs = predictor.predict_fn(predictor.state, images)
       host = _gathered({"outputs": outputs, "batch": local_batch})
+      keep = host["batch"]["position"] >= 0  # padding rows go at once
       # Labels and outputs share names ("expression", "au"): outputs get a prefix.
       for key, value in host["outputs"].items():
-        chunks.setdefault(f"pred_{key}", []).append(value)
+        chunks.setdefault(f"pred_{key}", []).append(value[keep])
       for key, value in host["batch"].items():
-        chunks.setdefault(key, []).append(value)
+        if key == "video":  # 128 bytes a row in the pipeline, a short str here
+          value = np.asarray(decode_names(value), dtype=str)
+        chunks.setdefault(key, []).append(value[keep])
   finally:
     if hasattr(iterator, "close"):
       iterator.close()
   columns = {k: np.concatenate(v) for k, v in chunks.items()}
-  keep = columns["position"] >= 0
-  columns = {k: v[keep] for k, v in columns.items()}
   positions = columns["position"]
   labels = {k: columns[k] for k in LABEL_KEYS} if data.has_labels else None
   return FrameTable(
-      video=np.asarray(decode_names(columns["video"]), dtype=str),
+      video=columns["video"].astype(str),
       frame=columns["frame"].astype(np.int32),
       image_path=np.asarray(data.image_paths(positions), dtype=str),
       record_index=data.record_indices(positions),

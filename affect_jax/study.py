@@ -453,6 +453,8 @@ def best_per_column(results: Sequence[VariantResult]) -> dict[str, set[str]]:
 def format_wall_time(result: VariantResult) -> str:
   if result.wall_time_s is None:
     return "n/a"
+  if not result.wall_time_complete and not result.wall_time_s:
+    return "running or killed"
   minutes, seconds = divmod(round(result.wall_time_s), 60)
   return f"{'≥' if not result.wall_time_complete else ''}{minutes}:{seconds:02d}"
 
@@ -501,7 +503,7 @@ def uni_task_deltas(results: Sequence[VariantResult], baselines: dict[str, str]
   P_MTL against the three uni-task models taken together."""
   by_name = {r.variant.name: r for r in results}
   uni = {task: by_name.get(name) for task, name in baselines.items()}
-  if not any(uni.values()):
+  if not any(uni.values()) or all(len(r.tasks) < 2 for r in results):
     return []
   header = [*(f"{TASK_SCORE[t]} − `{baselines[t]}`" for t in ALL_TASKS),
             "P_MTL − uni-task sum"]
@@ -525,6 +527,21 @@ def uni_task_deltas(results: Sequence[VariantResult], baselines: dict[str, str]
               + " + ".join(f"`{baselines[t]}`" for t in ALL_TASKS)
               + f") score {uni_sum:.4f} on the P_MTL scale, with three networks."]
   return lines
+
+
+def seed_differences(results: Sequence[VariantResult], pair: Sequence[str]
+                     ) -> list[str]:
+  """How far two runs differing only in their seed are apart, score by score."""
+  by_name = {r.variant.name: r for r in results}
+  if len(pair) != 2 or not all(name in by_name for name in pair):
+    return []
+  first, second = (by_name[name] for name in pair)
+  differences = [f"{label} {abs(first.score(key) - second.score(key)):.4f}"
+                 for key, label in SCORE_COLUMNS
+                 if first.score(key) is not None and second.score(key) is not None]
+  return [f"Seed-to-seed differences (`{pair[0]}` vs `{pair[1]}`, the same settings): "
+          + ", ".join(differences) + ". Differences between variants of this size are "
+          "within the noise of a single run."]
 
 
 def search_ranking(results: Sequence[VariantResult], search) -> list[str]:
@@ -710,6 +727,8 @@ def write_study_report(study_config, study_dir: str, report_dir: str | None = No
            "+ AU F1, shown for the three-task models only. Every number is in "
            "[results.csv](results.csv), copied from the variants' `metrics.jsonl`.", "",
            *results_table(results), ""]
+  lines += seed_differences(results, study_config.report.get("seed_pair", ()))
+  lines += [""]
   deltas = uni_task_deltas(results, dict(study_config.report.uni_task_baselines))
   if deltas:
     lines += ["## Multi-task minus uni-task", "",

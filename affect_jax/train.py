@@ -485,6 +485,8 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 def check_and_write_config(config, workdir: str) -> None:
   """Refuses to resume a workdir whose run had another config (unless
   config.allow_config_change); then records the config as `config.json`."""
+  if jax.process_index() != 0:
+    return  # process 0 checks and writes; a refusal there ends the whole run
   path = os.path.join(workdir, "config.json")
   current = json.loads(config.to_json_best_effort())
   if os.path.exists(path) and not config.get("allow_config_change", False):
@@ -495,10 +497,10 @@ def check_and_write_config(config, workdir: str) -> None:
           f"{workdir} holds a run with another config (different: "
           f"{', '.join(differences)}); use a new --workdir, or pass "
           "--config.allow_config_change=True to resume with the new values")
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.makedirs(workdir, exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(path + ".tmp", path)  # readers never see half a file
 
 
 class NonFiniteLossError(RuntimeError):

@@ -84,6 +84,8 @@ def test_tuned_thresholds_keep_or_improve_validation_au_f1(trained_run):
   report = predict.run_tuning(config, workdir, smooth_windows=(1, 5))
   tuned = report["au_thresholds"]
   assert tuned["au_f1_tuned"] >= tuned["au_f1_default"]
+  # Also scored on videos they were not tuned on (validation has several videos).
+  assert 0.0 <= tuned["au_f1_tuned_held_out"] <= 1.0
   assert all(t >= d - 1e-12 for t, d in zip(tuned["au_f1_per_au_tuned"],
                                             tuned["au_f1_per_au_default"]))
   with open(os.path.join(workdir, predict.THRESHOLDS_FILE)) as f:

@@ -97,16 +97,20 @@ def test_two_processes_train_exactly_as_one(built_union, tmp_path):
   single = str(tmp_path / "one_process")
   multi = str(tmp_path / "two_processes")
   port = _free_port()
+  logs = [tmp_path / f"process_{i}.log" for i in range(3)]
+  # Logs go to files: a pipe nobody reads fills up and blocks its writer, and a blocked
+  # process blocks its peer in the next collective.
   workers = [subprocess.Popen(
       _train_command(multi, data_dir, overrides) + [
           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
           f"--process_id={i}"], cwd=REPO, env=_environment(2),
-      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(2)]
+      stdout=subprocess.DEVNULL, stderr=open(logs[i], "wb")) for i in range(2)]
   reference = subprocess.run(_train_command(single, data_dir, overrides), cwd=REPO,
-                             env=_environment(4), capture_output=True, timeout=600)
-  assert reference.returncode == 0, reference.stderr.decode()[-3000:]
-  for worker in workers:
-    assert worker.wait(timeout=600) == 0, worker.stderr.read().decode()[-3000:]
+                             env=_environment(4), stdout=subprocess.DEVNULL,
+                             stderr=open(logs[2], "wb"), timeout=900)
+  assert reference.returncode == 0, logs[2].read_text(errors="replace")[-3000:]
+  for worker, log in zip(workers, logs):
+    assert worker.wait(timeout=900) == 0, log.read_text(errors="replace")[-3000:]
 
   config = tiny_config(data_dir, **overrides)
   for a, b in zip(jax.tree.leaves(restored_params(config, single, 4)),

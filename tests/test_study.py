@@ -58,7 +58,7 @@ def test_warm_start_runs_after_its_source_and_is_planned_with_it():
 def test_shards_cover_every_variant_once_and_keep_chains_together():
   config = study_configs.get_config()
   everything = [v.name for v in study.plan_study(config)]
-  assert len(everything) == len(set(everything)) == 13
+  assert len(everything) == len(set(everything)) == 14
   for count in (1, 2, 3, 5, 16):
     shards = [study.plan_study(config, shard_index=i, shard_count=count)
               for i in range(count)]

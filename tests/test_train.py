@@ -101,15 +101,21 @@ def restored_params(config, workdir, step):
 def interrupt_after_first_checkpoint(command, workdir, signal_number):
   """Starts a training process, sends it a signal once its first checkpoint is
   complete; returns (exit code, latest complete checkpoint step)."""
-  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE)
-  deadline = time.time() + 300
-  while not finalized_steps(workdir) and time.time() < deadline:
-    assert process.poll() is None, process.stderr.read().decode()[-3000:]
-    time.sleep(0.02)
-  process.send_signal(signal_number)
-  code = process.wait(timeout=300)
-  return code, max(finalized_steps(workdir)), process.stderr.read().decode()
+  log_path = workdir + ".log"  # a file, not a pipe: a full pipe would block the run
+  with open(log_path, "wb") as log_file:
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=log_file)
+    deadline = time.time() + 600
+    while not finalized_steps(workdir) and time.time() < deadline:
+      if process.poll() is not None:
+        break
+      time.sleep(0.02)
+    process.send_signal(signal_number)
+    code = process.wait(timeout=600)
+  with open(log_path, errors="replace") as f:
+    log = f.read()
+  assert finalized_steps(workdir), log[-3000:]
+  return code, max(finalized_steps(workdir)), log
 
 
 def test_interrupted_runs_resume_to_the_same_result_and_eval_reproduces(built_union,
@@ -162,5 +168,6 @@ def test_bfloat16_compute_keeps_float32_parameters():
   _, state, step_metrics = run_steps(config, jax.devices()[:2],
                                      [random_batch(np.random.default_rng(1), 8)])
   assert np.isfinite(step_metrics["loss"]) and step_metrics["finite"] == 1.0
-  assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {np.float32}
-  assert {leaf.dtype for leaf in jax.tree.leaves(state.batch_stats)} == {np.float32}
+  assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {np.dtype("float32")}
+  assert {leaf.dtype for leaf in jax.tree.leaves(state.batch_stats)} == {
+      np.dtype("float32")}
