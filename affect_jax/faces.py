@@ -144,13 +144,16 @@ class MediaFaces:
   boxes: dict = dataclasses.field(default_factory=dict)  # frame -> (FaceBox, found)
 
 
+def crop_path(crops_root: str, name: str, frame: int) -> str:
+  return os.path.join(crops_root, name, f"{frame:05d}.jpg")
+
+
 def extract_faces(path: str, name: str, crops_root: str, detector,
                   min_score: float = MIN_SCORE) -> MediaFaces:
   """Writes the face crop of every frame with a face as `crops_root/name/%05d.jpg`
   (frames numbered from 1, as in ABAW)."""
   result = MediaFaces(path, name)
-  folder = os.path.join(crops_root, name)
-  os.makedirs(folder, exist_ok=True)
+  os.makedirs(os.path.join(crops_root, name), exist_ok=True)
   for frame_number, image in enumerate(read_frames(path), start=1):
     result.frames = frame_number
     box, found = find_face(detector, image, min_score)
@@ -159,7 +162,7 @@ def extract_faces(path: str, name: str, crops_root: str, detector,
     if found > 1:
       log.info("%s frame %d: %d faces, kept the largest", path, frame_number, found)
     Image.fromarray(crop_face(image, box)).save(
-        os.path.join(folder, f"{frame_number:05d}.jpg"), quality=JPEG_QUALITY)
+        crop_path(crops_root, name, frame_number), quality=JPEG_QUALITY)
     result.boxes[frame_number] = (box, found)
   if result.frames == 0:
     raise ValueError(f"{path}: has no frames")
@@ -269,8 +272,12 @@ def analyse_media(workdir: str, inputs: Sequence[str], out_dir: str, *, config=N
   found = [extract_faces(path, name, crops_root, detector, min_score)
            for path, name in zip(inputs, unique_names(inputs))]
   predictor = predict.restore_predictor(config, workdir, step, devices)
-  data = predict.ImageFiles(predict.folder_items(crops_root), config.input.image_size,
-                            crops_root)
+  # Items from what was found now, not a listing: crops of an earlier run in the same
+  # --out are not predicted again.
+  items = [predict.ImageItem(media.name, frame, crop_path(crops_root, media.name, frame),
+                             media.path)
+           for media in found for frame in sorted(media.boxes)]
+  data = predict.ImageFiles(items, config.input.image_size, crops_root)
   table = predict.predict_frames(predictor, data).sorted_by_video_and_frame()
   thresholds, origin = predict.au_thresholds_for(workdir, predictor.step, 1,
                                                  use_tuned_thresholds)

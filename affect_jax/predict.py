@@ -693,6 +693,9 @@ def run_prediction(config, workdir: str, source: str, out_dir: str, *,
   if unknown:
     raise ValueError(f"unknown submission formats {unknown}; expected some of "
                      f"{submission.FORMATS}")
+  if "mtl" in formats and set(config.model.tasks) != {"expression", "au", "va"}:
+    raise ValueError(f"the mtl submission needs all three tasks; the model has "
+                     f"{', '.join(config.model.tasks)}")
   opened = open_source(source, config, image_roots)
   predictor = restore_predictor(config, workdir, step, devices, batch_size)
   table = predict_frames(predictor, opened.data,

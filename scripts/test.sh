@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
 # README's test command: sets up .venv if needed, then runs the whole pytest suite.
 source "$(dirname "$0")/setup_env.sh"
-python -m pytest -q -n 2 tests "$@"
+# --dist loadfile: a module's tests share one worker, so module fixtures (a trained
+# tiny run) are built once.
+python -m pytest -q -n 2 --dist loadfile tests "$@"

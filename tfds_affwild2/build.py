@@ -6,6 +6,7 @@ apache_beam; this command does not).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import resource
@@ -13,22 +14,42 @@ import sys
 import time
 
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import shuffle as tfds_shuffle
 
-from tfds_affwild2 import affwild2
+from tfds_affwild2 import affwild2, tfds_without_tf
 from tfds_affwild2.affwild2 import Affwild2
 
 FILE_FORMAT = "array_record"  # random access for grain
 
 
+DEFAULT_MEMORY_BUFFER_MB = 256
+
+
+@contextlib.contextmanager
+def write_buffer_limit(megabytes: int):
+  """TFDS holds serialized examples in memory up to a module constant (1 GB) before it
+  spills them to hashed on-disk buckets; a smaller limit bounds the build's memory
+  whatever the size of the release (the buckets are then read back one at a time)."""
+  previous = tfds_shuffle.MAX_MEM_BUFFER_SIZE
+  tfds_shuffle.MAX_MEM_BUFFER_SIZE = megabytes << 20
+  try:
+    yield
+  finally:
+    tfds_shuffle.MAX_MEM_BUFFER_SIZE = previous
+
+
 def build_dataset(manual_dir: str, data_dir: str, config: str = "union", *,
                   layout_overrides: dict | None = None,
-                  fix_mismatched_images: bool = False) -> Affwild2:
+                  fix_mismatched_images: bool = False,
+                  memory_buffer_mb: int = DEFAULT_MEMORY_BUFFER_MB) -> Affwild2:
   """Builds (or finds already built) `affwild2/<config>` under data_dir."""
   builder = Affwild2(config=config, data_dir=data_dir, layout_overrides=layout_overrides,
                      fix_mismatched_images=fix_mismatched_images,
                      file_format=FILE_FORMAT)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  tfds_without_tf.install()
+  with write_buffer_limit(memory_buffer_mb):
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder
 
 
@@ -57,12 +78,16 @@ def main(argv=None) -> int:
   parser.add_argument("--fix_mismatched_images", action="store_true",
                       help="convert images that are not 112x112 RGB JPEG instead of "
                            "stopping with an error")
+  parser.add_argument("--memory_buffer_mb", type=int, default=DEFAULT_MEMORY_BUFFER_MB,
+                      help="examples held in memory before spilling to disk: bounds "
+                           "the build's memory whatever the release's size")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   start = time.perf_counter()
   builder = build_dataset(args.manual_dir, args.data_dir, args.config,
                           layout_overrides=json.loads(args.layout) if args.layout else None,
-                          fix_mismatched_images=args.fix_mismatched_images)
+                          fix_mismatched_images=args.fix_mismatched_images,
+                          memory_buffer_mb=args.memory_buffer_mb)
   seconds = time.perf_counter() - start
   frames = sum(split.num_examples for split in builder.info.splits.values())
   peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
