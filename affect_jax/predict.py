@@ -685,9 +685,10 @@ def run_prediction(config, workdir: str, source: str, out_dir: str, *,
                    use_tuned_thresholds: bool = True, smooth_window: int = 1,
                    smooth_au: bool = False, formats: Sequence[str] = (),
                    frame_counts: dict | None = None, devices=None,
-                   batch_size: int | None = None) -> dict:
-  """Predicts every face frame of `source`, writes the CSV, the submissions and
-  summary.json into out_dir; returns the summary."""
+                   batch_size: int | None = None, plot_video_count: int = 4) -> dict:
+  """Predicts every face frame of `source`, writes the CSV, the submissions, plots of
+  the first `plot_video_count` videos and summary.json into out_dir; returns the
+  summary."""
   check_window(smooth_window)  # before minutes of prediction, not after
   unknown = [f for f in formats if f not in submission.FORMATS]
   if unknown:
@@ -713,9 +714,11 @@ def run_prediction(config, workdir: str, source: str, out_dir: str, *,
   os.makedirs(out_dir, exist_ok=True)
   summary["predictions_csv"] = write_predictions_csv(
       os.path.join(out_dir, "predictions.csv"), smoothed, thresholds)
-  if opened.data.has_labels:
+  if opened.data.has_labels and any(np.any(table.labels[k] > 0) for k in (
+      "expression_mask", "au_mask", "va_mask")):  # a test split has records, no labels
     summary["scores"] = labelled_scores(table, smoothed, predictor.num_expr_classes,
                                         thresholds)
+  summary["plots"] = plot_videos(out_dir, smoothed, plot_video_count)
   if formats:
     summary["submission"] = write_submissions(
         os.path.join(out_dir, "submission"), formats, smoothed, thresholds, opened,
@@ -723,6 +726,19 @@ def run_prediction(config, workdir: str, source: str, out_dir: str, *,
   with open(os.path.join(out_dir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   return summary
+
+
+def plot_videos(out_dir: str, table: FrameTable, count: int) -> list[str]:
+  """VA over time, expression timeline and AU heat map of the first `count` videos."""
+  from affect_jax import faces  # pylint: disable=g-import-not-at-top
+  paths = []
+  for video in sorted(set(table.video.tolist()))[:count]:
+    rows = np.flatnonzero(table.video == video)
+    num_frames = int(table.frame[rows].max())
+    safe_name = "".join(c if c.isalnum() or c in "-_" else "_" for c in video)
+    paths.append(faces.plot_affect(os.path.join(out_dir, f"video_{safe_name}.png"),
+                                   video, table, rows, num_frames))
+  return paths
 
 
 def run_tuning(config, workdir: str, *, split: str | None = None,
@@ -805,6 +821,7 @@ def _define_flags():
                       "(JSON or 'video,frames' CSV; default: the last face frame).")
   flags.DEFINE_integer("batch_size", None, "Global batch (default: the config's eval "
                        "batch, rounded up to a multiple of the device count).")
+  flags.DEFINE_integer("plot_videos", 4, "Plot affect over time for this many videos.")
   flags.DEFINE_string("split", None, "tune: the labelled split (default: eval split).")
   flags.DEFINE_list("smooth_windows", ["1", "3", "5", "9", "15"],
                     "tune: smoothing windows to score.")
@@ -838,7 +855,8 @@ def main(argv):
       config, FLAGS.workdir, FLAGS.source, FLAGS.out, step=FLAGS.step,
       image_roots=FLAGS.image_root, use_tuned_thresholds=FLAGS.tuned_au_thresholds,
       smooth_window=FLAGS.smooth_window, smooth_au=FLAGS.smooth_au,
-      formats=FLAGS.formats, frame_counts=frame_counts, batch_size=FLAGS.batch_size)
+      formats=FLAGS.formats, frame_counts=frame_counts, batch_size=FLAGS.batch_size,
+      plot_video_count=FLAGS.plot_videos)
   print(json.dumps({k: v for k, v in summary.items() if k != "au_thresholds"},
                    indent=2))
 
