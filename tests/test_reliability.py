@@ -123,3 +123,37 @@ def test_two_processes_train_exactly_as_one(built_union, tmp_path):
   assert len(logged[1]) == 1  # only process 0 writes
   for key in ("p_va", "expr_f1", "au_f1", "p_mtl"):
     assert logged[0][0][key] == pytest.approx(logged[1][0][key], abs=1e-4)
+
+
+def _stop_at(monkeypatch, stop_step: int):
+  """Makes the loop take its SIGTERM path (checkpoint, stop) once it reaches a step."""
+  calls = {"n": 0}
+
+  def should_stop(self):
+    calls["n"] += 1
+    return calls["n"] >= stop_step
+
+  monkeypatch.setattr(train.PreemptionNotice, "should_stop", should_stop)
+
+
+@pytest.mark.parametrize("first,second", [(1, 8), (8, 1)])
+def test_checkpoint_moves_between_device_counts_for_training(built_union, tmp_path,
+                                                             monkeypatch, first,
+                                                             second):
+  _, data_dir = built_union
+  config = tiny_config(data_dir, **{"input.image_size": 32, "num_train_steps": 6,
+                                    "eval_every_steps": 6, "checkpoint_every_steps": 6,
+                                    "log_every_steps": 3})
+  reference_dir, moved_dir = str(tmp_path / "reference"), str(tmp_path / "moved")
+  train.train_and_evaluate(config, reference_dir,
+                           train.Trainer(config, reference_dir, jax.devices()[:first]))
+  with monkeypatch.context() as patch:
+    _stop_at(patch, 3)
+    stopped = train.train_and_evaluate(
+        config, moved_dir, train.Trainer(config, moved_dir, jax.devices()[:first]))
+  assert int(stopped.step) == 3
+  train.train_and_evaluate(config, moved_dir,
+                           train.Trainer(config, moved_dir, jax.devices()[:second]))
+  for a, b in zip(jax.tree.leaves(restored_params(config, reference_dir, 6)),
+                  jax.tree.leaves(restored_params(config, moved_dir, 6))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -98,9 +98,17 @@ def restored_params(config, workdir, step):
   return jax.device_get(train.restore_for_eval(trainer, step).params)
 
 
-def interrupt_after_first_checkpoint(command, workdir, signal_number):
+def saving_now(workdir) -> bool:
+  folder = os.path.join(workdir, "checkpoints")
+  return any("tmp" in name for name in os.listdir(folder)) if os.path.isdir(
+      folder) else False
+
+
+def interrupt_after_first_checkpoint(command, workdir, signal_number,
+                                     during_save=False):
   """Starts a training process, sends it a signal once its first checkpoint is
-  complete; returns (exit code, latest complete checkpoint step)."""
+  complete (and, with during_save, while a later save is being written); returns
+  (exit code, latest complete checkpoint step, log)."""
   log_path = workdir + ".log"  # a file, not a pipe: a full pipe would block the run
   with open(log_path, "wb") as log_file:
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
@@ -110,7 +118,11 @@ def interrupt_after_first_checkpoint(command, workdir, signal_number):
       if process.poll() is not None:
         break
       time.sleep(0.02)
+    while during_save and not saving_now(workdir) and process.poll() is None:
+      time.sleep(0.002)
     process.send_signal(signal_number)
+    if during_save:
+      assert saving_now(workdir), "the run ended before a save could be interrupted"
     code = process.wait(timeout=600)
   with open(log_path, errors="replace") as f:
     log = f.read()
@@ -129,14 +141,16 @@ def test_interrupted_runs_resume_to_the_same_result_and_eval_reproduces(built_un
   train.train_and_evaluate(config, reference_dir)
   reference = jax.tree.leaves(restored_params(config, reference_dir, steps))
 
-  for name, signal_number in (("sigkill", signal.SIGKILL), ("sigterm", signal.SIGTERM)):
+  for name, signal_number, during_save in (("sigkill", signal.SIGKILL, False),
+                                           ("sigkill_saving", signal.SIGKILL, True),
+                                           ("sigterm", signal.SIGTERM, False)):
     workdir = str(tmp_path / name)
     command = [sys.executable, "-m", "affect_jax.main", "--config",
                os.path.join(REPO, "configs", "tiny.py"), "--workdir", workdir,
                f"--config.dataset.data_dir={data_dir}"]
     command += [f"--config.{k}={v}" for k, v in overrides.items()]
-    code, interrupted_at, stderr = interrupt_after_first_checkpoint(command, workdir,
-                                                                    signal_number)
+    code, interrupted_at, stderr = interrupt_after_first_checkpoint(
+        command, workdir, signal_number, during_save)
     assert interrupted_at < steps, "the run finished before it could be interrupted"
     if signal_number == signal.SIGTERM:
       assert code == 0, stderr[-3000:]  # a clean stop after its own last checkpoint
