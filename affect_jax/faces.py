@@ -1,17 +1,25 @@
-"""Affect of the faces in any image or video: detect, crop to 112x112, predict per
+"""Affect of the faces in any image or video: detect, align to 112x112, predict per
 frame with a trained run, write a CSV and plots.
 
   python -m affect_jax.faces --workdir runs/mtl --input clip.gif --input photo.jpg \
-      --out OUT [--smooth_window 5]
+      --out OUT [--smooth_window 5] [--align | --noalign]
 
 Faces are found by dlib's HOG frontal face detector, which ships inside the `dlib-bin`
-wheel (nothing is downloaded at run time). dlib-bin ships no landmark model, so a face
-is not aligned by its eyes as ABAW's `cropped_aligned` images are: it is cut as a
-square around the detection, widened by a margin, and resized to 112x112. In a frame
-with several faces the largest is kept (detections scoring below `--min_score` are
-ignored first: with upsampling, the detector also returns weak false positives, about
-0.1, where clear faces score above 1). A frame without a face is left out, as ABAW
-leaves it out, and shows as a gap in the plots.
+wheel (nothing is downloaded at run time). In a frame with several faces the largest is
+kept (detections scoring below `--min_score` are ignored first: with upsampling, the
+detector also returns weak false positives, about 0.1, where clear faces score above 1).
+A frame without a face is left out, as ABAW leaves it out, and shows as a gap in the
+plots.
+
+Alignment, as in ABAW's `cropped_aligned` images: dlib's 5-point landmark model (the
+outer and inner corners of both eyes and the base of the nose), which ships inside the
+`face_recognition_models` package, finds the landmarks in the face's box; a similarity
+transform (rotation, uniform scale, translation; a least-squares Umeyama fit) maps them
+onto a fixed template in the 112x112 output, eyes level at the same height in every
+frame, and the frame is warped by it (bilinear). `--align auto` (the default) aligns
+when that package is installed, and otherwise warns once and cuts a square around the
+detection, widened by a margin and resized to 112x112, without turning it; `--align`
+(`always`) requires the package, `--noalign` (`never`) always cuts the square.
 
 Outputs: `OUT/cropped_aligned/<name>/<frame>.jpg` (the crops), `OUT/faces.csv` (the box
 of each frame), `OUT/predictions.csv` (as affect_jax.predict writes it), and per input
@@ -24,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import importlib.util
 import itertools
 import json
 import logging
@@ -41,6 +50,27 @@ FACE_SIZE = 112
 MARGIN = 0.3  # of the detection's side, added on each side: brows, chin, jaw
 MIN_SCORE = 0.5
 JPEG_QUALITY = 95
+
+ALIGN_CHOICES = ("auto", "always", "never")
+# dlib's 5-point landmark model ships in this package (the 68-point model, a face
+# recognition network and a CNN detector too, about 100 MB in all).
+LANDMARK_MODEL_PACKAGE = "face_recognition_models"
+LANDMARK_MODEL_FILE = ("models", "shape_predictor_5_face_landmarks.dat")
+# dlib's template of the 5 points on the unit square (`get_face_chip_details` in
+# dlib/image_transforms/interpolation.h), in the order of the model's parts: the
+# subject's left eye (on the right in the image), outer then inner corner; the right
+# eye, outer then inner corner; the base of the nose.
+DLIB_5_POINT_TEMPLATE = np.array([[0.8595674595992, 0.2134981538014],
+                                  [0.6460604764104, 0.2289674387677],
+                                  [0.1205750620789, 0.2137274526848],
+                                  [0.3340850613712, 0.2290642403242],
+                                  [0.4901123135679, 0.6277975316475]])
+# Where it is placed in the output, in fractions of the side: the eye centres level,
+# EYE_DISTANCE apart, at EYE_HEIGHT, centred left to right. This is the framing of the
+# usual 112x112 aligned faces (InsightFace's ArcFace template has its eye centres at
+# (38.29, 51.70) and (73.53, 51.50) of 112x112); ABAW publishes no template of its own.
+EYE_DISTANCE = 0.315
+EYE_HEIGHT = 0.465
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +165,133 @@ def crop_face(image: np.ndarray, box: FaceBox, size: int = FACE_SIZE,
   return np.asarray(square.resize((size, size), Image.BILINEAR))
 
 
+def landmark_model_path() -> str | None:
+  """The 5-point model's file in the installed `face_recognition_models`, or None.
+
+  Found without importing the package: its `__init__` imports `pkg_resources`, which
+  setuptools 81 and later no longer have."""
+  spec = importlib.util.find_spec(LANDMARK_MODEL_PACKAGE)
+  for folder in (spec.submodule_search_locations or []) if spec else []:
+    path = os.path.join(folder, *LANDMARK_MODEL_FILE)
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def create_landmark_predictor(align: str = "auto", model_path: str | None = None):
+  """dlib's 5-point shape predictor, or None where faces are to be cut as squares:
+  `align` "never", or "auto" without the model (with a warning). "always" without the
+  model is an error that says what to install. `model_path` defaults to the model in
+  `face_recognition_models`."""
+  if align not in ALIGN_CHOICES:
+    raise ValueError(f"align must be one of {', '.join(ALIGN_CHOICES)}, not {align!r}")
+  if align == "never":
+    return None
+  path = landmark_model_path() if model_path is None else model_path
+  if path is None or not os.path.isfile(path):
+    missing = (f"the landmark model {path} does not exist" if path is not None else
+               f"the {LANDMARK_MODEL_PACKAGE} package is not installed")
+    if align == "always":
+      raise ImportError(f"face alignment needs dlib's 5-point landmark model, and "
+                        f"{missing}: pip install {LANDMARK_MODEL_PACKAGE}")
+    warnings.warn(f"faces are not aligned, only cut as squares around the detections: "
+                  f"{missing} (pip install {LANDMARK_MODEL_PACKAGE} to align them as "
+                  "ABAW's cropped_aligned images are)", stacklevel=2)
+    return None
+  try:
+    import dlib  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError("face alignment needs dlib: pip install dlib-bin") from None
+  return dlib.shape_predictor(path)
+
+
+def detect_landmarks(landmarks_predictor, image: np.ndarray, box: FaceBox
+                     ) -> np.ndarray:
+  """The model's points in the box, as [points, (x, y)] in pixels of the image."""
+  import dlib  # pylint: disable=g-import-not-at-top
+  shape = landmarks_predictor(np.ascontiguousarray(image), dlib.rectangle(
+      box.left, box.top, box.right - 1, box.bottom - 1))
+  return np.array([(p.x, p.y) for p in shape.parts()], np.float64)
+
+
+def umeyama(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+  """The similarity transform (rotation, uniform scale, translation; no reflection)
+  that best maps the points `source` onto `target` in least squares, as a 2x3 matrix M:
+  target ~ M[:, :2] @ source + M[:, 2] (Umeyama 1991)."""
+  source, target = np.asarray(source, np.float64), np.asarray(target, np.float64)
+  if source.ndim != 2 or source.shape[1] != 2 or source.shape != target.shape:
+    raise ValueError(f"need two [points, 2] arrays of the same shape, got "
+                     f"{source.shape} and {target.shape}")
+  source_centred = source - source.mean(0)
+  target_centred = target - target.mean(0)
+  variance = (source_centred ** 2).sum() / len(source)
+  if not variance > 1e-12:
+    raise ValueError("the source points coincide: no transform fits them")
+  covariance = target_centred.T @ source_centred / len(source)
+  u, singular_values, vt = np.linalg.svd(covariance)
+  signs = np.array([1.0, np.sign(np.linalg.det(u) * np.linalg.det(vt)) or 1.0])
+  rotation = u @ np.diag(signs) @ vt
+  scale = (singular_values * signs).sum() / variance
+  shift = target.mean(0) - scale * rotation @ source.mean(0)
+  return np.hstack([scale * rotation, shift[:, None]])
+
+
+def apply_transform(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+  return np.asarray(points, np.float64) @ matrix[:, :2].T + matrix[:, 2]
+
+
+def landmark_template(size: int = FACE_SIZE) -> np.ndarray:
+  """Where the 5 points go in the aligned `size` square, in pixels (pixel i's centre
+  at i): dlib's template, moved, turned and scaled so that its eye centres are level,
+  EYE_DISTANCE of the side apart, at EYE_HEIGHT, centred."""
+  eyes = DLIB_5_POINT_TEMPLATE[[2, 0]] + DLIB_5_POINT_TEMPLATE[[3, 1]]  # x2: centres
+  half = EYE_DISTANCE * size / 2
+  centre = np.array([size / 2, EYE_HEIGHT * size]) - 0.5
+  target = np.array([centre - (half, 0), centre + (half, 0)])
+  return apply_transform(umeyama(eyes / 2, target), DLIB_5_POINT_TEMPLATE)
+
+
+def warp_to_square(image: np.ndarray, matrix: np.ndarray, size: int = FACE_SIZE
+                   ) -> np.ndarray:
+  """The `size` square that `matrix` (2x3, pixels of the image -> pixels of the output,
+  pixel i's centre at i) maps the image onto: bilinear, black outside the image. Where
+  it shrinks by 2 or more, blocks of pixels are averaged first (Pillow's reduce), as
+  bilinear sampling alone would alias."""
+  matrix = np.asarray(matrix, np.float64)
+  inverse = np.linalg.inv(matrix[:, :2])  # output -> image
+  shift = -inverse @ matrix[:, 2]
+  source = Image.fromarray(image)
+  factor = int(np.sqrt(abs(np.linalg.det(inverse))))
+  if factor >= 2:
+    corners = np.array([[0, 0], [0, size], [size, 0], [size, size]]) - 0.5
+    reach = corners @ inverse.T + shift
+    left, top = np.floor(reach.min(0)).astype(int) - factor
+    right, bottom = np.ceil(reach.max(0)).astype(int) + factor
+    source = source.crop((left, top, right, bottom)).reduce(factor)  # black outside
+    # Pixel j of the reduced crop averages its pixels j * factor ... j * factor +
+    # factor - 1: its centre lies at left + j * factor + (factor - 1) / 2 of the image.
+    shift = (shift - (left, top) - (factor - 1) / 2) / factor
+    inverse = inverse / factor
+  # Pillow samples output pixel (x, y) at (x + 0.5, y + 0.5); pixel i spans [i, i+1].
+  offset = shift + 0.5 - inverse @ (0.5, 0.5)
+  data = (inverse[0, 0], inverse[0, 1], offset[0], inverse[1, 0], inverse[1, 1],
+          offset[1])
+  return np.asarray(source.transform((size, size), Image.AFFINE, data, Image.BILINEAR))
+
+
+def alignment_matrix(landmarks: np.ndarray, size: int = FACE_SIZE) -> np.ndarray:
+  """The similarity transform from the image's 5 landmarks to the template's."""
+  return umeyama(landmarks, landmark_template(size))
+
+
+def align_face(image: np.ndarray, box: FaceBox, landmarks_predictor,
+               size: int = FACE_SIZE) -> np.ndarray:
+  """The face in the box, aligned: its 5 landmarks -> a similarity transform onto the
+  template -> the `size` x `size` square it maps the image onto."""
+  landmarks = detect_landmarks(landmarks_predictor, image, box)
+  return warp_to_square(image, alignment_matrix(landmarks, size), size)
+
+
 @dataclasses.dataclass
 class MediaFaces:
   """What extract_faces found in one input."""
@@ -149,9 +306,10 @@ def crop_path(crops_root: str, name: str, frame: int) -> str:
 
 
 def extract_faces(path: str, name: str, crops_root: str, detector,
-                  min_score: float = MIN_SCORE) -> MediaFaces:
+                  min_score: float = MIN_SCORE, landmarks_predictor=None) -> MediaFaces:
   """Writes the face crop of every frame with a face as `crops_root/name/%05d.jpg`
-  (frames numbered from 1, as in ABAW)."""
+  (frames numbered from 1, as in ABAW): aligned by its landmarks where a
+  `landmarks_predictor` is given, otherwise a square around its box."""
   result = MediaFaces(path, name)
   os.makedirs(os.path.join(crops_root, name), exist_ok=True)
   for frame_number, image in enumerate(read_frames(path), start=1):
@@ -161,7 +319,9 @@ def extract_faces(path: str, name: str, crops_root: str, detector,
       continue
     if found > 1:
       log.info("%s frame %d: %d faces, kept the largest", path, frame_number, found)
-    Image.fromarray(crop_face(image, box)).save(
+    crop = (crop_face(image, box) if landmarks_predictor is None else
+            align_face(image, box, landmarks_predictor))
+    Image.fromarray(crop).save(
         crop_path(crops_root, name, frame_number), quality=JPEG_QUALITY)
     result.boxes[frame_number] = (box, found)
   if result.frames == 0:
@@ -259,17 +419,21 @@ def plot_affect(path: str, title: str, table, rows: np.ndarray, num_frames: int
 def analyse_media(workdir: str, inputs: Sequence[str], out_dir: str, *, config=None,
                   step: int | None = None, smooth_window: int = 1,
                   use_tuned_thresholds: bool = True, min_score: float = MIN_SCORE,
-                  devices=None) -> dict:
+                  align: str = "auto", devices=None) -> dict:
   """Faces of each input -> per-frame predictions of the run's checkpoint -> CSVs and
-  one plot per input; returns a summary (also written as OUT/summary.json)."""
+  one plot per input; returns a summary (also written as OUT/summary.json). `align`:
+  "auto" aligns faces where the landmark model is installed, "always" requires it,
+  "never" cuts squares."""
   from affect_jax import predict  # pylint: disable=g-import-not-at-top
   if not inputs:
     raise ValueError("no input image or video given")
   predict.check_window(smooth_window)
   config = predict.load_config(workdir, config)
   detector = create_detector()
+  landmarks_predictor = create_landmark_predictor(align)
   crops_root = os.path.join(out_dir, "cropped_aligned")
-  found = [extract_faces(path, name, crops_root, detector, min_score)
+  found = [extract_faces(path, name, crops_root, detector, min_score,
+                         landmarks_predictor)
            for path, name in zip(inputs, unique_names(inputs))]
   predictor = predict.restore_predictor(config, workdir, step, devices)
   # Items from what was found now, not a listing: crops of an earlier run in the same
@@ -286,7 +450,8 @@ def analyse_media(workdir: str, inputs: Sequence[str], out_dir: str, *, config=N
                                 thresholds)
   write_faces_csv(os.path.join(out_dir, "faces.csv"), found)
   summary = {"step": predictor.step, "au_thresholds_from": origin,
-             "smooth_window": smooth_window, "inputs": []}
+             "smooth_window": smooth_window,
+             "aligned": landmarks_predictor is not None, "inputs": []}
   for media in found:
     rows = np.flatnonzero(table.video == media.name)
     plot = plot_affect(os.path.join(out_dir, f"{media.name}.png"), media.path, table,
@@ -311,6 +476,12 @@ def main(argv=None) -> int:
   parser.add_argument("--smooth_window", type=int, default=1)
   parser.add_argument("--min_score", type=float, default=MIN_SCORE)
   parser.add_argument("--no_tuned_au_thresholds", action="store_true")
+  parser.add_argument("--align", nargs="?", const="always", default="auto",
+                      choices=ALIGN_CHOICES,
+                      help="align faces by their landmarks: auto (the default) where "
+                      f"{LANDMARK_MODEL_PACKAGE} is installed; --align alone: always")
+  parser.add_argument("--noalign", dest="align", action="store_const", const="never",
+                      help="cut a square around each face instead of aligning it")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   from affect_jax import cli_logging  # pylint: disable=g-import-not-at-top
@@ -319,7 +490,7 @@ def main(argv=None) -> int:
     summary = analyse_media(args.workdir, args.input, args.out, step=args.step,
                             smooth_window=args.smooth_window,
                             use_tuned_thresholds=not args.no_tuned_au_thresholds,
-                            min_score=args.min_score)
+                            min_score=args.min_score, align=args.align)
   except (ValueError, FileNotFoundError, ImportError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 2

@@ -200,7 +200,7 @@ def test_hand_values():
 
 
 def test_torch_conventions(data):
-  torch = pytest.importorskip("torch")
+  import torch  # pylint: disable=g-import-not-at-top  (a test extra)
   valid = data["expr_mask"] > 0
   expected = torch.nn.CrossEntropyLoss(weight=torch.tensor(data["class_weights"]),
                                        label_smoothing=0.2)(
