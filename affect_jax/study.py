@@ -31,8 +31,14 @@ from affect_jax.metric_writer import read_metrics
 log = logging.getLogger(__name__)
 RUN_RECORD = "study_run.json"
 COMMANDS_LOG = "study_commands.txt"
-# Paths that legitimately differ between machines and study directories.
-MACHINE_SPECIFIC_KEYS = ("dataset.data_dir", "init_from.path")
+# Settings a finished or interrupted variant may be run again with: paths that differ
+# between machines and study directories, and settings that change how a run goes but
+# not what it computes (resumed runs equal uninterrupted ones; eval scores are exact
+# whatever the eval batch).
+IGNORED_SETTINGS = ("dataset.data_dir", "init_from.path", "input.worker_count",
+                    "input.worker_buffer_size", "input.eval_batch_size",
+                    "checkpoint.asynchronous", "checkpoint.keep", "log_every_steps",
+                    "checkpoint_every_steps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +220,7 @@ def variant_config(study_config, variant: Variant, study_dir: str):
 
 
 def comparable_settings(config) -> dict:
-  """The config as flat JSON values, without the machine-specific paths."""
+  """The config as flat JSON values, without IGNORED_SETTINGS."""
   flat = {}
 
   def walk(node, prefix):
@@ -225,7 +231,7 @@ def comparable_settings(config) -> dict:
         flat[f"{prefix}{key}"] = json.loads(json.dumps(value))
 
   walk(config, "")
-  return {k: v for k, v in flat.items() if k not in MACHINE_SPECIFIC_KEYS}
+  return {k: v for k, v in flat.items() if k not in IGNORED_SETTINGS}
 
 
 def changed_settings(recorded: dict, current: dict) -> dict:
