@@ -136,3 +136,36 @@ def test_frozen_backbone_and_backbone_learning_rate_multiplier():
   update = _updates(config, 1)[0]
   np.testing.assert_allclose(update["model"]["backbone"]["w"],
                              0.1 * update["model"]["au_head"]["kernel"][0], rtol=1e-6)
+
+
+def test_learning_rate_schedules_and_optimizers():
+  config = tiny.get_config()
+  config.num_train_steps = 100
+  config.optimizer.learning_rate = 0.2
+  config.optimizer.warmup_steps = 10
+  cosine = train.create_learning_rate_fn(config)
+  assert float(cosine(0)) == 0.0 and float(cosine(10)) == pytest.approx(0.2)
+  assert float(cosine(55)) == pytest.approx(0.1, rel=1e-3)  # half-way down the cosine
+  assert float(cosine(100)) == pytest.approx(0.0, abs=1e-7)
+  config.optimizer.schedule = "constant"
+  constant = train.create_learning_rate_fn(config)
+  assert float(constant(5)) == pytest.approx(0.1) and float(constant(90)) == \
+      pytest.approx(0.2)
+  for name in ("sgd", "adamw"):
+    config.optimizer.name = name
+    config.optimizer.grad_clip_norm = 1.0
+    history = _updates(config, 2)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(history))
+  config.optimizer.name = "lion"
+  with pytest.raises(ValueError, match="optimizer.name"):
+    train.create_optimizer(config, constant)
+
+
+def test_weight_decay_skips_batch_norm_and_biases():
+  mask = train.decay_mask({"model": {"backbone": {
+      "conv1": {"kernel": 1}, "bn1": {"scale": 1, "bias": 1}},
+      "au_head": {"output": {"kernel": 1, "bias": 1}}}, "loss": {"au": 1}})
+  assert mask["model"]["backbone"] == {"conv1": {"kernel": True},
+                                       "bn1": {"scale": False, "bias": False}}
+  assert mask["model"]["au_head"]["output"] == {"kernel": True, "bias": False}
+  assert mask["loss"] == {"au": False}
