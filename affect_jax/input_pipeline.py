@@ -11,14 +11,17 @@ processes, and the iterator state (`get_state`) is enough to resume exactly.
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import sys
 from typing import Any, Iterator
 
+import cv2
 import grain
 import numpy as np
-from PIL import Image
+
+# Decoding and augmentation run in grain's worker processes, one image at a time: a
+# thread pool per process would only oversubscribe the cores.
+cv2.setNumThreads(1)
 
 IMAGE_SIZE = 112
 NUM_AUS = 12
@@ -54,13 +57,17 @@ class AugmentConfig:
                      "or strong")
 
 
-def decode_jpeg(data: bytes) -> Image.Image:
-  image = Image.open(io.BytesIO(data))
-  return image if image.mode == "RGB" else image.convert("RGB")
+def decode_jpeg(data: bytes) -> np.ndarray:
+  """JPEG (or PNG) bytes -> uint8 RGB [H, W, 3]; OpenCV decodes 112x112 JPEG ~1.7x
+  faster than PIL here. Undecodable bytes are a ValueError."""
+  pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
+  if pixels is None:
+    raise ValueError("not a decodable image")
+  return pixels
 
 
 def _affine_for_crop(rng: np.random.Generator, size: int, cfg: AugmentConfig):
-  """Coefficients (a..f) of PIL's output->input affine map for crop+rotation+flip."""
+  """2x3 output->input map (OpenCV pixel-centre coordinates) for crop+rotation+flip."""
   area = size * size * rng.uniform(*cfg.crop_scale)
   log_ratio = rng.uniform(np.log(cfg.crop_ratio[0]), np.log(cfg.crop_ratio[1]))
   ratio = math.exp(log_ratio)
@@ -72,43 +79,47 @@ def _affine_for_crop(rng: np.random.Generator, size: int, cfg: AugmentConfig):
   flip = -1.0 if cfg.flip and rng.uniform() < 0.5 else 1.0
   scale_x, scale_y = crop_w / size * flip, crop_h / size
   cos, sin = math.cos(angle), math.sin(angle)
-  # input = centre + R(angle) @ diag(scale) @ (output - size/2)
-  a, b = cos * scale_x, -sin * scale_y
-  d, e = sin * scale_x, cos * scale_y
-  half = size / 2
-  c = centre_x - a * half - b * half
-  f = centre_y - d * half - e * half
-  return (a, b, c, d, e, f)
+  # In continuous coordinates (pixel i spans [i, i+1)):
+  #   input = centre + R(angle) @ diag(scale) @ (output - size/2).
+  # OpenCV puts pixel i's centre at i, not i + 0.5: shift both sides by half a pixel,
+  # which makes a flip map pixel i exactly onto pixel size-1-i.
+  linear = np.array([[cos * scale_x, -sin * scale_y], [sin * scale_x, cos * scale_y]])
+  offset = np.array([centre_x, centre_y]) - linear @ np.array([size / 2, size / 2])
+  offset += linear @ np.array([0.5, 0.5]) - 0.5
+  return np.hstack([linear, offset[:, None]]).astype(np.float64)
 
 
 def _jitter_colours(pixels: np.ndarray, rng: np.random.Generator,
                     cfg: AugmentConfig) -> np.ndarray:
-  x = pixels.astype(np.float32)
+  """Brightness, contrast, saturation as saturating uint8 blends (OpenCV), ~10x
+  cheaper than the same arithmetic in float NumPy."""
   if cfg.brightness:
-    x *= rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)
+    factor = rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)
+    pixels = cv2.addWeighted(pixels, factor, pixels, 0.0, 0.0)
   if cfg.contrast:
-    mean = x.mean()
-    x = (x - mean) * rng.uniform(1 - cfg.contrast, 1 + cfg.contrast) + mean
+    factor = rng.uniform(1 - cfg.contrast, 1 + cfg.contrast)
+    mean = float(np.mean(cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)))
+    pixels = cv2.addWeighted(pixels, factor, pixels, 0.0, (1 - factor) * mean)
   if cfg.saturation:
-    grey = x @ np.array([0.299, 0.587, 0.114], np.float32)
-    x = (x - grey[..., None]) * rng.uniform(1 - cfg.saturation, 1 + cfg.saturation) + \
-        grey[..., None]
-  return np.clip(x + 0.5, 0, 255).astype(np.uint8)
+    factor = rng.uniform(1 - cfg.saturation, 1 + cfg.saturation)
+    grey = cv2.cvtColor(cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    pixels = cv2.addWeighted(pixels, factor, grey, 1 - factor, 0.0)
+  return pixels
 
 
-def augment_image(image: Image.Image, rng: np.random.Generator, cfg: AugmentConfig,
+def augment_image(pixels: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig,
                   size: int = IMAGE_SIZE) -> np.ndarray:
   """One resampling for crop, rotation and flip, then colour jitter; uint8 [H, W, 3]."""
-  if image.size != (size, size):
-    image = image.resize((size, size), Image.BILINEAR)
+  if pixels.shape[:2] != (size, size):
+    pixels = cv2.resize(pixels, (size, size), interpolation=cv2.INTER_AREA)
   geometric = cfg.flip or cfg.rotation_degrees or cfg.crop_scale != (1.0, 1.0)
   if geometric:
-    image = image.transform((size, size), Image.AFFINE,
-                            _affine_for_crop(rng, size, cfg), resample=Image.BILINEAR)
-  pixels = np.asarray(image, np.uint8)
+    pixels = cv2.warpAffine(pixels, _affine_for_crop(rng, size, cfg), (size, size),
+                            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                            borderMode=cv2.BORDER_REFLECT_101)
   if cfg.brightness or cfg.contrast or cfg.saturation:
     pixels = _jitter_colours(pixels, rng, cfg)
-  return pixels
+  return np.ascontiguousarray(pixels, np.uint8)
 
 
 def record_to_example(record: dict, index: int) -> dict:

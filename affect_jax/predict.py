@@ -244,7 +244,6 @@ def load_face_image(item: ImageItem, image_size: int) -> np.ndarray:
   try:
     with open(item.path, "rb") as f:
       image = input_pipeline.decode_jpeg(f.read())
-      image.load()
   except (OSError, ValueError) as error:
     where = f" (listed at {item.origin})" if item.origin else ""
     raise ValueError(f"{item.path}{where}: cannot read the image: {error}") from None
