@@ -28,7 +28,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from jax import lax
 
 TASKS = ("expression", "au", "va")
 NUM_ACTION_UNITS = 12
@@ -41,6 +43,162 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # (0, 1) for stride 2 on even sizes, which shifts every window by one pixel.
 PAD_1 = ((1, 1), (1, 1))
 PAD_3 = ((3, 3), (3, 3))
+
+# Implementations of the same network (same parameters, same results up to float
+# rounding): "xla" writes it with flax's Conv and max_pool, the best form for GPU/TPU;
+# "cpu" replaces the parts that XLA:CPU runs slowly (docs/PERFORMANCE.md has the
+# measurements); "auto" picks "cpu" when JAX's default backend is the CPU.
+IMPLEMENTATIONS = ("auto", "xla", "cpu")
+
+
+def resolve_implementation(implementation: str) -> str:
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, "
+                     f"got {implementation!r}")
+  if implementation == "auto":
+    return "cpu" if jax.default_backend() == "cpu" else "xla"
+  return implementation
+
+
+# ----------------------------------------------------------------------------------
+# XLA:CPU formulations.
+# ----------------------------------------------------------------------------------
+
+
+def _window_taps(padded, window, strides, out_hw):
+  """(i, j, strided slice of `padded` seen by window offset (i, j)) for every offset."""
+  batch, _, _, channels = padded.shape
+  for i in range(window[0]):
+    for j in range(window[1]):
+      yield i, j, lax.slice(
+          padded, (0, i, j, 0),
+          (batch, i + strides[0] * (out_hw[0] - 1) + 1,
+           j + strides[1] * (out_hw[1] - 1) + 1, channels),
+          (1, strides[0], strides[1], 1))
+
+
+def _pad_spatial(x, padding, value):
+  return lax.pad(x, jnp.asarray(value, x.dtype),
+                 ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool(x, window, strides, padding):
+  """NHWC max-pool padded with -inf, as torch's MaxPool2d, with a cheap gradient.
+
+  The gradient goes, like torch's, to the first maximum of each window (row-major
+  order); it is built from strided slices and written back per stride phase, where
+  JAX's own gradient of `reduce_window` builds four int32 index arrays the size of the
+  padded input and a variadic reduce-window (4.6x slower on XLA:CPU for the stem pool).
+  """
+  return _max_pool_forward(x, window, strides, padding)[0]
+
+
+def _max_pool_forward(x, window, strides, padding):
+  y = lax.reduce_window(x, jnp.asarray(-jnp.inf, x.dtype), lax.max, (1, *window, 1),
+                        (1, *strides, 1), ((0, 0), *padding, (0, 0)))
+  return y, (x, y)
+
+
+def _max_pool_backward(window, strides, padding, residuals, g):
+  x, y = residuals
+  batch, height, width, channels = x.shape
+  out_h, out_w = y.shape[1:3]
+  padded = _pad_spatial(x, padding, -jnp.inf)
+  # The padded input seen as blocks of strides[0] x strides[1] pixels ("phases"):
+  # window offset (i, j) = (a * sh + r, b * sw + q) writes to phase (r, q) of the
+  # block shifted by (a, b) from the output position.
+  sh, sw = strides
+  blocks_h = max(-(-padded.shape[1] // sh), out_h + (window[0] - 1) // sh)
+  blocks_w = max(-(-padded.shape[2] // sw), out_w + (window[1] - 1) // sw)
+  zero = jnp.zeros((), g.dtype)
+  not_taken = jnp.ones(y.shape, bool)
+  phases = {}
+  for i, j, tap in _window_taps(padded, window, strides, (out_h, out_w)):
+    hit = not_taken & (tap == y)
+    not_taken = not_taken & ~hit
+    a, r = divmod(i, sh)
+    b, q = divmod(j, sw)
+    part = jnp.pad(jnp.where(hit, g, zero),
+                   ((0, 0), (a, blocks_h - out_h - a), (b, blocks_w - out_w - b), (0, 0)))
+    phases[(r, q)] = part if (r, q) not in phases else phases[(r, q)] + part
+  empty = jnp.zeros((batch, blocks_h, blocks_w, channels), g.dtype)
+  rows = [jnp.stack([phases.get((r, q), empty) for q in range(sw)], axis=3)
+          for r in range(sh)]
+  grad_padded = jnp.stack(rows, axis=2).reshape(batch, blocks_h * sh, blocks_w * sw,
+                                                channels)
+  top, left = padding[0][0], padding[1][0]
+  return (grad_padded[:, top:top + height, left:left + width, :],)
+
+
+max_pool.defvjp(_max_pool_forward, _max_pool_backward)
+
+
+def _conv(x, kernel, strides, padding):
+  return lax.conv_general_dilated(x, kernel, strides, padding,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _output_size(size, kernel, stride, padding):
+  return (size + padding[0] + padding[1] - kernel) // stride + 1
+
+
+def _patches_conv(x, kernel, strides, padding):
+  """A convolution as one matmul of the input's window taps (im2col)."""
+  kh, kw, cin, cout = kernel.shape
+  out_hw = (_output_size(x.shape[1], kh, strides[0], padding[0]),
+            _output_size(x.shape[2], kw, strides[1], padding[1]))
+  taps = [tap for _, _, tap in _window_taps(_pad_spatial(x, padding, 0), (kh, kw),
+                                            strides, out_hw)]
+  patches = jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]
+  y = lax.dot_general(patches, kernel.reshape(kh * kw * cin, cout),
+                      (((3,), (0,)), ((), ())))
+  return y
+
+
+SMALL_OUTPUT_PIXELS = 16
+
+
+class CpuConv(nn.Module):
+  """Bias-free convolution with nn.Conv's parameter (`kernel`, HWIO), dtype handling
+  and results, in the formulation XLA:CPU runs fastest for its shape:
+
+  - 1x1 with stride (the downsample shortcuts): a strided slice and a matmul; XLA:CPU's
+    kernel gradient of a strided 1x1 convolution is 1.6-6x slower than the matmul's;
+  - outputs of at most SMALL_OUTPUT_PIXELS pixels (layer4 at 112x112: 4x4): im2col,
+    one matmul over the concatenated window taps; XLA:CPU's convolutions are slow on
+    tiny maps (0.8 GFLOP/s on 2x2, 100x slower than im2col; 1.2-1.4x on 4x4);
+  - anything else: lax.conv_general_dilated, as nn.Conv.
+  """
+
+  features: int
+  kernel_size: tuple[int, int]
+  strides: int = 1
+  padding: Any = "VALID"
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Any = conv_kernel_init
+
+  @nn.compact
+  def __call__(self, x):
+    if self.use_bias:
+      raise ValueError("CpuConv has no bias")
+    kh, kw = self.kernel_size
+    kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features),
+                        self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    strides = (self.strides, self.strides)
+    padding = ((0, 0), (0, 0)) if self.padding == "VALID" else tuple(
+        tuple(p) for p in self.padding)
+    if (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
+      x = x[:, ::strides[0], ::strides[1], :]
+      return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
+    out_pixels = (_output_size(x.shape[1], kh, strides[0], padding[0])
+                  * _output_size(x.shape[2], kw, strides[1], padding[1]))
+    if out_pixels <= SMALL_OUTPUT_PIXELS:
+      return _patches_conv(x, kernel, strides, padding)
+    return _conv(x, kernel, strides, padding)
 
 
 class BasicBlock(nn.Module):
@@ -81,6 +239,8 @@ class ResNet(nn.Module):
     bn_momentum: Flax convention (weight of the old value): 0.9 == torch momentum 0.1.
     bn_epsilon: 1e-5 as torch.
     zero_init_last_bn: start each block's last BN gamma at 0 (off, as torchvision).
+    implementation: "auto", "xla" or "cpu" (see IMPLEMENTATIONS); parameters and
+      results do not depend on it.
   """
 
   stage_sizes: Sequence[int]
@@ -90,11 +250,14 @@ class ResNet(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   zero_init_last_bn: bool = False
+  implementation: str = "auto"
 
   @nn.compact
   def __call__(self, images, *, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             param_dtype=jnp.float32, kernel_init=conv_kernel_init)
+    cpu = resolve_implementation(self.implementation) == "cpu"
+    conv = functools.partial(CpuConv if cpu else nn.Conv, use_bias=False,
+                             dtype=self.dtype, param_dtype=jnp.float32,
+                             kernel_init=conv_kernel_init)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                              dtype=self.dtype, param_dtype=jnp.float32,
@@ -102,8 +265,11 @@ class ResNet(nn.Module):
     x = jnp.asarray(images, self.dtype)
     x = conv(self.num_filters, (7, 7), strides=2, padding=PAD_3, name="conv1")(x)
     x = nn.relu(norm(name="bn1")(x))
-    # max_pool pads with -inf, as torch's MaxPool2d does.
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=PAD_1)
+    # Both pad with -inf, as torch's MaxPool2d does.
+    if cpu:
+      x = max_pool(x, (3, 3), (2, 2), PAD_1)
+    else:
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=PAD_1)
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1
@@ -157,6 +323,7 @@ class MultiTaskNet(nn.Module):
   bn_axis_name: str | None = None
   bn_momentum: float = 0.9
   zero_init_last_bn: bool = False
+  implementation: str = "auto"
 
   @nn.compact
   def __call__(self, images, *, train: bool, return_features: bool = False):
@@ -166,7 +333,8 @@ class MultiTaskNet(nn.Module):
     features = ResNet(stage_sizes=self.stage_sizes, num_filters=self.num_filters,
                       dtype=self.dtype, bn_axis_name=self.bn_axis_name,
                       bn_momentum=self.bn_momentum,
-                      zero_init_last_bn=self.zero_init_last_bn, name="backbone")(
+                      zero_init_last_bn=self.zero_init_last_bn,
+                      implementation=self.implementation, name="backbone")(
                           images, train=train)
     head_input = nn.Dropout(self.dropout_rate, deterministic=not train)(features)
     num_outputs = {"expression": self.num_expr_classes, "au": NUM_ACTION_UNITS, "va": 2}

@@ -1,7 +1,9 @@
 """Where XLA:CPU spends a ResNet-18 step: every distinct convolution of the network at
 112x112, forward and backward (input and weight gradients), timed in isolation in
-XLA (lax.conv, NHWC/HWIO, as flax.linen.Conv lowers), in XLA as explicit patches and a
-matmul (im2col), and in PyTorch (oneDNN, channels_last), interleaved in rounds.
+XLA (lax.conv, NHWC/HWIO, as flax.linen.Conv lowers; XLA:CPU hands it to YNNPACK by
+default), in XLA with YNNPACK off for convolutions (Eigen's convolution, chosen per
+compile with `compiler_options`), in XLA as explicit patches and a matmul (im2col),
+and in PyTorch (oneDNN, channels_last), interleaved in rounds.
 
   taskset -c 0 python benchmarks/conv_layers.py --batch_size 32 \
       --out benchmarks/results/conv_layers.jsonl
@@ -38,6 +40,8 @@ LAYERS = [
     ("layer4_0_conv1", 7, 256, 512, 3, 2, 1, 1),
     ("layer4_3x3", 4, 512, 512, 3, 1, 1, 3),
     ("layer4_0_down", 7, 256, 512, 1, 2, 0, 1),
+    # Not in the network at 112x112: layer4 at 56x56 inputs (2x2 maps).
+    ("layer4_3x3_at_56px", 2, 512, 512, 3, 1, 1, 0),
 ]
 
 
@@ -60,21 +64,32 @@ def im2col_conv(x, w, stride, pad):
   return y.reshape(b, oh, ow, cout)
 
 
-def jax_fns(conv, x, w, stride, pad):
-  fwd = jax.jit(lambda x, w: conv(x, w, stride, pad))
+# XLA:CPU debug option: the default list of what goes to YNNPACK (reductions, dots,
+# convolutions) less the convolutions, which go to Eigen.
+EIGEN_CONVOLUTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                      "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+def jax_fns(conv, x, w, stride, pad, compiler_options=None):
+  def compiled(fn, *args):
+    return jax.jit(fn).lower(*args).compile(compiler_options=compiler_options or {})
+
+  fwd = compiled(lambda x, w: conv(x, w, stride, pad), x, w)
   y = fwd(x, w)
   dy = jnp.ones_like(y)
-  grad_x = jax.jit(lambda x, w, dy: jax.vjp(lambda x: conv(x, w, stride, pad), x)[1](dy))
-  grad_w = jax.jit(lambda x, w, dy: jax.vjp(lambda w: conv(x, w, stride, pad), w)[1](dy))
+  grad_x = compiled(lambda x, w, dy: jax.vjp(lambda x: conv(x, w, stride, pad), x)[1](dy),
+                    x, w, dy)
+  grad_w = compiled(lambda x, w, dy: jax.vjp(lambda w: conv(x, w, stride, pad), w)[1](dy),
+                    x, w, dy)
   return {"fwd": lambda: fwd(x, w).block_until_ready(),
           "grad_input": lambda: jax.block_until_ready(grad_x(x, w, dy)),
           "grad_weight": lambda: jax.block_until_ready(grad_w(x, w, dy))}
 
 
 def torch_fns(x, w, stride, pad):
-  xt = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2).contiguous(
+  xt = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous(
       memory_format=torch.channels_last)
-  wt = torch.from_numpy(np.asarray(w)).permute(3, 2, 0, 1).contiguous(
+  wt = torch.from_numpy(np.array(w)).permute(3, 2, 0, 1).contiguous(
       memory_format=torch.channels_last)
   y = F.conv2d(xt, wt, stride=stride, padding=pad)
   dy = torch.ones_like(y).contiguous(memory_format=torch.channels_last)
@@ -107,6 +122,7 @@ def main():
     out_size = (size + 2 * pad - k) // stride + 1
     flops = 2.0 * args.batch_size * out_size * out_size * k * k * cin * cout
     variants = {"xla": jax_fns(xla_conv, x, w, stride, pad),
+                "xla_eigen": jax_fns(xla_conv, x, w, stride, pad, EIGEN_CONVOLUTIONS),
                 "im2col": jax_fns(im2col_conv, x, w, stride, pad),
                 "torch": torch_fns(x, w, stride, pad)}
     for fns in variants.values():  # warm-up and compile
@@ -128,6 +144,10 @@ def main():
       seconds = bench_common.median(values)
       row[f"{variant}_{direction}_ms"] = round(seconds * 1e3, 2)
       row[f"{variant}_{direction}_gflops"] = round(flops / seconds / 1e9, 1)
+    for variant in variants:
+      row[f"{variant}_total_ms"] = round(sum(
+          row[f"{variant}_{d}_ms"] for d in ("fwd", "grad_input", "grad_weight")
+          if not (d == "grad_input" and name == "stem_7x7")), 2)
     row["load_after"] = bench_common.load()
     bench_common.emit(row, args.out)
 

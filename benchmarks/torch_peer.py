@@ -4,9 +4,11 @@
       --out benchmarks/results/torch_peer.jsonl
 
 For every batch size: the JAX train and eval steps (affect_jax.train.compile_train_step /
-compile_eval_step, NHWC, float32, SGD Nesterov, the default config's losses) and the
-PyTorch peer (benchmarks/torch_resnet.py, eager, NCHW and channels_last) are timed in
-interleaved rounds; medians, the JAX/PyTorch ratio against the faster PyTorch layout,
+compile_eval_step, NHWC, float32, SGD Nesterov, the default config's losses) as the
+trainer compiles them (`jax`) and with the XLA:CPU option that sends convolutions to
+Eigen instead of YNNPACK (`jax_eigen`, see docs/PERFORMANCE.md), and the PyTorch peer
+(benchmarks/torch_resnet.py, eager, NCHW and channels_last) are timed in interleaved
+rounds; medians, the JAX/PyTorch ratio against the faster PyTorch layout,
 and FLOP utilisation against a float32 matmul peak measured in the same run in each
 framework. FLOPs come from XLA's cost analysis of the compiled steps and from an
 analytic count of the convolutions and dense layers. One JSON line per batch size.
@@ -26,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common  # noqa: E402
 import torch_resnet  # noqa: E402
-from affect_jax import train  # noqa: E402
+from affect_jax import models, train  # noqa: E402
 from configs import default  # noqa: E402
 
 
@@ -87,8 +89,15 @@ def xla_flops(compiled) -> float | None:
   return float(analysis["flops"]) if analysis and "flops" in analysis else None
 
 
+# XLA:CPU debug option: the default list of what goes to YNNPACK (reductions, dots,
+# convolutions) less the convolutions, which go to Eigen.
+EIGEN_CONVOLUTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                      "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
 class JaxContender:
-  def __init__(self, batch_numpy, batch_size, image_size, dtype="float32", donate=True):
+  def __init__(self, batch_numpy, batch_size, image_size, dtype="float32",
+               compiler_options=None):
     config = default.get_config()
     config.input.batch_size = batch_size
     config.input.image_size = image_size
@@ -104,18 +113,21 @@ class JaxContender:
                                            dtype=train.DTYPES[dtype])
     self.batch = train.device_batch(batch_numpy, self.mesh)
     start = time.perf_counter()
-    self.train_compiled = self.train_fn.lower(self.state, self.batch).compile()
-    self.eval_compiled = self.eval_fn.lower(self.state, self.batch).compile()
+    options = compiler_options or {}
+    self.train_compiled = self.train_fn.lower(self.state, self.batch).compile(
+        compiler_options=options)
+    self.eval_compiled = self.eval_fn.lower(self.state, self.batch).compile(
+        compiler_options=options)
     self.compile_s = time.perf_counter() - start
 
   def train(self, steps):
     for _ in range(steps):
-      self.state, metrics = self.train_fn(self.state, self.batch)
+      self.state, metrics = self.train_compiled(self.state, self.batch)
     jax.block_until_ready((self.state, metrics))
 
   def eval(self, steps):
     for _ in range(steps):
-      out = self.eval_fn(self.state, self.batch)
+      out = self.eval_compiled(self.state, self.batch)
     jax.block_until_ready(out)
 
 
@@ -142,6 +154,8 @@ def measure(batch_size, image_size, rounds, steps, peaks, out):
   load_before = bench_common.load()
   jax_contender = JaxContender(batch_numpy, batch_size, image_size)
   contenders = {"jax": jax_contender,
+                "jax_eigen": JaxContender(batch_numpy, batch_size, image_size,
+                                          compiler_options=EIGEN_CONVOLUTIONS),
                 "torch_nchw": TorchContender(batch_numpy, channels_last=False),
                 "torch_channels_last": TorchContender(batch_numpy, channels_last=True)}
   for contender in contenders.values():  # warm-up: compile, allocate, tune
@@ -156,7 +170,8 @@ def measure(batch_size, image_size, rounds, steps, peaks, out):
         fn = getattr(contenders[name], mode)
         times[f"{name}_{mode}"].append(bench_common.timed(lambda: fn(steps)) / steps)
   row = bench_common.machine()
-  row.update({"benchmark": "torch_peer", "batch_size": batch_size,
+  row.update({"benchmark": "torch_peer", "model_implementation":
+              models.resolve_implementation("auto"), "batch_size": batch_size,
               "image_size": image_size, "dtype": "float32", "rounds": rounds,
               "steps_per_round": steps, "jax": jax.__version__,
               "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
@@ -174,14 +189,16 @@ def measure(batch_size, image_size, rounds, steps, peaks, out):
       rate = batch_size / seconds
       row[f"{name}_{mode}_images_per_s"] = round(rate, 1)
       row[f"{name}_{mode}_s_per_step_all"] = [round(t, 3) for t in times[f"{name}_{mode}"]]
-      peak = peaks["jax_matmul_gflops" if name == "jax" else "torch_matmul_gflops"]
+      peak = peaks["torch_matmul_gflops" if name.startswith("torch") else
+                   "jax_matmul_gflops"]
       gflops = rate * flops_per_image / 1e9
       row[f"{name}_{mode}_gflops"] = round(gflops, 1)
       row[f"{name}_{mode}_utilisation_of_matmul_peak"] = round(gflops / peak, 3)
     best_torch = max(row[f"torch_nchw_{mode}_images_per_s"],
                      row[f"torch_channels_last_{mode}_images_per_s"])
-    row[f"{mode}_ratio_jax_over_best_torch"] = round(
-        row[f"jax_{mode}_images_per_s"] / best_torch, 3)
+    for name in ("jax", "jax_eigen"):
+      row[f"{mode}_ratio_{name}_over_best_torch"] = round(
+          row[f"{name}_{mode}_images_per_s"] / best_torch, 3)
   row["load_after"] = bench_common.load()
   bench_common.emit(row, out)
 

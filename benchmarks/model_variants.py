@@ -1,0 +1,161 @@
+"""Before/after of the XLA:CPU formulations in affect_jax/models.py, on the whole train
+and eval steps, against the PyTorch peer, measured interleaved in one run.
+
+  taskset -c 0 python benchmarks/model_variants.py --batch_size 32 \
+      --out benchmarks/results/model_variants.jsonl
+
+Contenders (all the default config's ResNet-18 MTL step, float32, 112x112):
+  xla            MultiTaskNet(implementation="xla"): flax nn.Conv + nn.max_pool, the
+                 formulation before this change (and the one kept for GPU/TPU);
+  cpu_maxpool    "cpu" with only the max-pool replaced (convolutions as in "xla");
+  cpu            MultiTaskNet(implementation="cpu"): max-pool + strided convolutions;
+  *_eigen        the same, compiled with YNNPACK off for convolutions (XLA:CPU's
+                 debug option xla_cpu_experimental_ynn_fusion_type=
+                 LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,
+                 i.e. the default less convolutions, which go to Eigen);
+  cpu_vmap1      "cpu", with the step mapped by jax.vmap(axis_size=1) instead of
+                 jax.shard_map when the mesh has one device (a train.py change: no
+                 all-reduce of the gradients, which XLA:CPU runs as a 45 MB copy);
+  torch          benchmarks/torch_resnet.py, channels_last.
+One JSON line per mode (train, eval) with medians, ratios to "xla" and to torch.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common  # noqa: E402
+import torch_peer  # noqa: E402
+from affect_jax import models, train  # noqa: E402
+from configs import default  # noqa: E402
+
+# XLA:CPU debug option: the default list of what goes to YNNPACK (reductions, dots,
+# convolutions) less the convolutions, which go to Eigen.
+EIGEN_CONVOLUTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                      "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+@contextlib.contextmanager
+def convolutions_as_flax():
+  """While tracing: the "cpu" implementation with flax's nn.Conv (max-pool only)."""
+  original = models.CpuConv
+  models.CpuConv = nn.Conv
+  try:
+    yield
+  finally:
+    models.CpuConv = original
+
+
+def compile_train_step_vmap1(mesh, **step_kwargs):
+  """The train step for a one-device mesh without shard_map: vmap over a batch axis of
+  size 1 gives the named axis (psum, pmean, axis_index) without any collective."""
+  if mesh.devices.size != 1:
+    raise ValueError("only for a one-device mesh")
+  step = functools.partial(train.train_step, **step_kwargs)
+  mapped = jax.vmap(step, in_axes=(None, 0), axis_name=train.AXIS, axis_size=1)
+
+  def single(state, batch):
+    new_state, metrics = mapped(state, jax.tree.map(lambda x: x[None], batch))
+    return jax.tree.map(lambda x: x[0], (new_state, metrics))
+
+  return jax.jit(single, donate_argnums=(0,))
+
+
+class Contender:
+  def __init__(self, batch_numpy, batch_size, implementation, *, trace_context=None,
+               vmap1=False, compiler_options=None):
+    config = default.get_config()
+    config.input.batch_size = batch_size
+    mesh = train.create_mesh()
+    model = train.create_model(config.model).clone(implementation=implementation)
+    lr_fn = train.create_learning_rate_fn(config)
+    self.state = train.create_train_state(config, model, mesh, lr_fn)
+    kwargs = dict(settings=train.loss_settings_from_config(config, None),
+                  learning_rate_fn=lr_fn, dtype=np.float32, seed=0)
+    compile_step = compile_train_step_vmap1 if vmap1 else train.compile_train_step
+    self.batch = train.device_batch(batch_numpy, mesh)
+    with trace_context or contextlib.nullcontext():
+      self.train_fn = compile_step(mesh, **kwargs).lower(self.state, self.batch).compile(
+          compiler_options=compiler_options or {})
+      self.eval_fn = train.compile_eval_step(mesh, num_expr_classes=8, dtype=np.float32
+                                             ).lower(self.state, self.batch).compile(
+                                                 compiler_options=compiler_options or {})
+
+  def train(self, steps):
+    for _ in range(steps):
+      self.state, metrics = self.train_fn(self.state, self.batch)
+    jax.block_until_ready((self.state, metrics))
+
+  def eval(self, steps):
+    for _ in range(steps):
+      out = self.eval_fn(self.state, self.batch)
+    jax.block_until_ready(out)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--rounds", type=int, default=4)
+  parser.add_argument("--steps", type=int, default=1)
+  parser.add_argument("--contenders",
+                      default="xla,cpu_maxpool,cpu,cpu_vmap1,xla_eigen,cpu_eigen,torch")
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args()
+  batch_numpy = torch_peer.synthetic_batch(np.random.default_rng(0), args.batch_size, 112)
+  load_before = bench_common.load()
+  builders = {
+      "xla": lambda: Contender(batch_numpy, args.batch_size, "xla"),
+      "cpu_maxpool": lambda: Contender(batch_numpy, args.batch_size, "cpu",
+                                       trace_context=convolutions_as_flax()),
+      "cpu": lambda: Contender(batch_numpy, args.batch_size, "cpu"),
+      "xla_eigen": lambda: Contender(batch_numpy, args.batch_size, "xla",
+                                     compiler_options=EIGEN_CONVOLUTIONS),
+      "cpu_eigen": lambda: Contender(batch_numpy, args.batch_size, "cpu",
+                                     compiler_options=EIGEN_CONVOLUTIONS),
+      "cpu_vmap1": lambda: Contender(batch_numpy, args.batch_size, "cpu", vmap1=True),
+      "torch": lambda: torch_peer.TorchContender(batch_numpy, channels_last=True),
+  }
+  names = args.contenders.split(",")
+  contenders = {name: builders[name]() for name in names}
+  for contender in contenders.values():
+    contender.train(1)
+    contender.eval(1)
+  for mode in ("train", "eval"):
+    times = {name: [] for name in names}
+    eval_names = [n for n in names if mode == "train" or n not in ("cpu_maxpool",
+                                                                   "cpu_vmap1")]
+    for round_index in range(args.rounds):
+      order = eval_names if round_index % 2 == 0 else eval_names[::-1]
+      for name in order:
+        fn = getattr(contenders[name], mode)
+        times[name].append(bench_common.timed(lambda: fn(args.steps)) / args.steps)
+    row = bench_common.machine()
+    row.update({"benchmark": "model_variants", "mode": mode,
+                "batch_size": args.batch_size, "image_size": 112, "dtype": "float32",
+                "rounds": args.rounds, "load_before": load_before})
+    medians = {n: bench_common.median(times[n]) for n in eval_names}
+    for name in eval_names:
+      row[f"{name}_images_per_s"] = round(args.batch_size / medians[name], 2)
+      row[f"{name}_images_per_s_best"] = round(args.batch_size / min(times[name]), 2)
+      row[f"{name}_s_per_step_all"] = [round(t, 3) for t in times[name]]
+      for peer in ("xla", "torch"):
+        if name != peer and peer in medians:
+          # Paired: the ratio within each round (same load), then the median over
+          # rounds; and the ratio of the best times (interference only slows down).
+          row[f"{name}_speed_vs_{peer}"] = round(bench_common.median(
+              [p / t for p, t in zip(times[peer], times[name])]), 3)
+          row[f"{name}_speed_vs_{peer}_best"] = round(min(times[peer]) / min(times[name]), 3)
+    row["load_after"] = bench_common.load()
+    bench_common.emit(row, args.out)
+
+
+if __name__ == "__main__":
+  main()
