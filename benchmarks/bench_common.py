@@ -12,6 +12,8 @@ import platform
 import statistics
 import time
 
+import numpy as np
+
 
 def cpu_model() -> str:
   try:
@@ -57,3 +59,16 @@ def emit(row: dict, out: str | None) -> None:
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "a") as f:
       f.write(line + "\n")
+
+
+def synthetic_batch(rng, size, image_size):
+  """A fully labelled random batch in the training convention (uint8 images)."""
+  return {
+      "image": rng.integers(0, 256, (size, image_size, image_size, 3), dtype=np.uint8),
+      "expression": rng.integers(0, 8, size).astype(np.int32),
+      "expression_mask": np.ones(size, np.float32),
+      "au": (rng.random((size, 12)) < 0.3).astype(np.float32),
+      "au_mask": np.ones((size, 12), np.float32),
+      "valence_arousal": rng.uniform(-1, 1, (size, 2)).astype(np.float32),
+      "va_mask": np.ones(size, np.float32),
+  }

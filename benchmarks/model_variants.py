@@ -109,7 +109,7 @@ def main():
                       default="xla,cpu_maxpool,cpu,cpu_vmap1,xla_eigen,cpu_eigen,torch")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
-  batch_numpy = torch_peer.synthetic_batch(np.random.default_rng(0), args.batch_size, 112)
+  batch_numpy = bench_common.synthetic_batch(np.random.default_rng(0), args.batch_size, 112)
   load_before = bench_common.load()
   builders = {
       "xla": lambda: Contender(batch_numpy, args.batch_size, "xla"),

@@ -32,18 +32,6 @@ from affect_jax import models, train  # noqa: E402
 from configs import default  # noqa: E402
 
 
-def synthetic_batch(rng, size, image_size):
-  return {
-      "image": rng.integers(0, 256, (size, image_size, image_size, 3), dtype=np.uint8),
-      "expression": rng.integers(0, 8, size).astype(np.int32),
-      "expression_mask": np.ones(size, np.float32),
-      "au": (rng.random((size, 12)) < 0.3).astype(np.float32),
-      "au_mask": np.ones((size, 12), np.float32),
-      "valence_arousal": rng.uniform(-1, 1, (size, 2)).astype(np.float32),
-      "va_mask": np.ones(size, np.float32),
-  }
-
-
 def resnet_flops(image_size: int, width: int = 64, stage_sizes=(2, 2, 2, 2),
                  heads: int = 8 + 12 + 2) -> float:
   """Forward FLOPs (2 x multiply-adds) of the convolutions and heads for one image."""
@@ -150,7 +138,7 @@ class TorchContender:
 
 
 def measure(batch_size, image_size, rounds, steps, peaks, out):
-  batch_numpy = synthetic_batch(np.random.default_rng(0), batch_size, image_size)
+  batch_numpy = bench_common.synthetic_batch(np.random.default_rng(0), batch_size, image_size)
   load_before = bench_common.load()
   jax_contender = JaxContender(batch_numpy, batch_size, image_size)
   contenders = {"jax": jax_contender,

@@ -33,18 +33,6 @@ from configs import default  # noqa: E402
 S_AFFWILD2_TRAIN_FRAMES = 142_000
 
 
-def synthetic_batch(rng, size, image_size):
-  return {
-      "image": rng.integers(0, 256, (size, image_size, image_size, 3), dtype=np.uint8),
-      "expression": rng.integers(0, 8, size).astype(np.int32),
-      "expression_mask": np.ones(size, np.float32),
-      "au": (rng.random((size, 12)) < 0.3).astype(np.float32),
-      "au_mask": np.ones((size, 12), np.float32),
-      "valence_arousal": rng.uniform(-1, 1, (size, 2)).astype(np.float32),
-      "va_mask": np.ones(size, np.float32),
-  }
-
-
 def matmul_peak_tflops(dtype, n: int) -> float:
   a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda x: x @ x)
@@ -62,7 +50,7 @@ def xla_flops(compiled) -> float | None:
 
 def synthetic_device_split(mesh, num_records, image_size):
   """A random uint8 split and labels, replicated on the mesh (no decoding)."""
-  host = synthetic_batch(np.random.default_rng(1), num_records, image_size)
+  host = bench_common.synthetic_batch(np.random.default_rng(1), num_records, image_size)
   host["record_index"] = np.arange(num_records, dtype=np.int32)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   arrays = {k: jax.device_put(v, replicated) for k, v in host.items()}
@@ -85,7 +73,7 @@ def measure(batch_size, image_size, dtype, implementation, steps, rounds, use_de
       mesh, settings=train.loss_settings_from_config(config, None), learning_rate_fn=lr_fn,
       dtype=train.DTYPES[dtype], seed=0)
   eval_fn = train.compile_eval_step(mesh, num_expr_classes=8, dtype=train.DTYPES[dtype])
-  batch = train.device_batch(synthetic_batch(np.random.default_rng(0), batch_size,
+  batch = train.device_batch(bench_common.synthetic_batch(np.random.default_rng(0), batch_size,
                                              image_size), mesh)
   train_compiled = step_fn.lower(state, batch).compile()
   eval_compiled = eval_fn.lower(state, batch).compile()
