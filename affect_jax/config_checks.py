@@ -10,7 +10,7 @@ from affect_jax import losses, models
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
-AUGMENT_POLICIES = ("none", "basic", "strong")
+AUGMENT_POLICIES = ("none", "basic", "strong", "randaugment")
 DTYPES = ("float32", "bfloat16", "float16")
 WEIGHTINGS = ("fixed", "uncertainty")
 INIT_PARTS = ("backbone", "backbone+heads")

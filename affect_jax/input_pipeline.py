@@ -42,10 +42,13 @@ class AugmentConfig:
   brightness: float = 0.0  # factor drawn from [1 - b, 1 + b]
   contrast: float = 0.0
   saturation: float = 0.0
+  randaugment_ops: int = 0  # RandAugment-like: this many ops drawn from RANDAUGMENT_OPS
+  randaugment_magnitude: float = 0.0  # in [0, 1]
 
   @classmethod
   def from_policy(cls, policy: str) -> "AugmentConfig":
-    """Named policies of the study: none, basic (flip + crop), strong (+ rotation, colour)."""
+    """Named policies of the study: none, basic (flip + crop), strong (+ rotation,
+    colour), randaugment (strong + 2 RandAugment-like ops at magnitude 0.5)."""
     if policy == "none":
       return cls()
     if policy == "basic":
@@ -53,8 +56,12 @@ class AugmentConfig:
     if policy == "strong":
       return cls(flip=True, crop_scale=(0.7, 1.0), crop_ratio=(0.8, 1.25),
                  rotation_degrees=15.0, brightness=0.3, contrast=0.3, saturation=0.3)
-    raise ValueError(f"unknown augmentation policy {policy!r}; expected none, basic "
-                     "or strong")
+    if policy == "randaugment":
+      return cls(flip=True, crop_scale=(0.7, 1.0), crop_ratio=(0.8, 1.25),
+                 rotation_degrees=15.0, brightness=0.3, contrast=0.3, saturation=0.3,
+                 randaugment_ops=2, randaugment_magnitude=0.5)
+    raise ValueError(f"unknown augmentation policy {policy!r}; expected none, basic, "
+                     "strong or randaugment")
 
 
 def decode_jpeg(data: bytes) -> np.ndarray:
@@ -107,6 +114,61 @@ def _jitter_colours(pixels: np.ndarray, rng: np.random.Generator,
   return pixels
 
 
+def _shear(pixels, amount, axis):
+  size = pixels.shape[0]
+  matrix = np.array([[1, amount, -amount * size / 2], [0, 1, 0]], np.float64)
+  if axis == 1:
+    matrix = np.array([[1, 0, 0], [amount, 1, -amount * size / 2]], np.float64)
+  return cv2.warpAffine(pixels, matrix, (size, size), flags=cv2.INTER_LINEAR,
+                        borderMode=cv2.BORDER_REFLECT_101)
+
+
+def _translate(pixels, fraction, axis):
+  size = pixels.shape[0]
+  shift = [0.0, 0.0]
+  shift[axis] = fraction * size
+  matrix = np.array([[1, 0, shift[0]], [0, 1, shift[1]]], np.float64)
+  return cv2.warpAffine(pixels, matrix, (size, size), flags=cv2.INTER_LINEAR,
+                        borderMode=cv2.BORDER_REFLECT_101)
+
+
+def _autocontrast(pixels, magnitude):
+  del magnitude
+  low = pixels.min(axis=(0, 1), keepdims=True).astype(np.float32)
+  high = pixels.max(axis=(0, 1), keepdims=True).astype(np.float32)
+  scaled = (pixels - low) * (255.0 / np.maximum(high - low, 1.0))
+  return np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
+
+
+def _sharpness(pixels, magnitude):
+  blurred = cv2.GaussianBlur(pixels, (3, 3), 0)
+  return cv2.addWeighted(pixels, 1 + 2 * magnitude, blurred, -2 * magnitude, 0.0)
+
+
+# op name -> f(pixels, signed magnitude in [-1, 1]): the photometric and geometric
+# operations of RandAugment (Cubuk et al. 2020) that keep a face's labels.
+RANDAUGMENT_OPS = {
+    "shear_x": lambda p, m: _shear(p, 0.3 * m, 0),
+    "shear_y": lambda p, m: _shear(p, 0.3 * m, 1),
+    "translate_x": lambda p, m: _translate(p, 0.2 * m, 0),
+    "translate_y": lambda p, m: _translate(p, 0.2 * m, 1),
+    "autocontrast": _autocontrast,
+    "equalize": lambda p, m: cv2.merge([cv2.equalizeHist(c) for c in cv2.split(p)]),
+    "posterize": lambda p, m: p & np.uint8((0xFF << int(round(4 * abs(m)))) & 0xFF),
+    "solarize": lambda p, m: np.where(p < 256 - 128 * abs(m), p, 255 - p).astype(
+        np.uint8),
+    "sharpness": lambda p, m: _sharpness(p, abs(m)),
+}
+
+
+def _randaugment(pixels, rng, cfg: AugmentConfig):
+  names = sorted(RANDAUGMENT_OPS)
+  for index in rng.choice(len(names), cfg.randaugment_ops, replace=False):
+    sign = 1.0 if rng.uniform() < 0.5 else -1.0
+    pixels = RANDAUGMENT_OPS[names[index]](pixels, sign * cfg.randaugment_magnitude)
+  return pixels
+
+
 def augment_image(pixels: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig,
                   size: int = IMAGE_SIZE) -> np.ndarray:
   """One resampling for crop, rotation and flip, then colour jitter; uint8 [H, W, 3]."""
@@ -119,6 +181,8 @@ def augment_image(pixels: np.ndarray, rng: np.random.Generator, cfg: AugmentConf
                             borderMode=cv2.BORDER_REFLECT_101)
   if cfg.brightness or cfg.contrast or cfg.saturation:
     pixels = _jitter_colours(pixels, rng, cfg)
+  if cfg.randaugment_ops:
+    pixels = _randaugment(pixels, rng, cfg)
   return np.ascontiguousarray(pixels, np.uint8)
 
 

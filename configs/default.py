@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.input.batch_size = 256  # global, over all devices and processes
   config.input.eval_batch_size = 512
   config.input.image_size = 112
-  config.input.augment = "basic"  # none | basic | strong
+  config.input.augment = "basic"  # none | basic | strong | randaugment
   config.input.worker_count = 8  # grain worker processes per host (0: in-process)
   config.input.worker_buffer_size = 2
   config.input.task_balanced = False  # oversample frames carrying rarer task labels

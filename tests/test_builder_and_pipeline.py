@@ -240,3 +240,22 @@ def test_a_build_that_spills_to_disk_needs_no_tensorflow(synthetic_release, buil
   assert sorted((key(r), r["image"]) for r in spilled) == \
       sorted((key(r), r["image"]) for r in direct)
   assert "tensorflow" not in sys.modules
+
+
+def test_randaugment_ops_change_images_and_keep_them_uint8():
+  rng = np.random.default_rng(5)
+  pixels = rng.integers(0, 255, (112, 112, 3), np.uint8)
+  for name, op in ip.RANDAUGMENT_OPS.items():
+    out = op(pixels, 0.8)
+    assert out.shape == pixels.shape and out.dtype == np.uint8, name
+    assert not np.array_equal(out, pixels), name
+  np.testing.assert_array_equal(ip.RANDAUGMENT_OPS["posterize"](pixels, 0.5),
+                                pixels & 0b11111100)
+  solarized = ip.RANDAUGMENT_OPS["solarize"](pixels, 1.0)
+  np.testing.assert_array_equal(solarized[pixels >= 128], 255 - pixels[pixels >= 128])
+  cfg = ip.AugmentConfig.from_policy("randaugment")
+  draws = {ip.augment_image(pixels, np.random.default_rng(s), cfg).tobytes()
+           for s in range(6)}
+  assert len(draws) == 6  # each seed draws its own ops and magnitudes' signs
+  np.testing.assert_array_equal(ip.augment_image(pixels, np.random.default_rng(1), cfg),
+                                ip.augment_image(pixels, np.random.default_rng(1), cfg))
