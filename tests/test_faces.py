@@ -305,3 +305,13 @@ def test_bad_inputs_name_the_file(tmp_path, detector, monkeypatch):
                         detector)
   assert faces.unique_names(["a/clip.mp4", "b/clip.gif", "c/clip.png"]) == [
       "clip", "clip_2", "clip_3"]
+
+
+def test_mp4_video_frames_are_read(tmp_path):
+  import imageio.v3 as iio  # pylint: disable=g-import-not-at-top
+  frames = np.stack([skimage_data.astronaut()[::2, ::2]] * 4)
+  path = str(tmp_path / "clip.mp4")
+  iio.imwrite(path, frames, fps=4, codec="libx264")
+  read = list(faces.read_frames(path))
+  assert len(read) == 4 and read[0].shape == frames[0].shape and read[0].dtype == np.uint8
+  assert np.abs(read[2].astype(int) - frames[2]).mean() < 8  # lossy codec, same picture
