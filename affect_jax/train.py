@@ -413,14 +413,16 @@ class Trainer:
   def _label_statistics(self):
     return self.metadata.get("summary", {}).get(self.config.dataset.train_split)
 
+  @functools.cached_property
   def train_source(self):
+    """Opened once: the data pipeline and the non-finite report read the same source."""
     return input_pipeline.open_data_source(self.config.dataset.name,
                                            self.config.dataset.train_split,
                                            self.config.dataset.data_dir)
 
   def train_iterator(self):
     ds = input_pipeline.train_dataset(
-        self.train_source(), global_batch_size=self.config.input.batch_size,
+        self.train_source, global_batch_size=self.config.input.batch_size,
         seed=self.config.seed,
         augment=input_pipeline.AugmentConfig.from_policy(self.config.input.augment),
         process_index=jax.process_index(), process_count=jax.process_count(),
@@ -534,11 +536,19 @@ class NonFiniteGuard:
 
 class PreemptionNotice:
   """SIGTERM (what a pre-empted cloud VM receives) asks the loop to checkpoint and stop
-  at the next step; all processes stop at the same step."""
+  at the next step; all processes stop at the same step.
+
+  With several processes the flag is agreed on through an allgather, a host
+  synchronisation: it is done every `MULTI_PROCESS_CHECK_EVERY` calls (one call per
+  step in every process, so they all check at the same steps), not every step.
+  """
+
+  MULTI_PROCESS_CHECK_EVERY = 10
 
   def __init__(self):
     self._received = False
     self._previous = None
+    self._calls = 0
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
@@ -557,6 +567,9 @@ class PreemptionNotice:
   def should_stop(self) -> bool:
     if jax.process_count() == 1:
       return self._received
+    self._calls += 1
+    if self._calls % self.MULTI_PROCESS_CHECK_EVERY:
+      return False
     flags = multihost_utils.process_allgather(np.int32(self._received))
     return bool(np.any(flags))
 
@@ -600,7 +613,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   progress = ProgressLogger(config.num_train_steps, start_step,
                             images_per_step=config.input.batch_size)
   guard = NonFiniteGuard(config.get("max_nonfinite_steps_in_row", 10),
-                         _record_videos(trainer.train_source()))
+                         _record_videos(trainer.train_source))
   pending = None  # the previous step's finite flag, read one step late (no stall)
   try:
     with PreemptionNotice() as preemption:
