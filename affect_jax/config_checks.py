@@ -11,6 +11,7 @@ from affect_jax import losses, models
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
 AUGMENT_POLICIES = ("none", "basic", "strong", "randaugment")
+DEVICE_AUGMENT_POLICIES = ("none", "basic", "strong")  # affect_jax/device_data.py
 DTYPES = ("float32", "bfloat16", "float16")
 WEIGHTINGS = ("fixed", "uncertainty")
 INIT_PARTS = ("backbone", "backbone+heads")
@@ -64,6 +65,14 @@ def config_problems(config) -> list[str]:
   if config.input.image_size < SMALLEST_IMAGE_SIZE:
     problems.append(f"input.image_size={config.input.image_size} is below "
                     f"{SMALLEST_IMAGE_SIZE}")
+  if config.input.get("device_resident", False):
+    if config.input.task_balanced:
+      problems.append("input.device_resident=True draws uniform epochs on the device; "
+                      "it cannot be combined with input.task_balanced=True")
+    if config.input.augment not in DEVICE_AUGMENT_POLICIES:
+      problems.append(f"input.device_resident=True augments on the device, which has "
+                      f"the policies {', '.join(DEVICE_AUGMENT_POLICIES)}, not "
+                      f"input.augment={config.input.augment!r}")
   _one_of(problems, "init_from.parts", config.init_from.parts, INIT_PARTS)
   best = config.checkpoint.best_metric
   known_scores = [s for t in tasks if t in SCORES_OF_TASK for s in SCORES_OF_TASK[t]]

@@ -153,9 +153,12 @@ def device_batch_indices(step, num_records: int, global_batch_size: int, seed: i
 
 
 def _policy(augment) -> input_pipeline.AugmentConfig:
-  if isinstance(augment, str):
-    return input_pipeline.AugmentConfig.from_policy(augment)
-  return augment
+  cfg = (input_pipeline.AugmentConfig.from_policy(augment) if isinstance(augment, str)
+         else augment)
+  if cfg.randaugment_ops:
+    raise ValueError("RandAugment-like operations run on the host pipeline only; "
+                     "device augmentation has the policies none, basic and strong")
+  return cfg
 
 
 def _affine_matrix(key, size: int, cfg: input_pipeline.AugmentConfig) -> jax.Array:

@@ -60,6 +60,44 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+class InputWaitMeter:
+  """Whether training waits for its data: per step, the time the loop is blocked
+  getting the batch, and whether the device had already finished the previous step
+  when the batch arrived (an input-bound step: the device sat idle). Steps right after a
+  host synchronisation (logging, evaluation, a checkpoint) are not judged: the device is
+  idle there by construction."""
+
+  def __init__(self):
+    self._wait = self._steps = self._judged = self._bound = 0
+    self._total = {"wait": 0.0, "steps": 0, "judged": 0, "bound": 0}
+
+  def record(self, wait_seconds: float, device_idle: bool | None) -> None:
+    """`device_idle` None: not judged (first step, or just after a synchronisation)."""
+    self._wait += wait_seconds
+    self._steps += 1
+    if device_idle is not None:
+      self._judged += 1
+      self._bound += bool(device_idle)
+
+  def interval(self) -> dict:
+    """Figures since the last call: mean wait (ms) and fraction of input-bound steps."""
+    figures = _wait_figures(self._wait, self._steps, self._judged, self._bound)
+    for key, value in zip(("wait", "steps", "judged", "bound"),
+                          (self._wait, self._steps, self._judged, self._bound)):
+      self._total[key] += value
+    self._wait = self._steps = self._judged = self._bound = 0
+    return figures
+
+  def total(self) -> dict:
+    self.interval()
+    return _wait_figures(**self._total)
+
+
+def _wait_figures(wait, steps, judged, bound) -> dict:
+  return {"input_wait_ms": 1000.0 * wait / max(steps, 1),
+          "input_bound_fraction": bound / judged if judged else 0.0}
+
+
 class ProgressLogger:
   """steps/s, images/s and ETA over the interval since the last log line."""
 
@@ -75,7 +113,11 @@ class ProgressLogger:
     self._last_step, self._last_time = step, now
     eta = (self._total - step) / max(steps_per_second, 1e-9)
     losses = " ".join(f"{k}={v:.4f}" for k, v in values.items() if k.startswith("loss"))
+    waiting = ""
+    if "input_wait_ms" in values:
+      waiting = (f" | input wait {values['input_wait_ms']:.1f} ms/step, "
+                 f"{values['input_bound_fraction']:.0%} of steps input-bound")
     if jax.process_index() == 0:
-      log.info("step %d/%d %s | %.2f steps/s %.0f img/s | ETA %s", step, self._total,
+      log.info("step %d/%d %s | %.2f steps/s %.0f img/s%s | ETA %s", step, self._total,
                losses, steps_per_second, steps_per_second * self._images_per_step,
-               time.strftime("%H:%M:%S", time.gmtime(eta)))
+               waiting, time.strftime("%H:%M:%S", time.gmtime(eta)))

@@ -25,6 +25,7 @@ A mask entry counts as valid when it is > 0; masked labels may hold anything.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -250,6 +251,51 @@ class StatisticsAccumulator:
   def result(self) -> dict[str, np.ndarray]:
     """The summed statistics (an empty dict before the first `add`)."""
     return {key: value.copy() for key, value in (self._totals or {}).items()}
+
+
+# The int32 statistics (VA integer sums above all) stay exact for sums over fewer frames
+# than this: running totals on a device are moved to the host before reaching it.
+MAX_FRAMES_PER_DEVICE_TOTAL = 2_097_151
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _add_statistics(totals, statistics):
+  return jax.tree.map(jnp.add, totals, statistics)
+
+
+class DeviceStatisticsAccumulator:
+  """Sums statistics where they are computed: one small add on the device per batch
+  and no host round trip; the totals go to a host `StatisticsAccumulator` (int64 /
+  float64) before `max_frames` frames and at `result`. At eval batch 512 this halves
+  the metric cost on XLA:CPU (per-batch fetches were as costly as the statistics)."""
+
+  def __init__(self, max_frames: int = MAX_FRAMES_PER_DEVICE_TOTAL):
+    if not 0 < max_frames <= MAX_FRAMES_PER_DEVICE_TOTAL:
+      raise ValueError(f"max_frames must be in 1..{MAX_FRAMES_PER_DEVICE_TOTAL}")
+    self._max_frames = max_frames
+    self._host = StatisticsAccumulator()
+    self._totals = None
+    self._frames = 0
+
+  def add(self, statistics: Mapping[str, jax.Array], frames: int) -> None:
+    """`frames`: the number of frames (padding included) the statistics summed."""
+    if frames > self._max_frames:
+      raise ValueError(f"a batch of {frames} frames holds more frames than int32 "
+                       f"totals can sum exactly ({self._max_frames})")
+    if self._totals is not None and self._frames + frames > self._max_frames:
+      self._fetch()
+    self._totals = (dict(statistics) if self._totals is None
+                    else _add_statistics(self._totals, dict(statistics)))
+    self._frames += frames
+
+  def _fetch(self) -> None:
+    if self._totals is not None:
+      self._host.add(jax.device_get(self._totals))
+    self._totals, self._frames = None, 0
+
+  def result(self) -> dict[str, np.ndarray]:
+    self._fetch()
+    return self._host.result()
 
 
 def _safe_ratio(numerator, denominator) -> np.ndarray:

@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from typing import Any, Callable
 
 import flax
@@ -31,9 +32,9 @@ from flax.training import train_state
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from affect_jax import (checkpoints, config_checks, initialization, input_pipeline,
-                        losses, metrics, models)
-from affect_jax.metric_writer import MetricWriter, ProgressLogger
+from affect_jax import (checkpoints, config_checks, device_data, initialization,
+                        input_pipeline, losses, metrics, models)
+from affect_jax.metric_writer import InputWaitMeter, MetricWriter, ProgressLogger
 
 log = logging.getLogger(__name__)
 AXIS = "data"
@@ -290,18 +291,50 @@ def eval_step(state: TrainState, batch: dict, *, num_expr_classes: int, dtype,
   return statistics, outputs
 
 
+# XLA:CPU hands convolutions, dots and reductions to YNNPACK by default; its convolution
+# kernel gradients are 2-4x slower than Eigen's here, so CPU steps keep YNNPACK for the
+# reductions and dots only (train step 1.2x; docs/PERFORMANCE.md). A debug option:
+# probed once, dropped where a jaxlib does not know it (an unknown option is an error).
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                        "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+@functools.cache
+def _cpu_accepts(options: tuple[tuple[str, str], ...]) -> bool:
+  cpu = jax.devices("cpu")[0]
+  probe = jax.jit(lambda x: x + 1, compiler_options=dict(options))
+  try:
+    probe.lower(jax.ShapeDtypeStruct(
+        (), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(cpu))).compile()
+  except Exception as e:  # pylint: disable=broad-except  (JaxRuntimeError and kin)
+    log.info("XLA:CPU compile options %s not supported here (%s); using defaults",
+             dict(options), str(e).splitlines()[0][:200])
+    return False
+  return True
+
+
+def step_compiler_options(mesh: Mesh) -> dict:
+  """Compile options of the train and eval steps on `mesh`: CPU_COMPILER_OPTIONS on a
+  CPU mesh whose jaxlib accepts them, none elsewhere."""
+  if any(d.platform != "cpu" for d in mesh.devices.flat):
+    return {}
+  options = tuple(sorted(CPU_COMPILER_OPTIONS.items()))
+  return dict(options) if _cpu_accepts(options) else {}
+
+
 def compile_train_step(mesh: Mesh, **step_kwargs):
   step = functools.partial(train_step, **step_kwargs)
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)),
                           out_specs=(P(), P()))
-  return jax.jit(sharded, donate_argnums=(0,))
+  return jax.jit(sharded, donate_argnums=(0,),
+                 compiler_options=step_compiler_options(mesh))
 
 
 def compile_eval_step(mesh: Mesh, **step_kwargs):
   step = functools.partial(eval_step, **step_kwargs)
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)),
                           out_specs=(P(), P(AXIS)))
-  return jax.jit(sharded)
+  return jax.jit(sharded, compiler_options=step_compiler_options(mesh))
 
 
 def device_batch(local_batch: dict, mesh: Mesh) -> dict:
@@ -321,29 +354,27 @@ def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
 
 
 def evaluate(eval_fn, state: TrainState, dataset, num_batches: int, mesh: Mesh, *,
-             collect_outputs: bool = False, worker_count: int = 0):
-  """One pass over an eval dataset; exact scores from summed statistics.
+             collect_outputs: bool = False, worker_count: int = 0,
+             max_frames_per_fetch: int = metrics.MAX_FRAMES_PER_DEVICE_TOTAL):
+  """One pass over an eval dataset; exact scores from summed statistics, totalled on
+  the device and fetched every `max_frames_per_fetch` frames and at the end.
 
   Returns (scores, collected) where collected holds per-frame outputs, labels and
   record indices (padding removed) when `collect_outputs`.
   """
-  accumulator = metrics.StatisticsAccumulator()
+  accumulator = metrics.DeviceStatisticsAccumulator(max_frames_per_fetch)
   collected: dict[str, list] = {}
-  pending = None
   iterator = input_pipeline.as_iterator(dataset, worker_count)
   try:
     for _, local_batch in zip(range(num_batches), iterator):
-      statistics, outputs = eval_fn(state, device_batch(local_batch, mesh))
-      if pending is not None:  # fetch the previous batch while this one computes
-        accumulator.add(pending)
-      pending = statistics
+      batch = device_batch(local_batch, mesh)
+      statistics, outputs = eval_fn(state, batch)
+      accumulator.add(statistics, frames=batch["image"].shape[0])
       if collect_outputs:
         _collect(collected, outputs, local_batch)
   finally:
     if hasattr(iterator, "close"):
       iterator.close()
-  if pending is not None:
-    accumulator.add(pending)
   scores = metrics.compute_scores(accumulator.result())
   if collect_outputs:
     collected = {k: np.concatenate(v) for k, v in collected.items()}
@@ -431,6 +462,11 @@ class Trainer:
     return input_pipeline.as_iterator(ds, self.config.input.worker_count,
                                       self.config.input.worker_buffer_size)
 
+  def train_feed(self) -> "HostFeed | DeviceFeed":
+    if self.config.input.get("device_resident", False):
+      return DeviceFeed(self)
+    return HostFeed(self)
+
   def eval_data(self, split: str | None = None):
     source = input_pipeline.open_data_source(
         self.config.dataset.name, split or self.config.dataset.eval_split,
@@ -457,6 +493,52 @@ class Trainer:
     return evaluate(self.eval_fn, state, ds, num_batches, self.mesh,
                     collect_outputs=collect_outputs,
                     worker_count=self.config.input.worker_count)
+
+
+class HostFeed:
+  """Training batches from the grain pipeline: each process's rows placed on the mesh;
+  the iterator's position goes into every checkpoint."""
+
+  def __init__(self, trainer: Trainer):
+    self.checkpoint_iterator = trainer.train_iterator()
+    self._mesh = trainer.mesh
+
+  def next_batch(self, step: int) -> tuple[dict, Any]:
+    del step  # the iterator knows its position
+    local = next(self.checkpoint_iterator)
+    return device_batch(local, self._mesh), local["record_index"]
+
+  def close(self) -> None:
+    if hasattr(self.checkpoint_iterator, "close"):
+      self.checkpoint_iterator.close()
+
+
+class DeviceFeed:
+  """`config.input.device_resident`: the split decoded once onto the devices, each
+  batch drawn and augmented there (affect_jax/device_data.py). Batch s is a function of
+  (seed, s) alone, so checkpoints carry no data position and a resumed run continues
+  with the very batches it would have drawn."""
+
+  checkpoint_iterator = None
+
+  def __init__(self, trainer: Trainer):
+    config = trainer.config
+    start = time.perf_counter()
+    self.dataset = device_data.load_split_to_device(
+        trainer.train_source, trainer.mesh, image_size=config.input.image_size)
+    log.info("training split on the devices: %d records, %.2f GB, loaded in %.1f s",
+             self.dataset.num_records, self.dataset.images.nbytes / 1e9,
+             time.perf_counter() - start)
+    self._draw = device_data.compile_draw_batch(
+        trainer.mesh, global_batch_size=config.input.batch_size, seed=config.seed,
+        augment=config.input.augment, image_size=config.input.image_size)
+
+  def next_batch(self, step: int) -> tuple[dict, Any]:
+    batch = self._draw(self.dataset, step - 1)  # training steps count from 1
+    return batch, batch["record_index"]
+
+  def close(self) -> None:
+    pass
 
 
 # Settings that may differ when a run is resumed: they change no result.
@@ -578,8 +660,16 @@ def _text(value) -> str:
   return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _host_values(values) -> np.ndarray:
+  """A host copy of per-record values: host rows, or a (global) device array."""
+  if isinstance(values, jax.Array) and not values.is_fully_addressable:
+    values = multihost_utils.process_allgather(values, tiled=True)
+  return np.asarray(values)
+
+
 def _record_videos(source) -> Callable[[np.ndarray], str]:
   def describe(indices):
+    indices = _host_values(indices)
     names = sorted({_text(source[int(i)]["video"]) for i in indices if i >= 0})
     return f"records {sorted(int(i) for i in indices)[:16]} of videos {names[:8]}"
   return describe
@@ -593,12 +683,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   trainer = trainer or Trainer(config, workdir)
   check_and_write_config(config, workdir)
   writer = MetricWriter(workdir)
-  train_iter = trainer.train_iterator()
+  feed = trainer.train_feed()
   latest = trainer.manager.latest_step()
   if latest is not None:
     log.info("resuming from checkpoint at step %d in %s", latest, workdir)
     state = checkpoints.restore_checkpoint(trainer.manager, latest,
-                                           trainer.abstract_state(), train_iter)
+                                           trainer.abstract_state(),
+                                           feed.checkpoint_iterator)
   else:
     state = trainer.new_state()
     if config.init_from.path:
@@ -614,29 +705,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                             images_per_step=config.input.batch_size)
   guard = NonFiniteGuard(config.get("max_nonfinite_steps_in_row", 10),
                          _record_videos(trainer.train_source))
+  waits = InputWaitMeter()
   pending = None  # the previous step's finite flag, read one step late (no stall)
+  synchronised = True  # the host waited for the device: nothing to judge next step
   try:
     with PreemptionNotice() as preemption:
       for step in range(start_step + 1, config.num_train_steps + 1):
-        local_batch = next(train_iter)
-        state, step_metrics = trainer.train_fn(state, device_batch(local_batch,
-                                                                    trainer.mesh))
+        started = time.perf_counter()
+        batch, record_index = feed.next_batch(step)
+        waits.record(time.perf_counter() - started,
+                     None if synchronised or pending is None else pending[1].is_ready())
+        state, step_metrics = trainer.train_fn(state, batch)
+        synchronised = False
         if pending is not None:
           guard.check(pending[0], float(pending[1]), pending[2])
-        pending = (step, step_metrics["finite"], local_batch["record_index"])
+        pending = (step, step_metrics["finite"], record_index)
         if step % config.log_every_steps == 0 or step == config.num_train_steps:
           values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
           values["skipped_steps"] = guard.total
+          values.update(waits.interval())
           writer.write_scalars(step, values, prefix="train")
           progress.log(step, values)
+          synchronised = True
         scores = None
         if step % config.eval_every_steps == 0 or step == config.num_train_steps:
           scores, _ = trainer.evaluate(state)
           writer.write_scores(step, config.dataset.eval_split, scores)
         stop = preemption.should_stop()
         if step % config.checkpoint_every_steps == 0 or scores is not None or stop:
-          checkpoints.save_checkpoint(trainer.manager, step, state, train_iter, scores,
-                                      force=stop)
+          checkpoints.save_checkpoint(trainer.manager, step, state,
+                                      feed.checkpoint_iterator, scores, force=stop)
+          synchronised = True
         if stop:
           log.warning("stopped at step %d after SIGTERM; the next start resumes", step)
           break
@@ -644,9 +743,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         guard.check(pending[0], float(pending[1]), pending[2])
   finally:
     trainer.manager.wait_until_finished()
-    if hasattr(train_iter, "close"):
-      train_iter.close()
+    feed.close()
     writer.close()
+  total = waits.total()
+  log.info("input: %.1f ms per step waiting for batches; the device waited for data "
+           "in %.0f%% of the steps judged", total["input_wait_ms"],
+           100 * total["input_bound_fraction"])
   return state
 
 

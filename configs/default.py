@@ -27,6 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.input.worker_count = 8  # grain worker processes per host (0: in-process)
   config.input.worker_buffer_size = 2
   config.input.task_balanced = False  # oversample frames carrying rarer task labels
+  # Decode the training split once onto every device and draw + augment batches there
+  # (no host pipeline in the step; needs the split to fit in half a device's memory).
+  config.input.device_resident = False
 
   config.model = ml_collections.ConfigDict()
   config.model.tasks = ("expression", "au", "va")

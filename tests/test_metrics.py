@@ -149,6 +149,37 @@ def test_accumulated_batches_equal_one_batch(data):
   assert_scores_match(metrics.compute_scores(summed), reference_scores(outputs, batch))
 
 
+@pytest.mark.parametrize("max_frames", [700, 1500, metrics.MAX_FRAMES_PER_DEVICE_TOTAL])
+def test_device_totals_equal_host_totals_whenever_they_are_fetched(data, max_frames):
+  outputs, batch = data
+  host, device = metrics.StatisticsAccumulator(), metrics.DeviceStatisticsAccumulator(
+      max_frames)
+  fetched = []
+  original_get = jax.device_get
+  edges = [0, 1, 100, 357, 1024, 1500, 2048]
+  for start, stop in zip(edges[:-1], edges[1:]):
+    part = lambda tree: {k: v[start:stop] for k, v in tree.items()}  # noqa: E731
+    statistics = statistics_fn(part(outputs), part(batch))
+    host.add(statistics)
+    with pytest.MonkeyPatch.context() as patch:
+      patch.setattr(jax, "device_get",
+                    lambda tree: (fetched.append(stop), original_get(tree))[1])
+      device.add(statistics, frames=stop - start)
+  summed, expected = device.result(), host.result()
+  assert summed.keys() == expected.keys()
+  for key, value in expected.items():
+    assert summed[key].dtype == value.dtype
+    np.testing.assert_allclose(summed[key], value, rtol=1e-6, atol=1e-6, err_msg=key)
+    if np.issubdtype(value.dtype, np.integer):
+      np.testing.assert_array_equal(summed[key], value, err_msg=key)
+  assert_scores_match(metrics.compute_scores(summed), reference_scores(outputs, batch))
+  # fetched (while adding the batch ending at these frames) only when that batch would
+  # take the totals past max_frames
+  assert fetched == {700: [1024, 1500, 2048], 1500: [2048]}.get(max_frames, [])
+  with pytest.raises(ValueError, match="more frames"):
+    metrics.DeviceStatisticsAccumulator(100).add(statistics, frames=548)
+
+
 def test_eight_devices_equal_one_device(data):
   outputs, batch = data
   devices = jax.devices()

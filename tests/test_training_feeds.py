@@ -1,0 +1,126 @@
+"""Where training batches come from: device-resident data (resumes exactly from the step
+alone), the input-wait measurement, and the CPU compile options of the steps."""
+import logging
+import os
+import re
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from affect_jax import checkpoints, config_checks, device_data, train
+from affect_jax.metric_writer import InputWaitMeter
+from tests.test_reliability import _stop_at
+from tests.test_train import restored_params, tiny_config
+
+SHORT_RUN = {"input.image_size": 32, "num_train_steps": 6, "eval_every_steps": 6,
+             "checkpoint_every_steps": 6, "log_every_steps": 3}
+
+
+def test_device_resident_run_trains_on_drawn_batches_and_resumes_exactly(
+    built_union, tmp_path, monkeypatch):
+  _, data_dir = built_union
+  config = tiny_config(data_dir, **SHORT_RUN, **{"input.device_resident": True})
+  reference_dir, resumed_dir = str(tmp_path / "reference"), str(tmp_path / "resumed")
+  drawn_steps = []
+  draw = device_data.compile_draw_batch
+
+  def recording_draw(*args, **kwargs):
+    fn = draw(*args, **kwargs)
+    return lambda dataset, step: (drawn_steps.append(int(step)), fn(dataset, step))[1]
+
+  with monkeypatch.context() as patch:
+    patch.setattr(device_data, "compile_draw_batch", recording_draw)
+    patch.setattr(train.HostFeed, "__init__", _must_not_be_used)
+    reference = train.train_and_evaluate(config, reference_dir)
+    assert drawn_steps == [0, 1, 2, 3, 4, 5]
+    _stop_at(patch, 3)
+    stopped = train.train_and_evaluate(config, resumed_dir)
+  assert int(stopped.step) == 3
+  # no data position in the checkpoint: the step is the position
+  assert not os.path.exists(os.path.join(resumed_dir, "checkpoints", "3",
+                                         checkpoints.DATA))
+  drawn_steps.clear()
+  with monkeypatch.context() as patch:
+    patch.setattr(device_data, "compile_draw_batch", recording_draw)
+    train.train_and_evaluate(config, resumed_dir)
+  assert drawn_steps == [3, 4, 5]
+  for a, b in zip(jax.tree.leaves(jax.device_get(reference.params)),
+                  jax.tree.leaves(restored_params(config, resumed_dir, 6))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # the updates were real: the parameters moved from their initial values
+  initial = train.Trainer(config, str(tmp_path / "fresh")).new_state().params
+  moved = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(
+      jax.tree.leaves(jax.device_get(initial)),
+      jax.tree.leaves(jax.device_get(reference.params)))]
+  assert max(moved) > 1e-3
+
+
+def _must_not_be_used(*args, **kwargs):
+  raise AssertionError("the host pipeline was built for a device-resident run")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"input.task_balanced": True}, "task_balanced"),
+    ({"input.augment": "randaugment"}, "randaugment"),
+])
+def test_device_resident_refuses_what_it_cannot_do(overrides, message):
+  config = tiny_config("/nowhere", **{"input.device_resident": True}, **overrides)
+  with pytest.raises(ValueError, match=message):
+    config_checks.validate_config(config)
+  with pytest.raises(ValueError, match="host pipeline"):
+    device_data.compile_draw_batch(train.create_mesh(jax.devices()[:1]),
+                                   global_batch_size=8, seed=0, augment="randaugment")
+
+
+def test_input_wait_meter_counts_only_judged_steps():
+  meter = InputWaitMeter()
+  meter.record(0.010, None)  # first step: not judged
+  meter.record(0.030, True)
+  meter.record(0.020, False)
+  assert meter.interval() == pytest.approx({"input_wait_ms": 20.0,
+                                            "input_bound_fraction": 0.5})
+  meter.record(0.040, True)
+  assert meter.interval() == pytest.approx({"input_wait_ms": 40.0,
+                                            "input_bound_fraction": 1.0})
+  assert meter.total() == pytest.approx({"input_wait_ms": 25.0,
+                                         "input_bound_fraction": 2 / 3})
+
+
+def _final_input_line(records) -> tuple[float, float]:
+  for record in records:
+    found = re.search(r"input: ([\d.]+) ms per step .* in (\d+)% of the steps",
+                      record.getMessage())
+    if found:
+      return float(found.group(1)), float(found.group(2))
+  raise AssertionError("no input summary logged")
+
+
+def test_a_slow_input_pipeline_is_reported_as_input_bound(built_union, tmp_path,
+                                                          monkeypatch, caplog):
+  _, data_dir = built_union
+  config = tiny_config(data_dir, **{**SHORT_RUN, "num_train_steps": 8,
+                                    "log_every_steps": 100,
+                                    "checkpoint_every_steps": 100,
+                                    "eval_every_steps": 100})
+  next_batch = train.HostFeed.next_batch
+
+  def slow_next_batch(self, step):
+    time.sleep(0.25)
+    return next_batch(self, step)
+
+  monkeypatch.setattr(train.HostFeed, "next_batch", slow_next_batch)
+  caplog.set_level(logging.INFO, logger=train.log.name)
+  train.train_and_evaluate(config, str(tmp_path / "slow"),
+                           train.Trainer(config, str(tmp_path / "slow")))
+  wait_ms, bound_percent = _final_input_line(caplog.records)
+  assert wait_ms >= 250
+  assert bound_percent >= 80  # the tiny step takes milliseconds: the device idles
+
+
+def test_cpu_steps_get_the_compile_options_a_jaxlib_accepts(monkeypatch):
+  mesh = train.create_mesh(jax.devices()[:2])
+  assert train.step_compiler_options(mesh) == train.CPU_COMPILER_OPTIONS
+  monkeypatch.setattr(train, "CPU_COMPILER_OPTIONS", {"xla_no_such_option": "1"})
+  assert train.step_compiler_options(mesh) == {}  # probed, refused, left out
