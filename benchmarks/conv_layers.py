@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common  # noqa: E402
+from affect_jax import train  # noqa: E402
 
 # (name, input spatial size, in channels, out channels, kernel, stride, padding, count
 # of such convs in ResNet-18)
@@ -64,10 +65,8 @@ def im2col_conv(x, w, stride, pad):
   return y.reshape(b, oh, ow, cout)
 
 
-# XLA:CPU debug option: the default list of what goes to YNNPACK (reductions, dots,
-# convolutions) less the convolutions, which go to Eigen.
-EIGEN_CONVOLUTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-                      "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+# The trainer's XLA:CPU option: convolutions to Eigen instead of YNNPACK.
+EIGEN_CONVOLUTIONS = train.CPU_COMPILER_OPTIONS
 
 
 def jax_fns(conv, x, w, stride, pad, compiler_options=None):

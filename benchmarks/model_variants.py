@@ -37,12 +37,6 @@ import torch_peer  # noqa: E402
 from affect_jax import models, train  # noqa: E402
 from configs import default  # noqa: E402
 
-# XLA:CPU debug option: the default list of what goes to YNNPACK (reductions, dots,
-# convolutions) less the convolutions, which go to Eigen.
-EIGEN_CONVOLUTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-                      "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
-
-
 @contextlib.contextmanager
 def convolutions_as_flax():
   """While tracing: the "cpu" implementation with flax's nn.Conv (max-pool only)."""
@@ -71,7 +65,7 @@ def compile_train_step_vmap1(mesh, **step_kwargs):
 
 class Contender:
   def __init__(self, batch_numpy, batch_size, implementation, *, trace_context=None,
-               vmap1=False, compiler_options=None):
+               vmap1=False, eigen_convolutions=False):
     config = default.get_config()
     config.input.batch_size = batch_size
     mesh = train.create_mesh()
@@ -82,12 +76,15 @@ class Contender:
                   learning_rate_fn=lr_fn, dtype=np.float32, seed=0)
     compile_step = compile_train_step_vmap1 if vmap1 else train.compile_train_step
     self.batch = train.device_batch(batch_numpy, mesh)
-    with trace_context or contextlib.nullcontext():
-      self.train_fn = compile_step(mesh, **kwargs).lower(self.state, self.batch).compile(
-          compiler_options=compiler_options or {})
+    # The trainer compiles CPU steps with train.CPU_COMPILER_OPTIONS (Eigen
+    # convolutions); the other contenders get XLA's defaults.
+    options = (contextlib.nullcontext() if eigen_convolutions
+               else bench_common.xla_default_options())
+    with trace_context or contextlib.nullcontext(), options:
+      self.train_fn = compile_step(mesh, **kwargs).lower(self.state,
+                                                         self.batch).compile()
       self.eval_fn = train.compile_eval_step(mesh, num_expr_classes=8, dtype=np.float32
-                                             ).lower(self.state, self.batch).compile(
-                                                 compiler_options=compiler_options or {})
+                                             ).lower(self.state, self.batch).compile()
 
   def train(self, steps):
     for _ in range(steps):
@@ -117,9 +114,9 @@ def main():
                                        trace_context=convolutions_as_flax()),
       "cpu": lambda: Contender(batch_numpy, args.batch_size, "cpu"),
       "xla_eigen": lambda: Contender(batch_numpy, args.batch_size, "xla",
-                                     compiler_options=EIGEN_CONVOLUTIONS),
+                                     eigen_convolutions=True),
       "cpu_eigen": lambda: Contender(batch_numpy, args.batch_size, "cpu",
-                                     compiler_options=EIGEN_CONVOLUTIONS),
+                                     eigen_convolutions=True),
       "cpu_vmap1": lambda: Contender(batch_numpy, args.batch_size, "cpu", vmap1=True),
       "torch": lambda: torch_peer.TorchContender(batch_numpy, channels_last=True),
   }

@@ -39,6 +39,11 @@ if [ -d "$DATA_DIR/affwild2" ]; then
   "$PY" benchmarks/device_data.py --data_dir "$DATA_DIR" --batch_size 256 --batches 20 \
       --out "$OUT"
   "$PY" benchmarks/input_pipeline.py --data_dir "$DATA_DIR" --batches 20 --out "$OUT"
+  # Whole training steps of the default config (full ResNet-18, batch 256, bf16) fed
+  # by the host pipeline (8 grain workers) and by device-resident data: steps/s and
+  # whether the device waits for data.
+  "$PY" benchmarks/train_feeds.py --data_dir "$DATA_DIR" --config configs/default.py \
+      --dtype bfloat16 --steps 20 --out "$OUT"
 else
   echo "no dataset in $DATA_DIR: skipping the data benchmarks (set DATA_DIR)"
 fi

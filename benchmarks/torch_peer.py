@@ -5,8 +5,9 @@
 
 For every batch size: the JAX train and eval steps (affect_jax.train.compile_train_step /
 compile_eval_step, NHWC, float32, SGD Nesterov, the default config's losses) as the
-trainer compiles them (`jax`) and with the XLA:CPU option that sends convolutions to
-Eigen instead of YNNPACK (`jax_eigen`, see docs/PERFORMANCE.md), and the PyTorch peer
+trainer compiles them (`jax`: on CPU with train.CPU_COMPILER_OPTIONS, convolutions on
+Eigen instead of YNNPACK) and with XLA's default options (`jax_xla_defaults`, the
+trainer before that change; see docs/PERFORMANCE.md), and the PyTorch peer
 (benchmarks/torch_resnet.py, eager, NCHW and channels_last) are timed in interleaved
 rounds; medians, the JAX/PyTorch ratio against the faster PyTorch layout,
 and FLOP utilisation against a float32 matmul peak measured in the same run in each
@@ -77,15 +78,8 @@ def xla_flops(compiled) -> float | None:
   return float(analysis["flops"]) if analysis and "flops" in analysis else None
 
 
-# XLA:CPU debug option: the default list of what goes to YNNPACK (reductions, dots,
-# convolutions) less the convolutions, which go to Eigen.
-EIGEN_CONVOLUTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-                      "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
-
-
 class JaxContender:
-  def __init__(self, batch_numpy, batch_size, image_size, dtype="float32",
-               compiler_options=None):
+  def __init__(self, batch_numpy, batch_size, image_size, dtype="float32"):
     config = default.get_config()
     config.input.batch_size = batch_size
     config.input.image_size = image_size
@@ -101,11 +95,8 @@ class JaxContender:
                                            dtype=train.DTYPES[dtype])
     self.batch = train.device_batch(batch_numpy, self.mesh)
     start = time.perf_counter()
-    options = compiler_options or {}
-    self.train_compiled = self.train_fn.lower(self.state, self.batch).compile(
-        compiler_options=options)
-    self.eval_compiled = self.eval_fn.lower(self.state, self.batch).compile(
-        compiler_options=options)
+    self.train_compiled = self.train_fn.lower(self.state, self.batch).compile()
+    self.eval_compiled = self.eval_fn.lower(self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - start
 
   def train(self, steps):
@@ -141,9 +132,9 @@ def measure(batch_size, image_size, rounds, steps, peaks, out):
   batch_numpy = bench_common.synthetic_batch(np.random.default_rng(0), batch_size, image_size)
   load_before = bench_common.load()
   jax_contender = JaxContender(batch_numpy, batch_size, image_size)
-  contenders = {"jax": jax_contender,
-                "jax_eigen": JaxContender(batch_numpy, batch_size, image_size,
-                                          compiler_options=EIGEN_CONVOLUTIONS),
+  with bench_common.xla_default_options():
+    jax_defaults = JaxContender(batch_numpy, batch_size, image_size)
+  contenders = {"jax": jax_contender, "jax_xla_defaults": jax_defaults,
                 "torch_nchw": TorchContender(batch_numpy, channels_last=False),
                 "torch_channels_last": TorchContender(batch_numpy, channels_last=True)}
   for contender in contenders.values():  # warm-up: compile, allocate, tune
@@ -184,9 +175,10 @@ def measure(batch_size, image_size, rounds, steps, peaks, out):
       row[f"{name}_{mode}_utilisation_of_matmul_peak"] = round(gflops / peak, 3)
     best_torch = max(row[f"torch_nchw_{mode}_images_per_s"],
                      row[f"torch_channels_last_{mode}_images_per_s"])
-    for name in ("jax", "jax_eigen"):
+    for name in ("jax", "jax_xla_defaults"):
       row[f"{mode}_ratio_{name}_over_best_torch"] = round(
           row[f"{name}_{mode}_images_per_s"] / best_torch, 3)
+  row["jax_compiler_options"] = train.step_compiler_options(jax_contender.mesh)
   row["load_after"] = bench_common.load()
   bench_common.emit(row, out)
 
