@@ -48,9 +48,10 @@ PAD_3 = ((3, 3), (3, 3))
 # Conv and max_pool, the form for GPU/TPU and the default everywhere; "cpu" replaces the
 # parts that XLA:CPU runs slowly (docs/PERFORMANCE.md has the measurements). Each "cpu"
 # part matches its XLA counterpart in value and gradient alone, and the whole network's
-# outputs and BN updates match, but whole-network parameter gradients were found to
-# differ by up to 10-17% (relative) on 2026-11-25, cause not yet found: until it is,
-# "auto" means "xla" and "cpu" is an explicit, experimental choice.
+# outputs and BN updates match. Whole-network parameter gradients differed by 10-17%
+# (relative, bn1 / conv1) until the max-pool backward pass stopped comparing its input
+# with the forward output (see `max_pool`); they now agree to ~1e-5. "auto" still means
+# "xla" and "cpu" stays an explicit choice.
 IMPLEMENTATIONS = ("auto", "xla", "cpu")
 
 
@@ -93,21 +94,34 @@ def max_pool(x, window, strides, padding):
   order); it is built from strided slices and written back per stride phase, where
   JAX's own gradient of `reduce_window` builds four int32 index arrays the size of the
   padded input and a variadic reduce-window (4.6x slower on XLA:CPU for the stem pool).
+
+  The backward pass finds each window's maximum again from the very taps it then
+  compares with it, and never compares with the forward output: inside a network XLA
+  recomputes the cheap producer of `x` (BN + ReLU) separately for the forward
+  reduce-window and for the backward pass, the two compiled loops round differently,
+  and `tap == forward y` then failed for every tap of some windows, whose gradient was
+  silently dropped (bn1 and conv1 gradients 3-60% off; see
+  test_cpu_and_xla_implementations_compute_the_same_gradients).
   """
-  return _max_pool_forward(x, window, strides, padding)[0]
+  return _reduce_window_max(x, window, strides, padding)
+
+
+def _reduce_window_max(x, window, strides, padding):
+  return lax.reduce_window(x, jnp.asarray(-jnp.inf, x.dtype), lax.max, (1, *window, 1),
+                           (1, *strides, 1), ((0, 0), *padding, (0, 0)))
 
 
 def _max_pool_forward(x, window, strides, padding):
-  y = lax.reduce_window(x, jnp.asarray(-jnp.inf, x.dtype), lax.max, (1, *window, 1),
-                        (1, *strides, 1), ((0, 0), *padding, (0, 0)))
-  return y, (x, y)
+  return _reduce_window_max(x, window, strides, padding), x
 
 
-def _max_pool_backward(window, strides, padding, residuals, g):
-  x, y = residuals
+def _max_pool_backward(window, strides, padding, x, g):
   batch, height, width, channels = x.shape
-  out_h, out_w = y.shape[1:3]
+  out_h, out_w = g.shape[1:3]
   padded = _pad_spatial(x, padding, -jnp.inf)
+  taps = list(_window_taps(padded, window, strides, (out_h, out_w)))
+  # The maximum of these taps is exactly one of them, whatever rounding produced x.
+  y = functools.reduce(jnp.maximum, [tap for _, _, tap in taps])
   # The padded input seen as blocks of strides[0] x strides[1] pixels ("phases"):
   # window offset (i, j) = (a * sh + r, b * sw + q) writes to phase (r, q) of the
   # block shifted by (a, b) from the output position.
@@ -117,7 +131,7 @@ def _max_pool_backward(window, strides, padding, residuals, g):
   zero = jnp.zeros((), g.dtype)
   not_taken = jnp.ones(y.shape, bool)
   phases = {}
-  for i, j, tap in _window_taps(padded, window, strides, (out_h, out_w)):
+  for i, j, tap in taps:
     hit = not_taken & (tap == y)
     not_taken = not_taken & ~hit
     a, r = divmod(i, sh)
