@@ -5,19 +5,31 @@ scikit-learn's f1_score and a NumPy float64 CCC, same data, same run.
       --out benchmarks/results/metrics_vs_sklearn.jsonl
 
 affect_jax: `metrics.batch_statistics` (jitted, one call per batch of `--batch` frames)
-+ `StatisticsAccumulator` + `compute_scores` (expression macro F1 and confusion, per-AU
-F1 at 0.5, AU score histograms for threshold search, CCC of valence and arousal). Two
-figures: with the outputs already on the device (as in the eval step, where they are
-produced there) and including the host-to-device copy of every batch. Reference: the
-same scores with sklearn.metrics.f1_score (masked, macro over the 8 classes with every
-class counted, binary per AU) and CCC in float64 NumPy, on the whole arrays at once.
-Scores are checked to agree. Interleaved rounds, medians.
++ accumulation + `compute_scores` (expression macro F1 and confusion, per-AU F1 at 0.5,
+AU score histograms for threshold search, CCC of valence and arousal). Contenders:
+  affect_jax_on_device     outputs already on the device (as in the eval step), the
+                           statistics of every batch fetched and added on the host
+                           (`StatisticsAccumulator`; the earlier eval loop);
+  affect_jax_device_totals the same, totals kept on the device
+                           (`DeviceStatisticsAccumulator`, one fetch at the end);
+  affect_jax_with_copy     as on_device, plus the host-to-device copy of every batch;
+  baseline_*               on_device / device_totals with `batch_statistics` from
+                           affect_jax/metrics.py at git revision `--baseline-rev` (the
+                           formulation before the XLA:CPU rewrite), loaded with
+                           `git show`; skipped where that fails.
+Reference: the same scores with sklearn.metrics.f1_score (masked, macro over the 8
+classes with every class counted, binary per AU) and CCC in float64 NumPy, on the whole
+arrays at once. Scores of every contender are checked to agree. Interleaved rounds,
+medians.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import subprocess
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -59,8 +71,34 @@ def batches(data: dict, batch: int):
            {k: v[start:start + batch] for k, v in data["labels"].items()})
 
 
-def affect_jax_scores(device_batches, statistics_fn) -> dict:
-  accumulator = metrics.StatisticsAccumulator()
+def load_baseline_metrics(revision: str):
+  """affect_jax/metrics.py at `revision` as a module, or None (not a git checkout)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    source = subprocess.run(["git", "show", f"{revision}:affect_jax/metrics.py"],
+                            cwd=root, check=True, capture_output=True).stdout
+  except (OSError, subprocess.CalledProcessError) as e:
+    print(f"no baseline ({revision}): {e}", file=sys.stderr)
+    return None
+  with tempfile.NamedTemporaryFile("wb", suffix=".py", delete=False) as f:
+    f.write(source)
+  spec = importlib.util.spec_from_file_location("baseline_metrics", f.name)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  os.unlink(f.name)
+  return module
+
+
+def device_totals_scores(device_batches, statistics_fn, module=metrics) -> dict:
+  """`module`: where compute_scores comes from (the baseline's reads its own keys)."""
+  accumulator = metrics.DeviceStatisticsAccumulator()
+  for outputs, labels in device_batches:
+    accumulator.add(statistics_fn(outputs, labels), frames=len(labels["expression"]))
+  return module.compute_scores(accumulator.result())
+
+
+def affect_jax_scores(device_batches, statistics_fn, module=metrics) -> dict:
+  accumulator = module.StatisticsAccumulator()
   pending = None
   for outputs, labels in device_batches:
     statistics = statistics_fn(outputs, labels)
@@ -68,7 +106,7 @@ def affect_jax_scores(device_batches, statistics_fn) -> dict:
       accumulator.add(pending)
     pending = statistics
   accumulator.add(pending)
-  return metrics.compute_scores(accumulator.result())
+  return module.compute_scores(accumulator.result())
 
 
 def sklearn_scores(data: dict, frames: int) -> dict:
@@ -102,6 +140,8 @@ def main():
   parser.add_argument("--batch", type=int, default=8192)
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--out", default=None)
+  parser.add_argument("--baseline-rev", default="3de3617",
+                      help="git revision whose batch_statistics is the baseline peer")
   args = parser.parse_args()
   data = make_data(args.frames)
   frames = args.frames // args.batch * args.batch  # whole batches for both sides
@@ -112,13 +152,23 @@ def main():
   jax.block_until_ready(device_batches)
   contenders = {
       "affect_jax_on_device": lambda: affect_jax_scores(device_batches, statistics_fn),
+      "affect_jax_device_totals": lambda: device_totals_scores(device_batches,
+                                                               statistics_fn),
       "affect_jax_with_copy": lambda: affect_jax_scores(host_batches, statistics_fn),
       "sklearn_numpy": lambda: sklearn_scores(data, frames),
   }
+  baseline = load_baseline_metrics(args.baseline_rev)
+  if baseline is not None:
+    baseline_fn = jax.jit(lambda o, l: baseline.batch_statistics(
+        o, l, num_expr_classes=NUM_CLASSES))
+    contenders["baseline_on_device"] = lambda: affect_jax_scores(
+        device_batches, baseline_fn, baseline)
+    contenders["baseline_device_totals"] = lambda: device_totals_scores(
+        device_batches, baseline_fn, baseline)
   results = {name: fn() for name, fn in contenders.items()}  # warm-up, compile
   reference = results["sklearn_numpy"]
-  agreement = {key: abs(results["affect_jax_on_device"][key] - value)
-               for key, value in reference.items()}
+  agreement = {(name, key): abs(scores[key] - value)
+               for name, scores in results.items() for key, value in reference.items()}
   assert max(agreement.values()) < 1e-6, agreement
   load_before = bench_common.load()
   times = {name: [] for name in contenders}
@@ -130,13 +180,22 @@ def main():
   row.update({"benchmark": "metrics_vs_sklearn", "frames": frames, "batch": args.batch,
               "jax": jax.__version__, "device": jax.devices()[0].device_kind,
               "load_before": load_before,
+              "rounds": args.rounds,
               "max_abs_score_difference": max(agreement.values())})
   for name, values in times.items():
     row[f"{name}_s"] = round(bench_common.median(values), 4)
     row[f"{name}_frames_per_s"] = round(frames / bench_common.median(values))
-  for name in ("affect_jax_on_device", "affect_jax_with_copy"):
-    row[f"{name}_speedup_over_sklearn"] = round(
-        bench_common.median(times["sklearn_numpy"]) / bench_common.median(times[name]), 1)
+  sklearn_s = bench_common.median(times["sklearn_numpy"])
+  for name in contenders:
+    if name != "sklearn_numpy":
+      row[f"{name}_speedup_over_sklearn"] = round(
+          sklearn_s / bench_common.median(times[name]), 1)
+  if baseline is not None:
+    row["baseline_rev"] = args.baseline_rev
+    for how in ("on_device", "device_totals"):
+      row[f"{how}_speedup_over_baseline"] = round(
+          bench_common.median(times[f"baseline_{how}"])
+          / bench_common.median(times[f"affect_jax_{how}"]), 2)
   row["load_after"] = bench_common.load()
   bench_common.emit(row, args.out)
 

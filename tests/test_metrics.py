@@ -268,8 +268,8 @@ def test_best_au_thresholds_match_brute_force_search():
   mask = (rng.random(labels.shape) < 0.9).astype(np.float32)
   mask[:, 3] = 0.0  # an AU with no valid label: F1 0 everywhere, threshold stays 0.5
   statistics = metrics.au_statistics(logits, labels, mask, num_histogram_bins=num_bins)
-  thresholds, best_f1 = metrics.best_au_thresholds(statistics["au_hist_pos"],
-                                                   statistics["au_hist_neg"])
+  histograms = np.asarray(statistics["au_hist"])
+  thresholds, best_f1 = metrics.best_au_thresholds(histograms[:, 1], histograms[:, 0])
   f1_at_half = metrics.compute_scores(statistics)["au_f1_per_au"]
   edges = np.arange(num_bins) / num_bins
   for au in range(NUM_AUS):
@@ -287,7 +287,83 @@ def test_best_au_thresholds_match_brute_force_search():
   assert np.mean(best_f1) > np.mean(f1_at_half) + 0.01  # the search does find gains
 
 
-@pytest.mark.parametrize("num_bins", [7, 100, 200])
+@pytest.mark.parametrize("num_frames", [metrics._EXACT_FLOAT32_SUM_FRAMES,
+                                        metrics._EXACT_FLOAT32_SUM_FRAMES + 1, 40_000])
+def test_integer_statistics_exact_past_float32_integers(num_frames):
+  # Values near +-1 make the VA integer terms ~32^2 per frame: up to 16,384 frames
+  # (summed in float32) the sums stay below 2^24; at 40,000 frames (summed as int32)
+  # they pass it, where float32 sums would drop odd counts. Every integer statistic
+  # must equal NumPy's int64 count.
+  rng = np.random.default_rng(3)
+  va = np.where(rng.random((num_frames, 2)) < 0.9,
+                rng.choice([-1.0, 1.0], (num_frames, 2)) * rng.uniform(0.95, 1.0, (num_frames, 2)),
+                rng.uniform(-1, 1, (num_frames, 2))).astype(np.float32)
+  va_pred = np.clip(va + rng.normal(0, 0.05, va.shape), -1, 1).astype(np.float32)
+  va_mask = rng.random(num_frames) < 0.95
+  labels_expr = rng.integers(0, NUM_CLASSES, num_frames)
+  expr_mask = rng.random(num_frames) < 0.9
+  au = (rng.random((num_frames, NUM_AUS)) < 0.4).astype(np.float32)
+  au_mask = rng.random((num_frames, NUM_AUS)) < 0.9
+  outputs = {"va": va_pred,
+             "expression": rng.normal(size=(num_frames, NUM_CLASSES)).astype(np.float32),
+             "au": away_from_zero(rng.normal(size=au.shape) + au - 0.5).astype(np.float32)}
+  batch = {"valence_arousal": np.where(va_mask[:, None], va, np.nan).astype(np.float32),
+           "va_mask": va_mask.astype(np.float32),
+           "expression": labels_expr.astype(np.int32),
+           "expression_mask": expr_mask.astype(np.float32),
+           "au": au, "au_mask": au_mask.astype(np.float32)}
+  statistics = {k: np.asarray(v) for k, v in statistics_fn(outputs, batch).items()}
+
+  units_x = np.round(np.clip(va_pred[va_mask], -1, 1) * 32).astype(np.int64)
+  units_y = np.round(va[va_mask] * 32).astype(np.int64)
+  expected_va = np.stack([np.full(2, va_mask.sum())] + [
+      terms.sum(0) for terms in (units_x, units_y, units_x * units_x, units_y * units_y,
+                                 units_x * units_y)])
+  if num_frames > 2 * metrics._EXACT_FLOAT32_SUM_FRAMES:
+    assert expected_va[3:].min() > 2 ** 24  # past float32's integers
+  np.testing.assert_array_equal(statistics["va_int"], expected_va)
+
+  predicted = outputs["expression"].argmax(-1)
+  expected_expr = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+  np.add.at(expected_expr, (labels_expr[expr_mask], predicted[expr_mask]), 1)
+  np.testing.assert_array_equal(statistics["expr_confusion"], expected_expr)
+
+  positive, present = au > 0.5, outputs["au"] >= 0  # sigmoid(x) >= 0.5
+  for label in (0, 1):
+    for prediction in (0, 1):
+      np.testing.assert_array_equal(
+          statistics["au_confusion"][:, label, prediction],
+          (au_mask & (positive == label) & (present == prediction)).sum(0))
+  assert_scores_match(metrics.compute_scores(statistics), reference_scores(outputs, batch))
+
+
+def test_histograms_can_be_left_out(data):
+  outputs, batch = data
+  full = metrics.batch_statistics(outputs, batch)
+  without = metrics.batch_statistics(outputs, batch, num_histogram_bins=0)
+  assert set(full) - set(without) == {"au_hist"}
+  for key, value in without.items():
+    np.testing.assert_array_equal(value, full[key], err_msg=key)
+  scores, full_scores = metrics.compute_scores(without), metrics.compute_scores(full)
+  assert set(full_scores) - set(scores) == {"au_best_thresholds", "au_f1_best_thresholds"}
+  assert scores == {k: v for k, v in full_scores.items() if k in scores}
+
+
+@pytest.mark.parametrize("num_bins", [1, 7, 100, 200, 1000])
+def test_bin_edges_are_the_least_scores_of_their_bins(num_bins):
+  edges = metrics.histogram_bin_edges(num_bins)
+  assert edges.dtype == np.float32 and edges[0] == 0.0
+  index = np.arange(num_bins)
+  np.testing.assert_array_equal(np.floor(edges * np.float32(num_bins)), index)
+  below = np.nextafter(edges[1:], np.float32(-1))
+  assert np.all(np.floor(below * np.float32(num_bins)) < index[1:])
+  nearest = (index / num_bins).astype(np.float32)  # j / bins, one float32 rounding
+  assert np.all(np.abs(edges.view(np.int32) - nearest.view(np.int32)) <= 1)
+  if num_bins % 2 == 0:
+    assert edges[num_bins // 2] == 0.5
+
+
+@pytest.mark.parametrize("num_bins", [7, 100, 200, 1000])
 def test_bin_index_is_exact_at_edges(num_bins):
   edges = metrics.histogram_bin_edges(num_bins)
   below = np.nextafter(edges, np.float32(-1))
@@ -303,10 +379,12 @@ def test_histograms_count_every_valid_entry(data):
   statistics = statistics_fn(outputs, batch)
   positives = ((batch["au"] > 0.5) & (batch["au_mask"] > 0)).sum(0)
   negatives = ((batch["au"] < 0.5) & (batch["au_mask"] > 0)).sum(0)
-  np.testing.assert_array_equal(np.asarray(statistics["au_hist_pos"]).sum(-1), positives)
-  np.testing.assert_array_equal(np.asarray(statistics["au_hist_neg"]).sum(-1), negatives)
-  np.testing.assert_array_equal(
-      statistics["au_tp"] + statistics["au_fn"], positives)
+  histograms = np.asarray(statistics["au_hist"])  # [AU, label, bin]
+  np.testing.assert_array_equal(histograms[:, 1].sum(-1), positives)
+  np.testing.assert_array_equal(histograms[:, 0].sum(-1), negatives)
+  confusion = np.asarray(statistics["au_confusion"])  # [AU, label, prediction]
+  np.testing.assert_array_equal(confusion[:, 1].sum(-1), positives)
+  np.testing.assert_array_equal(confusion[:, 0].sum(-1), negatives)
 
 
 def test_errors_are_clear(data):
