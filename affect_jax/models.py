@@ -44,14 +44,14 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 PAD_1 = ((1, 1), (1, 1))
 PAD_3 = ((3, 3), (3, 3))
 
-# Implementations of the same network (same parameters): "xla" writes it with flax's
-# Conv and max_pool, the form for GPU/TPU and the default everywhere; "cpu" replaces the
-# parts that XLA:CPU runs slowly (docs/PERFORMANCE.md has the measurements). Each "cpu"
-# part matches its XLA counterpart in value and gradient alone, and the whole network's
-# outputs and BN updates match. Whole-network parameter gradients differed by 10-17%
-# (relative, bn1 / conv1) until the max-pool backward pass stopped comparing its input
-# with the forward output (see `max_pool`); they now agree to ~1e-5. "auto" still means
-# "xla" and "cpu" stays an explicit choice.
+# Implementations of the same network (same parameters, same results up to float
+# rounding): "xla" writes it with flax's Conv, the form for GPU/TPU; "cpu" replaces the
+# convolutions that XLA:CPU runs slowly (strided 1x1 shortcuts, maps of at most 16
+# pixels; docs/PERFORMANCE.md has the measurements), and is what "auto" picks when JAX's
+# default backend is the CPU. Outputs, BN updates and whole-network gradients agree to
+# ~1e-5 (tests/test_models.py). A custom max-pool gradient was part of "cpu" until
+# 2026-11-25: once made exact (it had dropped windows whose input XLA recomputed with
+# other rounding) it was slower than XLA's own, and was removed.
 IMPLEMENTATIONS = ("auto", "xla", "cpu")
 
 
@@ -60,7 +60,7 @@ def resolve_implementation(implementation: str) -> str:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, "
                      f"got {implementation!r}")
   if implementation == "auto":
-    return "xla"
+    return "cpu" if jax.default_backend() == "cpu" else "xla"
   return implementation
 
 
@@ -84,71 +84,6 @@ def _window_taps(padded, window, strides, out_hw):
 def _pad_spatial(x, padding, value):
   return lax.pad(x, jnp.asarray(value, x.dtype),
                  ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def max_pool(x, window, strides, padding):
-  """NHWC max-pool padded with -inf, as torch's MaxPool2d, with a cheap gradient.
-
-  The gradient goes, like torch's, to the first maximum of each window (row-major
-  order); it is built from strided slices and written back per stride phase, where
-  JAX's own gradient of `reduce_window` builds four int32 index arrays the size of the
-  padded input and a variadic reduce-window (4.6x slower on XLA:CPU for the stem pool).
-
-  The backward pass finds each window's maximum again from the very taps it then
-  compares with it, and never compares with the forward output: inside a network XLA
-  recomputes the cheap producer of `x` (BN + ReLU) separately for the forward
-  reduce-window and for the backward pass, the two compiled loops round differently,
-  and `tap == forward y` then failed for every tap of some windows, whose gradient was
-  silently dropped (bn1 and conv1 gradients 3-60% off; see
-  test_cpu_and_xla_implementations_compute_the_same_gradients).
-  """
-  return _reduce_window_max(x, window, strides, padding)
-
-
-def _reduce_window_max(x, window, strides, padding):
-  return lax.reduce_window(x, jnp.asarray(-jnp.inf, x.dtype), lax.max, (1, *window, 1),
-                           (1, *strides, 1), ((0, 0), *padding, (0, 0)))
-
-
-def _max_pool_forward(x, window, strides, padding):
-  return _reduce_window_max(x, window, strides, padding), x
-
-
-def _max_pool_backward(window, strides, padding, x, g):
-  batch, height, width, channels = x.shape
-  out_h, out_w = g.shape[1:3]
-  padded = _pad_spatial(x, padding, -jnp.inf)
-  taps = list(_window_taps(padded, window, strides, (out_h, out_w)))
-  # The maximum of these taps is exactly one of them, whatever rounding produced x.
-  y = functools.reduce(jnp.maximum, [tap for _, _, tap in taps])
-  # The padded input seen as blocks of strides[0] x strides[1] pixels ("phases"):
-  # window offset (i, j) = (a * sh + r, b * sw + q) writes to phase (r, q) of the
-  # block shifted by (a, b) from the output position.
-  sh, sw = strides
-  blocks_h = max(-(-padded.shape[1] // sh), out_h + (window[0] - 1) // sh)
-  blocks_w = max(-(-padded.shape[2] // sw), out_w + (window[1] - 1) // sw)
-  zero = jnp.zeros((), g.dtype)
-  not_taken = jnp.ones(y.shape, bool)
-  phases = {}
-  for i, j, tap in taps:
-    hit = not_taken & (tap == y)
-    not_taken = not_taken & ~hit
-    a, r = divmod(i, sh)
-    b, q = divmod(j, sw)
-    part = jnp.pad(jnp.where(hit, g, zero),
-                   ((0, 0), (a, blocks_h - out_h - a), (b, blocks_w - out_w - b), (0, 0)))
-    phases[(r, q)] = part if (r, q) not in phases else phases[(r, q)] + part
-  empty = jnp.zeros((batch, blocks_h, blocks_w, channels), g.dtype)
-  rows = [jnp.stack([phases.get((r, q), empty) for q in range(sw)], axis=3)
-          for r in range(sh)]
-  grad_padded = jnp.stack(rows, axis=2).reshape(batch, blocks_h * sh, blocks_w * sw,
-                                                channels)
-  top, left = padding[0][0], padding[1][0]
-  return (grad_padded[:, top:top + height, left:left + width, :],)
-
-
-max_pool.defvjp(_max_pool_forward, _max_pool_backward)
 
 
 def _conv(x, kernel, strides, padding):
@@ -282,11 +217,7 @@ class ResNet(nn.Module):
     x = jnp.asarray(images, self.dtype)
     x = conv(self.num_filters, (7, 7), strides=2, padding=PAD_3, name="conv1")(x)
     x = nn.relu(norm(name="bn1")(x))
-    # Both pad with -inf, as torch's MaxPool2d does.
-    if cpu:
-      x = max_pool(x, (3, 3), (2, 2), PAD_1)
-    else:
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=PAD_1)
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=PAD_1)  # -inf padding, as torch
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1

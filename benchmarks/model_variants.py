@@ -7,12 +7,15 @@ and eval steps, against the PyTorch peer, measured interleaved in one run.
 Contenders (all the default config's ResNet-18 MTL step, float32, 112x112):
   xla            MultiTaskNet(implementation="xla"): flax nn.Conv + nn.max_pool, the
                  formulation before this change (and the one kept for GPU/TPU);
-  cpu_maxpool    "cpu" with only the max-pool replaced (convolutions as in "xla");
-  cpu            MultiTaskNet(implementation="cpu"): max-pool + strided convolutions;
-  *_eigen        the same, compiled with YNNPACK off for convolutions (XLA:CPU's
-                 debug option xla_cpu_experimental_ynn_fusion_type=
+  cpu            MultiTaskNet(implementation="cpu"): strided 1x1 and small-map
+                 convolutions as matmuls (until 2026-11-25 also a custom max-pool
+                 gradient, removed once exact; older rows have a "cpu_maxpool");
+  *_eigen        the same, compiled as the trainer now compiles CPU steps, with
+                 train.CPU_COMPILER_OPTIONS (XLA:CPU's debug option
+                 xla_cpu_experimental_ynn_fusion_type=
                  LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,
-                 i.e. the default less convolutions, which go to Eigen);
+                 i.e. the default less convolutions, which go to Eigen); the others
+                 are compiled with XLA's defaults;
   cpu_vmap1      "cpu", with the step mapped by jax.vmap(axis_size=1) instead of
                  jax.shard_map when the mesh has one device (a train.py change: no
                  all-reduce of the gradients, which XLA:CPU runs as a 45 MB copy);
@@ -27,7 +30,6 @@ import functools
 import os
 import sys
 
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -36,17 +38,6 @@ import bench_common  # noqa: E402
 import torch_peer  # noqa: E402
 from affect_jax import models, train  # noqa: E402
 from configs import default  # noqa: E402
-
-@contextlib.contextmanager
-def convolutions_as_flax():
-  """While tracing: the "cpu" implementation with flax's nn.Conv (max-pool only)."""
-  original = models.CpuConv
-  models.CpuConv = nn.Conv
-  try:
-    yield
-  finally:
-    models.CpuConv = original
-
 
 def compile_train_step_vmap1(mesh, **step_kwargs):
   """The train step for a one-device mesh without shard_map: vmap over a batch axis of
@@ -64,7 +55,7 @@ def compile_train_step_vmap1(mesh, **step_kwargs):
 
 
 class Contender:
-  def __init__(self, batch_numpy, batch_size, implementation, *, trace_context=None,
+  def __init__(self, batch_numpy, batch_size, implementation, *,
                vmap1=False, eigen_convolutions=False):
     config = default.get_config()
     config.input.batch_size = batch_size
@@ -80,7 +71,7 @@ class Contender:
     # convolutions); the other contenders get XLA's defaults.
     options = (contextlib.nullcontext() if eigen_convolutions
                else bench_common.xla_default_options())
-    with trace_context or contextlib.nullcontext(), options:
+    with options:
       self.train_fn = compile_step(mesh, **kwargs).lower(self.state,
                                                          self.batch).compile()
       self.eval_fn = train.compile_eval_step(mesh, num_expr_classes=8, dtype=np.float32
@@ -103,15 +94,13 @@ def main():
   parser.add_argument("--rounds", type=int, default=4)
   parser.add_argument("--steps", type=int, default=1)
   parser.add_argument("--contenders",
-                      default="xla,cpu_maxpool,cpu,cpu_vmap1,xla_eigen,cpu_eigen,torch")
+                      default="xla,cpu,cpu_vmap1,xla_eigen,cpu_eigen,torch")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   batch_numpy = bench_common.synthetic_batch(np.random.default_rng(0), args.batch_size, 112)
   load_before = bench_common.load()
   builders = {
       "xla": lambda: Contender(batch_numpy, args.batch_size, "xla"),
-      "cpu_maxpool": lambda: Contender(batch_numpy, args.batch_size, "cpu",
-                                       trace_context=convolutions_as_flax()),
       "cpu": lambda: Contender(batch_numpy, args.batch_size, "cpu"),
       "xla_eigen": lambda: Contender(batch_numpy, args.batch_size, "xla",
                                      eigen_convolutions=True),
@@ -127,8 +116,7 @@ def main():
     contender.eval(1)
   for mode in ("train", "eval"):
     times = {name: [] for name in names}
-    eval_names = [n for n in names if mode == "train" or n not in ("cpu_maxpool",
-                                                                   "cpu_vmap1")]
+    eval_names = [n for n in names if mode == "train" or n != "cpu_vmap1"]
     for round_index in range(args.rounds):
       order = eval_names if round_index % 2 == 0 else eval_names[::-1]
       for name in order:

@@ -275,19 +275,3 @@ def test_cpu_and_xla_implementations_compute_the_same_gradients():
                                jax.tree.leaves(grads_cpu)):
     relative = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
     assert relative < 1e-4, (jax.tree_util.keystr(path), relative)
-
-
-@pytest.mark.parametrize("size", [17, 18])
-def test_cpu_max_pool_gradient_goes_to_the_first_maximum_as_xla(size):
-  # Rounded values after a ReLU: most windows hold ties (zeros, or equal positives).
-  x = jnp.maximum(jnp.round(_images(batch=2, size=size, seed=5)), 0.0)
-  g = _images(batch=2, size=(size + 1) // 2, seed=6)
-
-  def pooled(pool, x):
-    return jnp.sum(pool(x) * g)
-
-  cpu = jax.jit(jax.grad(functools.partial(
-      pooled, lambda x: models.max_pool(x, (3, 3), (2, 2), models.PAD_1))))(x)
-  xla = jax.jit(jax.grad(functools.partial(
-      pooled, lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=models.PAD_1))))(x)
-  np.testing.assert_allclose(cpu, xla, rtol=1e-6, atol=1e-6)
