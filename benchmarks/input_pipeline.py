@@ -20,7 +20,6 @@ from before's for the same seeds.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -42,24 +41,6 @@ POLICIES = ("none", "basic", "strong", "randaugment")
 # ----------------------------------------------------------------------------------
 
 
-def before_affine_for_crop(rng, size, cfg):
-  area = size * size * rng.uniform(*cfg.crop_scale)
-  log_ratio = rng.uniform(np.log(cfg.crop_ratio[0]), np.log(cfg.crop_ratio[1]))
-  ratio = math.exp(log_ratio)
-  crop_w = min(size, math.sqrt(area * ratio))
-  crop_h = min(size, math.sqrt(area / ratio))
-  centre_x = rng.uniform(crop_w / 2, size - crop_w / 2)
-  centre_y = rng.uniform(crop_h / 2, size - crop_h / 2)
-  angle = math.radians(rng.uniform(-cfg.rotation_degrees, cfg.rotation_degrees))
-  flip = -1.0 if cfg.flip and rng.uniform() < 0.5 else 1.0
-  scale_x, scale_y = crop_w / size * flip, crop_h / size
-  cos, sin = math.cos(angle), math.sin(angle)
-  linear = np.array([[cos * scale_x, -sin * scale_y], [sin * scale_x, cos * scale_y]])
-  offset = np.array([centre_x, centre_y]) - linear @ np.array([size / 2, size / 2])
-  offset += linear @ np.array([0.5, 0.5]) - 0.5
-  return np.hstack([linear, offset[:, None]]).astype(np.float64)
-
-
 def before_jitter_colours(pixels, rng, cfg):
   if cfg.brightness:
     factor = rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)
@@ -79,7 +60,7 @@ def before_augment_image(pixels, rng, cfg, size=ip.IMAGE_SIZE):
   if pixels.shape[:2] != (size, size):
     pixels = cv2.resize(pixels, (size, size), interpolation=cv2.INTER_AREA)
   if cfg.flip or cfg.rotation_degrees or cfg.crop_scale != (1.0, 1.0):
-    pixels = cv2.warpAffine(pixels, before_affine_for_crop(rng, size, cfg), (size, size),
+    pixels = cv2.warpAffine(pixels, ip._affine_for_crop(rng, size, cfg), (size, size),
                             flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                             borderMode=cv2.BORDER_REFLECT_101)
   if cfg.brightness or cfg.contrast or cfg.saturation:
