@@ -559,9 +559,15 @@ def _flat_config(config_dict: dict, prefix: str = "") -> dict:
   return flat
 
 
+# Keys added to the config after runs were written, with the value those runs had: a
+# saved config without the key resumes unless the new value differs.
+ADDED_KEYS = {"input.device_resident": False}
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
   """Keys whose values differ between two configs, ignoring RESUMABLE_CHANGES."""
-  old, new = _flat_config(saved), _flat_config(current)
+  old = {**ADDED_KEYS, **_flat_config(saved)}
+  new = {**ADDED_KEYS, **_flat_config(current)}
   return sorted(k for k in old.keys() | new.keys()
                 if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
 

@@ -71,6 +71,23 @@ def test_workdir_of_another_run_is_refused(tmp_path):
     assert json.load(f)["optimizer"]["learning_rate"] == 0.5
 
 
+def test_a_run_written_before_a_config_key_existed_resumes(tmp_path):
+  config = tiny.get_config()
+  train.check_and_write_config(config, str(tmp_path))
+  with open(tmp_path / "config.json") as f:
+    saved = json.load(f)
+  del saved["input"]["device_resident"]  # as written by an earlier version
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(saved, f)
+  train.check_and_write_config(tiny.get_config(), str(tmp_path))  # resumes
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(saved, f)
+  resident = tiny.get_config()
+  resident.input.device_resident = True  # not what the earlier run did
+  with pytest.raises(ValueError, match="input.device_resident"):
+    train.check_and_write_config(resident, str(tmp_path))
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
