@@ -66,8 +66,9 @@ def split_nbytes(num_records: int, image_size: int = input_pipeline.IMAGE_SIZE) 
 
 
 def _device_memory_limit(mesh: Mesh) -> int | None:
-  stats = mesh.devices.flat[0].memory_stats() if hasattr(mesh.devices.flat[0],
-                                                           "memory_stats") else None
+  # Only this process's devices report their memory.
+  device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
   return (stats or {}).get("bytes_limit")
 
 

@@ -107,10 +107,12 @@ def _environment(devices: int) -> dict:
   return env
 
 
-def test_two_processes_train_exactly_as_one(built_union, tmp_path):
+@pytest.mark.parametrize("device_resident", [False, True])
+def test_two_processes_train_exactly_as_one(built_union, tmp_path, device_resident):
   _, data_dir = built_union
   overrides = {"num_train_steps": 4, "eval_every_steps": 4, "checkpoint_every_steps": 4,
-               "log_every_steps": 2, "checkpoint.asynchronous": False}
+               "log_every_steps": 2, "checkpoint.asynchronous": False,
+               "input.device_resident": device_resident}
   single = str(tmp_path / "one_process")
   multi = str(tmp_path / "two_processes")
   port = _free_port()
