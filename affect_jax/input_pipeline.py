@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 import cv2
 import grain
+from absl import flags
 import numpy as np
 
 # Decoding and augmentation run in grain's worker processes, one image at a time: a
@@ -697,6 +698,10 @@ def as_iterator(ds: grain.MapDataset, worker_count: int = 0,
   """A checkpointable iterator; worker processes decode in parallel when asked."""
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   if worker_count > 0:
+    # grain reads its absl flags when it starts workers: a program that never parsed
+    # absl flags (a notebook, an argparse script) would fail there; their defaults do.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=worker_count, per_worker_buffer_size=worker_buffer_size))
   return iter(it_ds)

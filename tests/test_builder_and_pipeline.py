@@ -3,6 +3,7 @@
 import collections
 import io
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -13,6 +14,8 @@ from PIL import Image
 import tfds_affwild2  # noqa: F401  (registers the builder)
 from affect_jax import input_pipeline as ip
 from tfds_affwild2 import build
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_metadata_counts_equal_the_generated_ground_truth(built_union, synthetic_release):
@@ -84,11 +87,41 @@ def test_order_is_reproducible_and_reshuffled_each_epoch(built_union):
   assert epoch_one != epoch_two
 
 
+WORKER_SCRIPT = """
+import sys
+from affect_jax import input_pipeline as ip
+
+def main():
+  source = ip.open_data_source("affwild2/union", "train", sys.argv[1])
+  ds = ip.train_dataset(source, global_batch_size=4, seed=0,
+                        augment=ip.AugmentConfig.from_policy("basic"))
+  iterator = ip.as_iterator(ds, worker_count=2)
+  print("batch", next(iterator)["image"].shape)
+  iterator.close()
+
+if __name__ == "__main__":
+  main()
+"""
+
+
+def test_worker_processes_start_in_a_program_that_never_parsed_absl_flags(
+    built_union, tmp_path):
+  # grain reads absl flags when it starts workers; an argparse script or a notebook
+  # never parses them (pytest does not either, but other tests may have).
+  script = tmp_path / "read_with_workers.py"
+  script.write_text(WORKER_SCRIPT)
+  log = tmp_path / "log.txt"
+  with open(log, "wb") as out:
+    code = subprocess.run([sys.executable, str(script), built_union[1]], cwd=REPO,
+                          stdout=out, stderr=subprocess.STDOUT, timeout=300).returncode
+  text = log.read_text(errors="replace")
+  assert code == 0, text[-3000:]
+  assert "batch (4, 112, 112, 3)" in text
+
+
 @pytest.mark.parametrize("worker_count", [0, 2])
 def test_resume_from_saved_state_continues_with_identical_batches(built_union,
                                                                   worker_count):
-  from absl import flags
-  flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
   source = train_source(built_union)
   ds = ip.train_dataset(source, global_batch_size=4, seed=5,
                         augment=ip.AugmentConfig.from_policy("strong"))
