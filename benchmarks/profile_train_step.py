@@ -1,0 +1,155 @@
+"""Where XLA spends the trainer's train step: a jax.profiler trace of a few steps, every
+executed HLO operation's time summed by kind, one JSON line.
+
+  taskset -c 0 python benchmarks/profile_train_step.py --batch_size 32 \
+      --out benchmarks/results/profile_train_step.jsonl
+
+The step is the trainer's own (`train.compile_train_step`: default config, ResNet-18,
+float32, 112x112, the implementation "auto" picks and the trainer's compile options).
+On XLA:CPU the per-operation events need `--xla_cpu_enable_xprof_traceme=true`, which
+this script adds to XLA_FLAGS. Each event is mapped to the JAX operation that produced
+it through the compiled HLO's `op_name` metadata and put in one kind:
+convolution (XLA convolutions, any back end), matmul (dots: im2col convolutions, heads),
+max_pool (reduce-window and what XLA expands select-and-scatter into: iotas,
+a broadcast and a variadic reduce-window of the padded input's shape, the scatter), layout (transpose and copy fusions), bn_reduction (reductions
+under a BatchNorm), collective (all-reduce) and elementwise (every other fusion: BN
+normalisation, ReLU, residual adds, the optimizer update). Also the 12 costliest
+operations. Times are per step (the mean over --steps).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_cpu_enable_xprof_traceme=true").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common  # noqa: E402
+from affect_jax import models, train  # noqa: E402
+from configs import default  # noqa: E402
+
+HLO_OP = re.compile(r'^\s*%?([\w.\-]+) = .*?metadata=\{op_name="([^"]*)"')
+KIND_BY_OP_NAME = (  # first match wins
+    ("max_pool", ("reduce_window", "select_and", "max_pool")),
+    ("convolution", ("conv_general_dilated",)),
+    ("matmul", ("dot_general",)),
+    ("collective", ("psum", "all_reduce", "pmean")),
+)
+
+
+def op_names(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name -> the JAX op_name of its metadata."""
+  names = {}
+  for line in hlo_text.splitlines():
+    match = HLO_OP.match(line)
+    if match:
+      names.setdefault(match.group(1), match.group(2))
+  return names
+
+
+def kind_of(event: str, op_name: str) -> str:
+  if event.startswith(("transpose", "copy")) or "transpose_copy" in event:
+    return "layout"
+  if event.startswith("all-reduce"):
+    return "collective"
+  for kind, needles in KIND_BY_OP_NAME:
+    if any(n in op_name for n in needles):
+      return kind
+  if event.startswith(("convolution", "conv_general_dilated")):
+    return "convolution"
+  if event.startswith("dot"):  # e.g. im2col kernel gradients, named by their transpose
+    return "matmul"
+  if event.startswith("wrapped_") and not op_name:
+    # XLA's expansion of select-and-scatter (the max-pool gradient) carries no op_name:
+    # iotas and a broadcast of the padded input's shape, a variadic reduce-window.
+    return "max_pool"
+  if "reduce" in op_name and ("bn" in op_name or "BatchNorm" in op_name):
+    return "bn_reduction"
+  return "elementwise"
+
+
+def traced_op_times(step, state, batch, steps: int) -> tuple[dict, object]:
+  """{HLO operation: total microseconds} over `steps` steps, and the final state."""
+  folder = tempfile.mkdtemp()
+  with jax.profiler.trace(folder, create_perfetto_trace=True):
+    for _ in range(steps):
+      state, _ = step(state, batch)
+    jax.block_until_ready(state)
+  path = sorted(glob.glob(f"{folder}/**/*.trace.json.gz", recursive=True))[-1]
+  with gzip.open(path) as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  times = collections.Counter()
+  for event in events:
+    name = event.get("name", "")
+    if (event.get("ph") == "X" and not name.startswith(("$", "end: "))
+        and "ThunkExecutor" not in name and "PjRt" not in name
+        and not name.startswith(("PjitFunction", "ParseArguments"))):
+      times[name] += event.get("dur", 0)
+  return times, state
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--image_size", type=int, default=112)
+  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args()
+  config = default.get_config()
+  config.input.batch_size = args.batch_size
+  config.input.image_size = args.image_size
+  mesh = train.create_mesh()
+  model = train.create_model(config.model)
+  lr_fn = train.create_learning_rate_fn(config)
+  state = train.create_train_state(config, model, mesh, lr_fn)
+  batch = train.device_batch(bench_common.synthetic_batch(
+      np.random.default_rng(0), args.batch_size, args.image_size), mesh)
+  step = train.compile_train_step(
+      mesh, settings=train.loss_settings_from_config(config, None),
+      learning_rate_fn=lr_fn, dtype=jnp.float32, seed=0)
+  compiled = step.lower(state, batch).compile()
+  names = op_names(compiled.as_text())
+  holder = [compiled(state, batch)[0]]  # the step donates its state: keep the new one
+
+  def untraced_step():
+    holder[0] = jax.block_until_ready(compiled(holder[0], batch)[0])
+
+  untraced_step()
+  load_before = bench_common.load()
+  seconds = bench_common.timed(untraced_step)
+  times, _ = traced_op_times(compiled, holder[0], batch, args.steps)
+  by_kind = collections.Counter()
+  for event, micros in times.items():
+    by_kind[kind_of(event, names.get(event, ""))] += micros
+  per_step_ms = {k: round(v / args.steps / 1000, 1) for k, v in by_kind.most_common()}
+  row = bench_common.machine()
+  row.update({"benchmark": "profile_train_step", "batch_size": args.batch_size,
+              "image_size": args.image_size, "dtype": "float32",
+              "implementation": models.resolve_implementation("auto"),
+              "compiler_options": train.step_compiler_options(mesh),
+              "jax": jax.__version__, "device": jax.devices()[0].device_kind,
+              "load_before": load_before, "step_ms_untraced": round(1000 * seconds, 1),
+              "op_ms_per_step": round(sum(times.values()) / args.steps / 1000, 1),
+              "op_ms_per_step_by_kind": per_step_ms,
+              "costliest_ops_ms": [
+                  [event, names.get(event, "")[-80:], round(v / args.steps / 1000, 1)]
+                  for event, v in times.most_common(12)],
+              "load_after": bench_common.load()})
+  bench_common.emit(row, args.out)
+
+
+if __name__ == "__main__":
+  main()
