@@ -45,13 +45,13 @@ PAD_1 = ((1, 1), (1, 1))
 PAD_3 = ((3, 3), (3, 3))
 
 # Implementations of the same network (same parameters, same results up to float
-# rounding): "xla" writes it with flax's Conv, the form for GPU/TPU; "cpu" replaces the
-# convolutions that XLA:CPU runs slowly (strided 1x1 shortcuts, maps of at most 16
-# pixels; docs/PERFORMANCE.md has the measurements), and is what "auto" picks when JAX's
-# default backend is the CPU. Outputs, BN updates and whole-network gradients agree to
-# ~1e-5 (tests/test_models.py). A custom max-pool gradient was part of "cpu" until
-# 2026-11-25: once made exact (it had dropped windows whose input XLA recomputed with
-# other rounding) it was slower than XLA's own, and was removed.
+# rounding): "xla" writes it with flax's Conv and max_pool, the form for GPU/TPU; "cpu"
+# replaces what XLA:CPU runs slowly (strided 1x1 shortcuts and maps of at most 16 pixels
+# as matmuls, the stem's max-pool as separable strided slices; docs/PERFORMANCE.md has
+# the measurements), and is what "auto" picks when JAX's default backend is the CPU.
+# Outputs, BN updates and whole-network gradients agree to ~1e-5 (tests/test_models.py).
+# An earlier custom_vjp max-pool (2026-11-25) dropped the gradient of windows whose
+# input XLA recomputed with other rounding for the backward pass; it was removed.
 IMPLEMENTATIONS = ("auto", "xla", "cpu")
 
 
@@ -93,6 +93,29 @@ def _conv(x, kernel, strides, padding):
 
 def _output_size(size, kernel, stride, padding):
   return (size + padding[0] + padding[1] - kernel) // stride + 1
+
+
+def _max_of_three_taps(x, axis: int):
+  """Max-pool along `axis`, window 3, stride 2, padding 1 (-inf), as three strided
+  slices and two maxima."""
+  size = x.shape[axis]
+  out = (size + 2 - 3) // 2 + 1
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (1, 1)
+  padded = jnp.pad(x, pad, constant_values=-jnp.inf)
+  taps = [lax.slice_in_dim(padded, k, k + 2 * (out - 1) + 1, 2, axis) for k in range(3)]
+  return jnp.maximum(jnp.maximum(taps[0], taps[1]), taps[2])
+
+
+def max_pool_3x3_stride_2(x):
+  """The stem's max-pool (3x3, stride 2, padding 1 with -inf) as two separable passes of
+  strided slices and maxima: the same values, and the same gradients where a window's
+  maximum is unique. XLA:CPU expands the gradient of `reduce_window` max into int32
+  iotas and a variadic reduce-window over the padded input (228 of ~1,700 ms of a
+  batch-32 step); this form costs ~110 ms less (docs/PERFORMANCE.md). Where a window
+  holds tied maxima, jnp.maximum shares the gradient among them instead of giving it
+  to the first: after the ReLU the ties are zeros, whose ReLU gradient is 0 anyway."""
+  return _max_of_three_taps(_max_of_three_taps(x, 1), 2)
 
 
 def _patches_conv(x, kernel, strides, padding):
@@ -217,7 +240,10 @@ class ResNet(nn.Module):
     x = jnp.asarray(images, self.dtype)
     x = conv(self.num_filters, (7, 7), strides=2, padding=PAD_3, name="conv1")(x)
     x = nn.relu(norm(name="bn1")(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=PAD_1)  # -inf padding, as torch
+    if cpu and train:  # its forward alone is slower than reduce_window's: eval keeps that
+      x = max_pool_3x3_stride_2(x)
+    else:
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=PAD_1)  # -inf padding, as torch
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1

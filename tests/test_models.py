@@ -275,3 +275,24 @@ def test_cpu_and_xla_implementations_compute_the_same_gradients():
                                jax.tree.leaves(grads_cpu)):
     relative = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
     assert relative < 1e-4, (jax.tree_util.keystr(path), relative)
+
+
+@pytest.mark.parametrize("size", [17, 18, 56])
+def test_separable_max_pool_equals_xla_in_values_and_gradients(size):
+  g = _images(batch=2, size=(size + 1) // 2, seed=6)
+
+  def loss(pool, x):
+    return jnp.sum(pool(jax.nn.relu(x)) * g)
+
+  def xla_pool(x):
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=models.PAD_1)
+
+  # continuous values (no positive ties) with half of them zeroed by the ReLU
+  x = _images(batch=2, size=size, seed=5) - 0.5
+  np.testing.assert_array_equal(models.max_pool_3x3_stride_2(x), xla_pool(x))
+  for inputs in (x, jnp.round(x * 4)):  # rounded: ties among zeros and positives
+    np.testing.assert_array_equal(models.max_pool_3x3_stride_2(inputs), xla_pool(inputs))
+  want = jax.grad(functools.partial(loss, xla_pool))(x)
+  got = jax.grad(functools.partial(loss, models.max_pool_3x3_stride_2))(x)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
