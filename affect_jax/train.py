@@ -322,19 +322,21 @@ def step_compiler_options(mesh: Mesh) -> dict:
   return dict(options) if _cpu_accepts(options) else {}
 
 
-def compile_train_step(mesh: Mesh, **step_kwargs):
+def compile_train_step(mesh: Mesh, compiler_options: dict | None = None, **step_kwargs):
+  """The jitted train step; compiler_options default to step_compiler_options(mesh)."""
   step = functools.partial(train_step, **step_kwargs)
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)),
                           out_specs=(P(), P()))
-  return jax.jit(sharded, donate_argnums=(0,),
-                 compiler_options=step_compiler_options(mesh))
+  return jax.jit(sharded, donate_argnums=(0,), compiler_options=(
+      step_compiler_options(mesh) if compiler_options is None else compiler_options))
 
 
-def compile_eval_step(mesh: Mesh, **step_kwargs):
+def compile_eval_step(mesh: Mesh, compiler_options: dict | None = None, **step_kwargs):
   step = functools.partial(eval_step, **step_kwargs)
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)),
                           out_specs=(P(), P(AXIS)))
-  return jax.jit(sharded, compiler_options=step_compiler_options(mesh))
+  return jax.jit(sharded, compiler_options=(
+      step_compiler_options(mesh) if compiler_options is None else compiler_options))
 
 
 def device_batch(local_batch: dict, mesh: Mesh) -> dict:
@@ -422,6 +424,7 @@ class Trainer:
     self.config = config
     self.workdir = workdir
     self.metadata = dataset_metadata(config)
+    self._sources = {}
     config_checks.check_dataset_classes(config, self.metadata.get("expression_names"))
     self.mesh = create_mesh(devices)
     self.local_batch = local_batch_size(config.input.batch_size, self.mesh)
@@ -444,12 +447,17 @@ class Trainer:
   def _label_statistics(self):
     return self.metadata.get("summary", {}).get(self.config.dataset.train_split)
 
-  @functools.cached_property
+  def data_source(self, split: str):
+    """Each split opened (and checked against TFDS's decoding) once per Trainer, not at
+    every evaluation; the data pipeline and the non-finite report share the source."""
+    if split not in self._sources:
+      self._sources[split] = input_pipeline.open_data_source(
+          self.config.dataset.name, split, self.config.dataset.data_dir)
+    return self._sources[split]
+
+  @property
   def train_source(self):
-    """Opened once: the data pipeline and the non-finite report read the same source."""
-    return input_pipeline.open_data_source(self.config.dataset.name,
-                                           self.config.dataset.train_split,
-                                           self.config.dataset.data_dir)
+    return self.data_source(self.config.dataset.train_split)
 
   def train_iterator(self):
     ds = input_pipeline.train_dataset(
@@ -468,9 +476,7 @@ class Trainer:
     return HostFeed(self)
 
   def eval_data(self, split: str | None = None):
-    source = input_pipeline.open_data_source(
-        self.config.dataset.name, split or self.config.dataset.eval_split,
-        self.config.dataset.data_dir)
+    source = self.data_source(split or self.config.dataset.eval_split)
     ds = input_pipeline.eval_dataset(source, local_batch_size=self.local_eval_batch,
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count(),

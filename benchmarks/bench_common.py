@@ -6,7 +6,6 @@ average (`os.getloadavg`, what `uptime` prints) before and after.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -73,16 +72,3 @@ def synthetic_batch(rng, size, image_size):
       "valence_arousal": rng.uniform(-1, 1, (size, 2)).astype(np.float32),
       "va_mask": np.ones(size, np.float32),
   }
-
-
-@contextlib.contextmanager
-def xla_default_options():
-  """While active, affect_jax.train compiles its steps with XLA's default options
-  (without train.CPU_COMPILER_OPTIONS): the 'before' of that change."""
-  from affect_jax import train  # pylint: disable=g-import-not-at-top
-  saved = train.CPU_COMPILER_OPTIONS
-  train.CPU_COMPILER_OPTIONS = {}
-  try:
-    yield
-  finally:
-    train.CPU_COMPILER_OPTIONS = saved

@@ -25,7 +25,6 @@ One JSON line per mode (train, eval) with medians, ratios to "xla" and to torch.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import os
 import sys
@@ -39,7 +38,7 @@ import torch_peer  # noqa: E402
 from affect_jax import models, train  # noqa: E402
 from configs import default  # noqa: E402
 
-def compile_train_step_vmap1(mesh, **step_kwargs):
+def compile_train_step_vmap1(mesh, compiler_options=None, **step_kwargs):
   """The train step for a one-device mesh without shard_map: vmap over a batch axis of
   size 1 gives the named axis (psum, pmean, axis_index) without any collective."""
   if mesh.devices.size != 1:
@@ -51,7 +50,7 @@ def compile_train_step_vmap1(mesh, **step_kwargs):
     new_state, metrics = mapped(state, jax.tree.map(lambda x: x[None], batch))
     return jax.tree.map(lambda x: x[0], (new_state, metrics))
 
-  return jax.jit(single, donate_argnums=(0,))
+  return jax.jit(single, donate_argnums=(0,), compiler_options=compiler_options or {})
 
 
 class Contender:
@@ -68,14 +67,13 @@ class Contender:
     compile_step = compile_train_step_vmap1 if vmap1 else train.compile_train_step
     self.batch = train.device_batch(batch_numpy, mesh)
     # The trainer compiles CPU steps with train.CPU_COMPILER_OPTIONS (Eigen
-    # convolutions); the other contenders get XLA's defaults.
-    options = (contextlib.nullcontext() if eigen_convolutions
-               else bench_common.xla_default_options())
-    with options:
-      self.train_fn = compile_step(mesh, **kwargs).lower(self.state,
-                                                         self.batch).compile()
-      self.eval_fn = train.compile_eval_step(mesh, num_expr_classes=8, dtype=np.float32
-                                             ).lower(self.state, self.batch).compile()
+    # convolutions, its default: None); the other contenders get XLA's defaults ({}).
+    options = None if eigen_convolutions else {}
+    self.train_fn = compile_step(mesh, compiler_options=options, **kwargs).lower(
+        self.state, self.batch).compile()
+    self.eval_fn = train.compile_eval_step(
+        mesh, compiler_options=options, num_expr_classes=8, dtype=np.float32
+    ).lower(self.state, self.batch).compile()
 
   def train(self, steps):
     for _ in range(steps):

@@ -79,7 +79,9 @@ def xla_flops(compiled) -> float | None:
 
 
 class JaxContender:
-  def __init__(self, batch_numpy, batch_size, image_size, dtype="float32"):
+  def __init__(self, batch_numpy, batch_size, image_size, dtype="float32",
+               compiler_options=None):
+    """compiler_options: None, the trainer's; {} XLA's defaults."""
     config = default.get_config()
     config.input.batch_size = batch_size
     config.input.image_size = image_size
@@ -90,9 +92,11 @@ class JaxContender:
     self.state = train.create_train_state(config, model, self.mesh, lr_fn)
     self.train_fn = train.compile_train_step(
         self.mesh, settings=train.loss_settings_from_config(config, None),
-        learning_rate_fn=lr_fn, dtype=train.DTYPES[dtype], seed=0)
+        learning_rate_fn=lr_fn, dtype=train.DTYPES[dtype], seed=0,
+        compiler_options=compiler_options)
     self.eval_fn = train.compile_eval_step(self.mesh, num_expr_classes=8,
-                                           dtype=train.DTYPES[dtype])
+                                           dtype=train.DTYPES[dtype],
+                                           compiler_options=compiler_options)
     self.batch = train.device_batch(batch_numpy, self.mesh)
     start = time.perf_counter()
     self.train_compiled = self.train_fn.lower(self.state, self.batch).compile()
@@ -132,8 +136,7 @@ def measure(batch_size, image_size, rounds, steps, peaks, out):
   batch_numpy = bench_common.synthetic_batch(np.random.default_rng(0), batch_size, image_size)
   load_before = bench_common.load()
   jax_contender = JaxContender(batch_numpy, batch_size, image_size)
-  with bench_common.xla_default_options():
-    jax_defaults = JaxContender(batch_numpy, batch_size, image_size)
+  jax_defaults = JaxContender(batch_numpy, batch_size, image_size, compiler_options={})
   contenders = {"jax": jax_contender, "jax_xla_defaults": jax_defaults,
                 "torch_nchw": TorchContender(batch_numpy, channels_last=False),
                 "torch_channels_last": TorchContender(batch_numpy, channels_last=True)}
