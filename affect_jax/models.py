@@ -95,27 +95,64 @@ def _output_size(size, kernel, stride, padding):
   return (size + padding[0] + padding[1] - kernel) // stride + 1
 
 
-def _max_of_three_taps(x, axis: int):
-  """Max-pool along `axis`, window 3, stride 2, padding 1 (-inf), as three strided
-  slices and two maxima."""
-  size = x.shape[axis]
-  out = (size + 2 - 3) // 2 + 1
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (1, 1)
-  padded = jnp.pad(x, pad, constant_values=-jnp.inf)
-  taps = [lax.slice_in_dim(padded, k, k + 2 * (out - 1) + 1, 2, axis) for k in range(3)]
-  return jnp.maximum(jnp.maximum(taps[0], taps[1]), taps[2])
+def _pool_taps(x):
+  """The nine strided slices (row-major window offsets) of a 3x3, stride-2 max-pool
+  padded by 1 with -inf, as torch's stem pooling."""
+  batch, height, width, channels = x.shape
+  out_h, out_w = _output_size(height, 3, 2, (1, 1)), _output_size(width, 3, 2, (1, 1))
+  padded = _pad_spatial(x, PAD_1, -jnp.inf)
+  return [tap for _, _, tap in _window_taps(padded, (3, 3), (2, 2), (out_h, out_w))]
 
 
+def _max_pool_with_argmax(x):
+  """(max, index 0..8 of the first maximal tap in row-major window order, as torch)."""
+  taps = _pool_taps(x)
+  best, index = taps[0], jnp.zeros(taps[0].shape, jnp.int8)
+  for k, tap in enumerate(taps[1:], start=1):
+    better = tap > best
+    best = jnp.where(better, tap, best)
+    index = jnp.where(better, jnp.int8(k), index)
+  return best, index
+
+
+@jax.custom_vjp
 def max_pool_3x3_stride_2(x):
-  """The stem's max-pool (3x3, stride 2, padding 1 with -inf) as two separable passes of
-  strided slices and maxima: the same values, and the same gradients where a window's
-  maximum is unique. XLA:CPU expands the gradient of `reduce_window` max into int32
-  iotas and a variadic reduce-window over the padded input (228 of ~1,700 ms of a
-  batch-32 step); this form costs ~110 ms less (docs/PERFORMANCE.md). Where a window
-  holds tied maxima, jnp.maximum shares the gradient among them instead of giving it
-  to the first: after the ReLU the ties are zeros, whose ReLU gradient is 0 anyway."""
-  return _max_of_three_taps(_max_of_three_taps(x, 1), 2)
+  """The stem's max-pool (3x3, stride 2, padding 1 with -inf) whose backward pass
+  routes each output's gradient by the window index saved in the forward pass.
+
+  XLA:CPU expands the gradient of `reduce_window` max into int32 iotas and a variadic
+  reduce-window over the padded input (228 of ~1,700 ms of a batch-32 step). Here the
+  backward is nine masked, interior-padded copies of the output gradient summed in one
+  fusion: the stem block's fwd+bwd 361 -> 206 ms (docs/PERFORMANCE.md). The index comes
+  from the same values as the forward's maximum, so no recomputation with other
+  rounding can lose a window's gradient (the bug of an earlier form that compared the
+  recomputed input with the output). Ties go to the first maximal tap, as torch's."""
+  return _max_pool_with_argmax(x)[0]
+
+
+def _max_pool_fwd(x):
+  pooled, index = _max_pool_with_argmax(x)
+  return pooled, (index, x.shape)
+
+
+def _max_pool_bwd(residuals, grad):
+  index, (_, height, width, _) = residuals
+  out_h, out_w = grad.shape[1:3]
+  zero = jnp.zeros((), grad.dtype)
+  total = None
+  for k in range(9):
+    i, j = divmod(k, 3)
+    # Output (r, c) of tap (i, j) reads padded (2r + i, 2c + j) = input (2r + i - 1, ...):
+    # scatter by interior padding (stride 2) with edge padding (negative: cropped).
+    low_h, low_w = i - 1, j - 1
+    placed = lax.pad(jnp.where(index == k, grad, zero), zero,
+                     ((0, 0, 0), (low_h, height - low_h - 2 * out_h + 1, 1),
+                      (low_w, width - low_w - 2 * out_w + 1, 1), (0, 0, 0)))
+    total = placed if total is None else total + placed
+  return (total,)
+
+
+max_pool_3x3_stride_2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def _patches_conv(x, kernel, strides, padding):
@@ -176,6 +213,123 @@ class CpuConv(nn.Module):
     return _conv(x, kernel, strides, padding)
 
 
+def _varying_axes(x) -> frozenset:
+  """Mesh axes over which x varies inside jax.shard_map (empty outside it)."""
+  manual = getattr(jax.typeof(x), "manual_axis_type", None)
+  return frozenset(getattr(manual, "varying", ()))
+
+
+def _as_varying_like(value, x):
+  """`value` marked as varying over x's mesh axes: a custom_vjp's backward pass returns
+  per-device parameter gradients, which shard_map's replication check only accepts for
+  varying inputs; the transpose of this cast then sums them over the devices."""
+  missing = _varying_axes(x) - _varying_axes(value)
+  return lax.pcast(value, tuple(sorted(missing)), to="varying") if missing else value
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def batch_norm_train(x, scale, bias, epsilon: float, axis_name, relu: bool):
+  """Training-mode BatchNorm over (N, H, W) per channel, optionally followed by ReLU,
+  as flax's nn.BatchNorm (fast variance E[x^2] - E[x]^2 clipped at 0, statistics in
+  float32 averaged over `axis_name`) -> (output in x's dtype, batch mean, batch var).
+
+  Autodiff of nn.BatchNorm differentiates through the two means and emits several
+  passes over the activations (52 ms fwd+bwd for the stem's 32x56x56x64 map here); this
+  backward pass is the closed form: two channel sums (one fusion) and one elementwise
+  pass (14 ms). The mean and variance outputs carry no gradient: they feed the running
+  averages only."""
+  return _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name, relu)[0]
+
+
+def _channel_means(values):
+  """[len(values), C]: each value's mean over all but its last axis (one fusion)."""
+  return jnp.stack([v.reshape(-1, v.shape[-1]).mean(0) for v in values])
+
+
+def _global(means, axis_name):
+  """Local means -> means over the global batch (equal shares), one collective."""
+  return lax.pmean(means, axis_name) if axis_name is not None else means
+
+
+def _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name, relu):
+  x32 = x.astype(jnp.float32)
+  mean, mean_square = _global(_channel_means((x32, x32 * x32)), axis_name)
+  var = jnp.maximum(mean_square - mean * mean, 0.0)
+  inverse_std = lax.rsqrt(var + epsilon)
+  gain = scale * inverse_std
+  y = x32 * gain + (bias - mean * gain)
+  if relu:
+    y = jnp.maximum(y, 0.0)
+  y = y.astype(x.dtype)
+  return (y, mean, var), (x, y if relu else None, mean, inverse_std, scale)
+
+
+def _batch_norm_train_bwd(epsilon, axis_name, relu, residuals, cotangents):
+  del epsilon
+  x, y, mean, inverse_std, scale = residuals
+  grad = cotangents[0].astype(jnp.float32)  # the statistics' cotangents are ignored
+  if relu:
+    grad = jnp.where(y > 0, grad, 0.0)
+  x32 = x.astype(jnp.float32)
+  local = _channel_means((grad, grad * x32))
+  mean_grad, mean_grad_x = _global(local, axis_name)
+  # With xhat = (x - mean) inverse_std: mean(g xhat) = inverse_std (mean(g x) - mean mean(g)),
+  # and dx = gain (g - mean(g) - xhat mean(g xhat)) = g gain - x slope - offset.
+  mean_grad_xhat = inverse_std * (mean_grad_x - mean * mean_grad)
+  gain = scale * inverse_std
+  slope = gain * inverse_std * mean_grad_xhat
+  offset = gain * mean_grad - slope * mean
+  grad_x = grad * gain - x32 * slope - offset
+  # The parameter gradients of this device's share of the batch (shard_map sums them).
+  count = x32.size // x32.shape[-1]
+  sum_grad, sum_grad_x = local[0] * count, local[1] * count
+  grad_scale = inverse_std * (sum_grad_x - mean * sum_grad)
+  return (grad_x.astype(x.dtype), grad_scale.astype(scale.dtype),
+          sum_grad.astype(scale.dtype))
+
+
+batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+
+class TrainBatchNorm(nn.Module):
+  """nn.BatchNorm in training mode (same parameters, running averages and results up
+  to float rounding) with `batch_norm_train`'s closed-form backward pass, and an
+  optional ReLU fused in. The "cpu" implementation's BN when training."""
+
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  axis_name: str | None = None
+  scale_init: Any = nn.initializers.ones
+  relu: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    features = x.shape[-1]
+    scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+    initializing = self.is_initializing()
+    x = jnp.asarray(x, self.dtype or x.dtype)
+    y, mean, var = batch_norm_train(
+        x, _as_varying_like(jnp.asarray(scale, jnp.float32), x),
+        _as_varying_like(jnp.asarray(bias, jnp.float32), x), self.epsilon,
+        None if initializing else self.axis_name, self.relu)
+    if not initializing:
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    return y
+
+
+def _norm_relu(norm, name: str, x):
+  """norm(name=name) then a ReLU, fused into one op when norm makes a TrainBatchNorm."""
+  if getattr(norm, "func", None) is TrainBatchNorm:
+    return norm(name=name, relu=True)(x)
+  return nn.relu(norm(name=name)(x))
+
+
 class BasicBlock(nn.Module):
   """torchvision's BasicBlock: two 3x3 convs and a residual, 1x1 conv when shapes change."""
 
@@ -189,7 +343,7 @@ class BasicBlock(nn.Module):
   def __call__(self, x):
     residual = x
     y = self.conv(self.filters, (3, 3), strides=self.strides, padding=PAD_1, name="conv1")(x)
-    y = nn.relu(self.norm(name="bn1")(y))
+    y = _norm_relu(self.norm, "bn1", y)
     y = self.conv(self.filters, (3, 3), padding=PAD_1, name="conv2")(y)
     last_scale_init = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
     y = self.norm(name="bn2", scale_init=last_scale_init)(y)
@@ -233,13 +387,16 @@ class ResNet(nn.Module):
     conv = functools.partial(CpuConv if cpu else nn.Conv, use_bias=False,
                              dtype=self.dtype, param_dtype=jnp.float32,
                              kernel_init=conv_kernel_init)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+    # Training BN with a closed-form backward pass on CPU (eval BN is an affine map).
+    norm = functools.partial(TrainBatchNorm if cpu and train else nn.BatchNorm,
                              momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                              dtype=self.dtype, param_dtype=jnp.float32,
                              axis_name=self.bn_axis_name)
+    if not (cpu and train):
+      norm = functools.partial(norm, use_running_average=not train)
     x = jnp.asarray(images, self.dtype)
     x = conv(self.num_filters, (7, 7), strides=2, padding=PAD_3, name="conv1")(x)
-    x = nn.relu(norm(name="bn1")(x))
+    x = _norm_relu(norm, "bn1", x)
     if cpu and train:  # its forward alone is slower than reduce_window's: eval keeps that
       x = max_pool_3x3_stride_2(x)
     else:
