@@ -98,15 +98,18 @@ def _output_size(size, kernel, stride, padding):
 def _pool_taps(x):
   """The nine strided slices (row-major window offsets) of a 3x3, stride-2 max-pool
   padded by 1 with -inf, as torch's stem pooling."""
-  batch, height, width, channels = x.shape
-  out_h, out_w = _output_size(height, 3, 2, (1, 1)), _output_size(width, 3, 2, (1, 1))
+  out_h, out_w = (_output_size(size, 3, 2, (1, 1)) for size in x.shape[1:3])
   padded = _pad_spatial(x, PAD_1, -jnp.inf)
   return [tap for _, _, tap in _window_taps(padded, (3, 3), (2, 2), (out_h, out_w))]
 
 
 def _max_pool_with_argmax(x):
   """(max, index 0..8 of the first maximal tap in row-major window order, as torch)."""
-  taps = _pool_taps(x)
+  with jax.named_scope("max_pool"):  # names its ops in profiles
+    return _first_maximum(_pool_taps(x))
+
+
+def _first_maximum(taps):
   best, index = taps[0], jnp.zeros(taps[0].shape, jnp.int8)
   for k, tap in enumerate(taps[1:], start=1):
     better = tap > best
@@ -136,7 +139,13 @@ def _max_pool_fwd(x):
 
 
 def _max_pool_bwd(residuals, grad):
-  index, (_, height, width, _) = residuals
+  with jax.named_scope("max_pool"):
+    return _route_to_maxima(*residuals, grad)
+
+
+def _route_to_maxima(index, input_shape, grad):
+  """The input's gradient: each output's gradient added at its window's maximum."""
+  _, height, width, _ = input_shape
   out_h, out_w = grad.shape[1:3]
   zero = jnp.zeros((), grad.dtype)
   total = None

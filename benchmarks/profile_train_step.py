@@ -1,7 +1,7 @@
-"""Where XLA spends the trainer's train step: a jax.profiler trace of a few steps, every
-executed HLO operation's time summed by kind, one JSON line.
+"""Where XLA spends the trainer's train (or eval) step: a jax.profiler trace of a few
+steps, every executed HLO operation's time summed by kind, one JSON line.
 
-  taskset -c 0 python benchmarks/profile_train_step.py --batch_size 32 \
+  taskset -c 0 python benchmarks/profile_train_step.py --batch_size 32 [--mode eval] \
       --out benchmarks/results/profile_train_step.jsonl
 
 The step is the trainer's own (`train.compile_train_step`: default config, ResNet-18,
@@ -106,6 +106,7 @@ def main():
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--image_size", type=int, default=112)
   parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--mode", choices=("train", "eval"), default="train")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   config = default.get_config()
@@ -117,12 +118,16 @@ def main():
   state = train.create_train_state(config, model, mesh, lr_fn)
   batch = train.device_batch(bench_common.synthetic_batch(
       np.random.default_rng(0), args.batch_size, args.image_size), mesh)
-  step = train.compile_train_step(
-      mesh, settings=train.loss_settings_from_config(config, None),
-      learning_rate_fn=lr_fn, dtype=jnp.float32, seed=0)
+  if args.mode == "train":
+    step = train.compile_train_step(
+        mesh, settings=train.loss_settings_from_config(config, None),
+        learning_rate_fn=lr_fn, dtype=jnp.float32, seed=0)
+  else:  # the eval step keeps the state: wrap it to the train step's (state, _) form
+    eval_step = train.compile_eval_step(mesh, num_expr_classes=8, dtype=jnp.float32)
+    step = jax.jit(lambda state, batch: (state, eval_step(state, batch)))
   compiled = step.lower(state, batch).compile()
   names = op_names(compiled.as_text())
-  holder = [compiled(state, batch)[0]]  # the step donates its state: keep the new one
+  holder = [compiled(state, batch)[0]]  # the train step donates its state: keep the new one
 
   def untraced_step():
     holder[0] = jax.block_until_ready(compiled(holder[0], batch)[0])
@@ -136,7 +141,8 @@ def main():
     by_kind[kind_of(event, names.get(event, ""))] += micros
   per_step_ms = {k: round(v / args.steps / 1000, 1) for k, v in by_kind.most_common()}
   row = bench_common.machine()
-  row.update({"benchmark": "profile_train_step", "batch_size": args.batch_size,
+  row.update({"benchmark": "profile_train_step", "mode": args.mode,
+              "batch_size": args.batch_size,
               "image_size": args.image_size, "dtype": "float32",
               "implementation": models.resolve_implementation("auto"),
               "compiler_options": train.step_compiler_options(mesh),
