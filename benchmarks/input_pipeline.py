@@ -6,21 +6,22 @@ workers, so the figure is per core), and where the time goes.
       --batches 20 --rounds 3 --out benchmarks/results/input_pipeline.jsonl
 
 For each policy, interleaved in rounds (the order alternating): the library pipeline
-(affect_jax.input_pipeline: `open_data_source` + `train_dataset`) against the previous
-formulation, kept here as the peer ("before", commit 3de3617's pipeline): records
-through TFDS's data source and its per-record feature decoding, one grain element per
-image (map, then grain's batch), one bilinear warpAffine for any crop or flip, and the
-colour jitter as three cv2.addWeighted + cv2.cvtColor (a saturation to uint8 after each
-step). The library reads the tf.train.Example with protobuf directly
-(`RawExampleSource`), maps one grain element per batch, crops + resizes + flips when
-there is no rotation and applies the colour jitter as one 3x4 colour matrix. Then a
-per-stage breakdown in microseconds per image, and how far the library's images are
-from before's for the same seeds.
+(affect_jax.input_pipeline: `open_data_source` + `train_dataset`) against the same
+module at git revision `--before_rev` (default HEAD: the working tree against the last
+commit), loaded with `git show`, each reading the split through its own
+`open_data_source`. Then a per-stage breakdown in microseconds per image (the
+randaugment policy's draws, warp and each op included), and how far the library's
+images are from the before revision's for the same seeds (0 where a policy did not
+change), and from the same draws applied one op at a time ("unfolded": each RandAugment
+shear / translate its own warp after the colour jitter, as before the geometric ops were
+composed into the crop warp).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import subprocess
 import sys
 import time
 
@@ -34,14 +35,30 @@ import cv2  # noqa: E402
 
 cv2.setNumThreads(1)  # per-core figures; grain parallelises over worker processes
 POLICIES = ("none", "basic", "strong", "randaugment")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def before_module(revision: str):
+  """(affect_jax/input_pipeline.py at `revision` as a module, the commit's hash)."""
+  show = lambda what: subprocess.run(["git", *what], cwd=ROOT, check=True,  # noqa: E731
+                                     capture_output=True).stdout
+  commit = show(["rev-parse", "--short", revision]).decode().strip()
+  source = show(["show", f"{commit}:affect_jax/input_pipeline.py"])
+  spec = importlib.util.spec_from_loader("input_pipeline_before", loader=None)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up there
+  exec(compile(source, f"{commit}:affect_jax/input_pipeline.py", "exec"),  # noqa: S102
+       module.__dict__)
+  return module, commit
 
 
 # ----------------------------------------------------------------------------------
-# Before: the previous formulation of the pipeline (the peer).
+# Reference formulations, for the stage breakdown and the tests.
 # ----------------------------------------------------------------------------------
 
 
 def before_jitter_colours(pixels, rng, cfg):
+  """The colour jitter of 3de3617: three blends, a saturation to uint8 after each."""
   if cfg.brightness:
     factor = rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)
     pixels = cv2.addWeighted(pixels, factor, pixels, 0.0, 0.0)
@@ -56,47 +73,26 @@ def before_jitter_colours(pixels, rng, cfg):
   return pixels
 
 
-def before_augment_image(pixels, rng, cfg, size=ip.IMAGE_SIZE):
-  if pixels.shape[:2] != (size, size):
-    pixels = cv2.resize(pixels, (size, size), interpolation=cv2.INTER_AREA)
-  if cfg.flip or cfg.rotation_degrees or cfg.crop_scale != (1.0, 1.0):
-    pixels = cv2.warpAffine(pixels, ip._affine_for_crop(rng, size, cfg), (size, size),
-                            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                            borderMode=cv2.BORDER_REFLECT_101)
-  if cfg.brightness or cfg.contrast or cfg.saturation:
-    pixels = before_jitter_colours(pixels, rng, cfg)
-  if cfg.randaugment_ops:
-    pixels = ip._randaugment(pixels, rng, cfg)  # pylint: disable=protected-access
-  return np.ascontiguousarray(pixels, np.uint8)
+def warp_crop(pixels, rng, cfg, size=ip.IMAGE_SIZE):
+  """The crop of 3de3617: one 3-channel bilinear warp for any crop or flip."""
+  return cv2.warpAffine(pixels, ip._affine_for_crop(rng, size, cfg), (size, size),
+                        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                        borderMode=cv2.BORDER_REFLECT_101)
 
 
-def before_load_example(record, index, augment, rng, image_size=ip.IMAGE_SIZE):
-  example = ip.record_to_example(record, index)
-  example["image"] = before_augment_image(ip.decode_jpeg(record["image"]), rng, augment,
-                                          image_size)
-  return example
-
-
-class BeforeLoadForTraining(ip.grain.transforms.Map):
-  """(global stream position, record index) -> augmented example: one per element."""
-
-  def __init__(self, source, augment, seed, image_size=ip.IMAGE_SIZE):
-    self._source, self._augment, self._seed = source, augment, seed
-    self._image_size = image_size
-
-  def map(self, element):
-    position, index = element
-    rng = np.random.default_rng([self._seed, position])
-    return before_load_example(self._source[index], index, self._augment, rng,
-                               self._image_size)
-
-
-def before_train_dataset(tfds_source, *, global_batch_size, seed, augment):
-  """The previous train_dataset (one process): map per image, then grain's batch."""
-  order = ip.grain.MapDataset.range(len(tfds_source)).seed(seed).shuffle().repeat(None)
-  ds = ip.ProcessShareOfGlobalBatches(order, global_batch_size, global_batch_size, 0)
-  ds = ds.map(BeforeLoadForTraining(tfds_source, augment, seed))
-  return ds.batch(global_batch_size, drop_remainder=True)
+def unfolded_augment(pixels, rng, cfg, size=ip.IMAGE_SIZE):
+  """The library's draws for one image (same generator, same order) applied one step at
+  a time: the crop warp, the colour matrix, then every RandAugment op in its drawn order,
+  a shear or translate as a warp of its own. For a policy with crop, rotation and
+  colour ("strong", "randaugment")."""
+  crop = ip._crop_draws(rng, size, cfg)
+  colour = ip._colour_draws(rng, cfg)
+  ops = ip._randaugment_draws(rng, cfg) if cfg.randaugment_ops else []
+  pixels = ip._warp(pixels, ip._crop_map(crop, size))
+  pixels = cv2.transform(pixels, ip._colour_matrix(colour, pixels))
+  for name, magnitude in ops:
+    pixels = ip.RANDAUGMENT_OPS[name](pixels, magnitude)
+  return pixels
 
 
 # ----------------------------------------------------------------------------------
@@ -104,16 +100,12 @@ def before_train_dataset(tfds_source, *, global_batch_size, seed, augment):
 # ----------------------------------------------------------------------------------
 
 
-def pipeline_rate(sources, policy: str, batch_size: int, batches: int,
+def pipeline_rate(sources, modules, policy: str, batch_size: int, batches: int,
                   variant: str) -> float:
-  augment = ip.AugmentConfig.from_policy(policy)
-  if variant == "before":
-    ds = before_train_dataset(sources["before"], global_batch_size=batch_size, seed=0,
-                              augment=augment)
-  else:
-    ds = ip.train_dataset(sources["library"], global_batch_size=batch_size, seed=0,
-                          augment=augment)
-  iterator = ip.as_iterator(ds)
+  module = modules[variant]
+  ds = module.train_dataset(sources[variant], global_batch_size=batch_size, seed=0,
+                            augment=module.AugmentConfig.from_policy(policy))
+  iterator = module.as_iterator(ds)
   next(iterator)  # opens files, warms caches
   start = time.perf_counter()
   for _ in range(batches):
@@ -121,97 +113,125 @@ def pipeline_rate(sources, policy: str, batch_size: int, batches: int,
   return batch_size * batches / (time.perf_counter() - start)
 
 
-def stage_breakdown(sources, count: int) -> dict:
-  """Microseconds per image for each stage, over `count` records."""
-  tfds_source, raw = sources["before"], sources["library"]
+def stage_breakdown(sources, modules, tfds_source, count: int) -> dict:
+  """Microseconds per image for each stage, over `count` records. Stages named
+  augment_* include the generator's seeding (rng_seeding); before_* run the before
+  revision's code."""
+  raw, before = sources["library"], modules["before"]
   indices = [int(i) for i in np.random.default_rng(0).permutation(len(raw))[:count]]
   records = [raw[i] for i in indices]
   arrays = [ip.decode_jpeg(r["image"]) for r in records]
   cfg = {policy: ip.AugmentConfig.from_policy(policy) for policy in POLICIES}
+  randaugment = cfg["randaugment"]
   colour = ip.AugmentConfig(brightness=0.3, contrast=0.3, saturation=0.3)
   rngs = lambda: (np.random.default_rng([0, k]) for k in range(count))  # noqa: E731
+  augment = lambda fn, c: lambda: [fn(a, g, c)  # noqa: E731
+                                   for a, g in zip(arrays, rngs())]
+  seeded = list(rngs())
+  drawn = [ip._randaugment_draws(g, randaugment) for g in rngs()]
+  crops = [ip._crop_draws(g, ip.IMAGE_SIZE, randaugment) for g in rngs()]
   stages = {
       "read_record_tfds": lambda: [tfds_source[i] for i in indices],
       "read_record_raw_protobuf": lambda: [raw[i] for i in indices],
       "decode_cv2": lambda: [ip.decode_jpeg(r["image"]) for r in records],
       "rng_seeding": lambda: list(rngs()),
-      "warp_basic_before": lambda: [before_augment_image(a, g, cfg["basic"])
-                                    for a, g in zip(arrays, rngs())],
-      "crop_resize_flip_basic": lambda: [ip.augment_image(a, g, cfg["basic"])
-                                         for a, g in zip(arrays, rngs())],
-      "warp_strong_geometry": lambda: [ip.augment_image(a, g, ip.AugmentConfig(
-          flip=True, crop_scale=(0.7, 1.0), crop_ratio=(0.8, 1.25), rotation_degrees=15))
-          for a, g in zip(arrays, rngs())],
-      "colour_jitter_3_blends_before": lambda: [before_jitter_colours(a, g, colour)
-                                                for a, g in zip(arrays, rngs())],
-      "colour_jitter_1_matrix": lambda: [ip.augment_image(a, g, colour)
-                                         for a, g in zip(arrays, rngs())],
+      "warp_basic_before": augment(warp_crop, cfg["basic"]),
+      "crop_resize_flip_basic": augment(ip.augment_image, cfg["basic"]),
+      "warp_strong_geometry": augment(ip.augment_image, ip.AugmentConfig(
+          flip=True, crop_scale=(0.7, 1.0), crop_ratio=(0.8, 1.25), rotation_degrees=15)),
+      "colour_jitter_3_blends_before": augment(before_jitter_colours, colour),
+      "colour_jitter_1_matrix": augment(ip.augment_image, colour),
+      "augment_strong": augment(ip.augment_image, cfg["strong"]),
+      "augment_randaugment": augment(ip.augment_image, randaugment),
+      "before_augment_randaugment": augment(
+          before.augment_image, before.AugmentConfig.from_policy("randaugment")),
+      # The parts of augment_randaugment beyond augment_strong:
+      "randaugment_draws": lambda: [ip._randaugment_draws(g, randaugment)
+                                    for g in seeded],
+      "randaugment_geometry_map": lambda: [ip._geometry_map(c, o, ip.IMAGE_SIZE)
+                                           for c, o in zip(crops, drawn)],
   }
+  for name, op in ip.RANDAUGMENT_OPS.items():
+    stages[f"op_{name}"] = lambda op=op: [op(a, 0.5) for a in arrays]
   for policy in POLICIES:
-    # The library's whole per-batch load (read, decode, augment, write), without grain.
-    stages[f"load_batch_{policy}"] = (
-        lambda c=cfg[policy]: [ip.load_batch(raw, indices[k:k + 64], c, seed=0,
-                                             positions=range(k, k + 64))
-                               for k in range(0, count - 63, 64)])
+    # The whole per-batch load (read, decode, augment, write), without grain.
+    for prefix, module in (("", ip), ("before_", before)):
+      c = module.AugmentConfig.from_policy(policy)
+      source = sources["library" if module is ip else "before"]
+      stages[f"{prefix}load_batch_{policy}"] = (
+          lambda m=module, s=source, c=c: [
+              m.load_batch(s, indices[k:k + 64], c, seed=0, positions=range(k, k + 64))
+              for k in range(0, count - 63, 64)])
   result = {}
   for name, fn in stages.items():
     fn()
     seconds = min(bench_common.timed(fn) for _ in range(3))
-    images = (count // 64) * 64 if name.startswith("load_batch") else count
+    images = (count // 64) * 64 if "load_batch" in name else count
     result[f"{name}_us"] = round(seconds / max(images, 1) * 1e6, 1)
   return result
 
 
-def agreement(sources, count: int = 64) -> dict:
-  """How far the library's images are from before's for the same seeds and records
-  (the crop box is rounded to whole pixels; the colour saturates once)."""
-  out = {}
+def _diff_stats(pairs) -> tuple[float, float]:
+  diffs = np.stack([np.abs(a.astype(np.int16) - b.astype(np.int16)) for a, b in pairs])
+  return round(float(diffs.mean()), 2), float(np.percentile(diffs, 99))
+
+
+def agreement(sources, modules, count: int = 64) -> dict:
+  """How far the library's images are, for the same records and seeds, from the before
+  revision's (policy_*: 0 / 0 where the policy is unchanged) and, for "randaugment",
+  from the same draws applied one op at a time (randaugment_unfolded_*)."""
+  before, out = modules["before"], {}
+  records = [sources["library"][i] for i in range(count)]
   for policy in POLICIES:
     cfg = ip.AugmentConfig.from_policy(policy)
-    diffs = []
-    for i in range(count):
-      record = sources["library"][i]
-      previous = before_load_example(record, i, cfg, np.random.default_rng([0, i]))
-      now = ip.load_example(record, i, cfg, np.random.default_rng([0, i]))
-      diffs.append(np.abs(previous["image"].astype(np.int16)
-                          - now["image"].astype(np.int16)))
-    diffs = np.stack(diffs)
-    out[f"{policy}_mean_abs_diff"] = round(float(diffs.mean()), 2)
-    out[f"{policy}_p99_abs_diff"] = float(np.percentile(diffs, 99))
+    before_cfg = before.AugmentConfig.from_policy(policy)
+    out[f"{policy}_mean_abs_diff"], out[f"{policy}_p99_abs_diff"] = _diff_stats(
+        (ip.load_example(r, i, cfg, np.random.default_rng([0, i]))["image"],
+         before.load_example(r, i, before_cfg, np.random.default_rng([0, i]))["image"])
+        for i, r in enumerate(records))
+  cfg = ip.AugmentConfig.from_policy("randaugment")
+  arrays = [ip.decode_jpeg(r["image"]) for r in records]
+  out["randaugment_unfolded_mean_abs_diff"], out["randaugment_unfolded_p99_abs_diff"] = \
+      _diff_stats((ip.augment_image(a, np.random.default_rng([0, i]), cfg),
+                   unfolded_augment(a, np.random.default_rng([0, i]), cfg))
+                  for i, a in enumerate(arrays))
   return out
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__)
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--data_dir", required=True)
   parser.add_argument("--dataset", default="affwild2/union")
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--batches", type=int, default=20)
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--policies", default=",".join(POLICIES))
+  parser.add_argument("--before_rev", default="HEAD",
+                      help="git revision whose affect_jax/input_pipeline.py is the peer")
   parser.add_argument("--no_stages", action="store_true",
                       help="skip the per-stage breakdown and the agreement row")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
-  sources = {
-      "library": ip.open_data_source(args.dataset, "train", args.data_dir),
-      "before": ip.open_data_source(args.dataset, "train", args.data_dir, raw=False),
-  }
+  before, commit = before_module(args.before_rev)
+  modules = {"library": ip, "before": before}
+  sources = {variant: module.open_data_source(args.dataset, "train", args.data_dir)
+             for variant, module in modules.items()}
   assert isinstance(sources["library"], ip.RawExampleSource)
   base = bench_common.machine()
   base.update({"benchmark": "input_pipeline", "dataset": args.dataset,
                "records": len(sources["library"]), "batch_size": args.batch_size,
                "batches": args.batches, "rounds": args.rounds,
                "image_size": ip.IMAGE_SIZE, "opencv": cv2.__version__,
-               "before": "previous formulation (3de3617): TFDS decoding, per-image "
-                         "grain map, warp, 3 colour blends"})
+               "before": f"affect_jax/input_pipeline.py at {commit} "
+                         f"(--before_rev {args.before_rev})"})
   variants = ["library", "before"]
   for policy in args.policies.split(","):
     load_before = bench_common.load()
     rates = {variant: [] for variant in variants}
     for round_index in range(args.rounds):
       for variant in (variants if round_index % 2 == 0 else variants[::-1]):
-        rates[variant].append(pipeline_rate(sources, policy, args.batch_size,
+        rates[variant].append(pipeline_rate(sources, modules, policy, args.batch_size,
                                             args.batches, variant))
     row = dict(base, policy=policy, load_before=load_before)
     row["images_per_s_per_core"] = round(bench_common.median(rates["library"]))
@@ -224,8 +244,9 @@ def main():
   if args.no_stages:
     return
   row = dict(base, policy="stages", load_before=bench_common.load())
-  row.update(stage_breakdown(sources, 512))
-  row.update(agreement(sources))
+  tfds_source = ip.open_data_source(args.dataset, "train", args.data_dir, raw=False)
+  row.update(stage_breakdown(sources, modules, tfds_source, 512))
+  row.update(agreement(sources, modules))
   row["load_after"] = bench_common.load()
   bench_common.emit(row, args.out)
 

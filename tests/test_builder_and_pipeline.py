@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -201,31 +202,22 @@ def test_augmentation_policies():
 
 
 def test_crop_keeps_content_where_it_was_and_jitter_keeps_grey_grey():
-  # A centred crop of scale 1 with a flip is an exact mirror (pixel-centre bookkeeping).
+  # A centred crop of scale 1 with a flip is an exact mirror (pixel-centre bookkeeping),
+  # as an integer crop and as a warp.
   rng = np.random.default_rng(3)
   pixels = rng.integers(0, 255, (112, 112, 3), np.uint8)
-  flipped = ip.augment_image(pixels, MidpointDraws(), ip.AugmentConfig(flip=True))
-  np.testing.assert_array_equal(flipped, pixels[:, ::-1])
+  centred_flip = (112.0, 112.0, 56.0, 56.0, 0.0, True)  # `_crop_draws`' tuple
+  np.testing.assert_array_equal(ip._crop_resize_flip(pixels, centred_flip, 112),
+                                pixels[:, ::-1])
+  np.testing.assert_array_equal(ip._warp(pixels, ip._crop_map(centred_flip, 112)),
+                                pixels[:, ::-1])
   grey = np.full((112, 112, 3), 100, np.uint8)
   jittered = ip._jitter_colours(grey, np.random.default_rng(0), ip.AugmentConfig(
       brightness=0.3, contrast=0.3, saturation=0.3))
   assert np.all(jittered == jittered[0, 0, 0])  # grey stays grey, only its level moves
-  bright = ip._jitter_colours(np.full((4, 4, 3), 200, np.uint8), HighestDraws(),
-                              ip.AugmentConfig(brightness=0.5))
-  assert np.all(bright == 255)  # saturates instead of wrapping around
-
-
-class MidpointDraws:
-  """Every range's midpoint; a bare uniform() (the flip coin) gives 0: flip on."""
-
-  def uniform(self, low=0.0, high=1.0):
-    return 0.0 if (low, high) == (0.0, 1.0) else (low + high) / 2
-
-
-class HighestDraws:
-
-  def uniform(self, low=0.0, high=1.0):
-    return high
+  bright = np.full((4, 4, 3), 200, np.uint8)
+  brighter = cv2.transform(bright, ip._colour_matrix((1.5, 1.0, 1.0), bright))
+  assert np.all(brighter == 255)  # saturates instead of wrapping around
 
 
 def test_normalize_images_uses_imagenet_statistics():

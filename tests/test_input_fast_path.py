@@ -1,7 +1,10 @@
 """The input pipeline's fast path: records parsed from the raw tf.train.Example (no TFDS
 feature decoding), crop + resize + flip instead of a warp when there is no rotation,
-colour jitter as one colour matrix, one grain element per batch. Each is checked
-against the formulation it replaced."""
+colour jitter as one colour matrix, one grain element per batch, vectorised draws, the
+warp done in RGBA, RandAugment's shears and translations composed into the crop warp.
+Each is checked against the formulation it replaced."""
+import collections
+import math
 import pickle
 import sys
 import types
@@ -12,8 +15,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from affect_jax import input_pipeline as ip
-# The benchmark keeps the replaced formulation as its peer; the tests compare with it.
-from benchmarks.input_pipeline import before_jitter_colours
+# The benchmark keeps the replaced formulations; the tests compare with them.
+from benchmarks.input_pipeline import before_jitter_colours, unfolded_augment
 
 
 def _sources(built_union, split="train"):
@@ -102,12 +105,11 @@ def _warp_geometry(pixels, rng, cfg, size=ip.IMAGE_SIZE):
 
 
 def _previous_augment(pixels, rng, cfg):
+  """Geometry and colour of 3de3617: a warp for any crop or flip, three colour blends."""
   if cfg.flip or cfg.rotation_degrees or cfg.crop_scale != (1.0, 1.0):
     pixels = _warp_geometry(pixels, rng, cfg)
   if cfg.brightness or cfg.contrast or cfg.saturation:
     pixels = before_jitter_colours(pixels, rng, cfg)
-  if cfg.randaugment_ops:
-    pixels = ip._randaugment(pixels, rng, cfg)
   return pixels
 
 
@@ -156,12 +158,11 @@ def test_one_colour_matrix_is_close_to_three_blends(built_union):
   # then less contrasted differ most: the old form clipped at 255 in between), and the
   # grey mean of the unclipped image.
   assert np.mean(diffs) < 1.0 and max(diffs) < 5.0, diffs
-  for policy, bound in (("strong", 1.0), ("randaugment", 1.5)):
-    cfg = ip.AugmentConfig.from_policy(policy)
-    diffs = [_mean_abs_diff(ip.augment_image(p, np.random.default_rng([5, k]), cfg),
-                            _previous_augment(p, np.random.default_rng([5, k]), cfg))
-             for k, p in enumerate(_face_images(built_union))]
-    assert np.mean(diffs) < bound, (policy, diffs)
+  cfg = ip.AugmentConfig.from_policy("strong")
+  diffs = [_mean_abs_diff(ip.augment_image(p, np.random.default_rng([5, k]), cfg),
+                          _previous_augment(p, np.random.default_rng([5, k]), cfg))
+           for k, p in enumerate(_face_images(built_union))]
+  assert np.mean(diffs) < 1.0, diffs
 
 
 def test_batches_are_the_stacked_examples_of_the_per_image_formulation(built_union):
@@ -270,3 +271,209 @@ def test_lookup_table_ops_equal_their_array_formulas():
       np.testing.assert_array_equal(
           ip.RANDAUGMENT_OPS["solarize"](pixels, magnitude),
           np.where(pixels < threshold, pixels, 255 - pixels).astype(np.uint8))
+
+
+# Vectorised draws and the warp in RGBA: "none", "basic" and "strong" keep their images.
+
+
+def _scalar_crop_draws(rng, size, cfg):
+  """The crop draws as they were defined (9e5a2c9): one Generator.uniform call each."""
+  area = size * size * rng.uniform(*cfg.crop_scale)
+  log_ratio = rng.uniform(np.log(cfg.crop_ratio[0]), np.log(cfg.crop_ratio[1]))
+  ratio = math.exp(log_ratio)
+  crop_w = min(size, math.sqrt(area * ratio))
+  crop_h = min(size, math.sqrt(area / ratio))
+  centre_x = rng.uniform(crop_w / 2, size - crop_w / 2)
+  centre_y = rng.uniform(crop_h / 2, size - crop_h / 2)
+  angle = math.radians(rng.uniform(-cfg.rotation_degrees, cfg.rotation_degrees))
+  flip = bool(cfg.flip and rng.uniform() < 0.5)
+  return crop_w, crop_h, centre_x, centre_y, angle, flip
+
+
+def _scalar_colour_draws(rng, cfg):
+  return tuple(rng.uniform(1 - s, 1 + s) if s else 1.0
+               for s in (cfg.brightness, cfg.contrast, cfg.saturation))
+
+
+def _scalar_draw_augment(pixels, rng, cfg, size=ip.IMAGE_SIZE):
+  """basic / strong with the scalar draws and a 3-channel warp."""
+  crop = _scalar_crop_draws(rng, size, cfg)
+  if cfg.rotation_degrees:
+    pixels = cv2.warpAffine(pixels, ip._crop_map(crop, size), (size, size),
+                            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                            borderMode=cv2.BORDER_REFLECT_101)
+  else:
+    pixels = ip._crop_resize_flip(pixels, crop, size)
+  if cfg.brightness or cfg.contrast or cfg.saturation:
+    factors = _scalar_colour_draws(rng, cfg)
+    pixels = cv2.transform(pixels, ip._colour_matrix(factors, pixels))
+  return pixels
+
+
+def test_vectorised_draws_and_rgba_warp_keep_the_images_of_basic_and_strong(built_union):
+  configs = [ip.AugmentConfig.from_policy(p) for p in ("basic", "strong", "randaugment")]
+  configs += [ip.AugmentConfig(flip=True),
+              ip.AugmentConfig(crop_scale=(0.5, 0.9), crop_ratio=(0.75, 1.33)),
+              ip.AugmentConfig(contrast=0.4),
+              ip.AugmentConfig(brightness=0.2, saturation=0.5)]
+  for cfg in configs:
+    for seed in range(300):
+      new, old = np.random.default_rng(seed), np.random.default_rng(seed)
+      if cfg.flip or cfg.crop_scale != (1.0, 1.0):
+        assert ip._crop_draws(new, 112, cfg) == _scalar_crop_draws(old, 112, cfg), seed
+      if cfg.brightness or cfg.contrast or cfg.saturation:
+        assert ip._colour_draws(new, cfg) == _scalar_colour_draws(old, cfg), seed
+      assert new.random() == old.random()  # both took the same number of draws
+  for policy in ("basic", "strong"):
+    cfg = ip.AugmentConfig.from_policy(policy)
+    for k, pixels in enumerate(_face_images(built_union)):
+      for seed in range(4):
+        np.testing.assert_array_equal(
+            ip.augment_image(pixels, np.random.default_rng([k, seed]), cfg),
+            _scalar_draw_augment(pixels, np.random.default_rng([k, seed]), cfg))
+
+
+def test_rgba_warp_equals_a_three_channel_warp():
+  rng = np.random.default_rng(11)
+  cfg = ip.AugmentConfig.from_policy("randaugment")
+  for k in range(200):
+    size = (112, 64, 97)[k % 3]
+    pixels = rng.integers(0, 256, (size, size, 3), np.uint8)
+    ops = ip._randaugment_draws(rng, cfg)
+    matrix = ip._geometry_map(ip._crop_draws(rng, size, cfg), ops, size)
+    np.testing.assert_array_equal(
+        ip._warp(pixels, matrix),
+        cv2.warpAffine(pixels, matrix, (size, size),
+                       flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                       borderMode=cv2.BORDER_REFLECT_101), err_msg=str(k))
+
+
+# RandAugment: shears and translations composed into the crop warp.
+
+
+def _smooth_image(size=ip.IMAGE_SIZE):
+  """Low-frequency colour waves, on which bilinear interpolation is nearly exact."""
+  y, x = np.mgrid[0:size, 0:size].astype(np.float64)
+  waves = [127.5 + 100 * np.sin(x / 9 + phase) * np.cos(y / 7 - phase)
+           for phase in (0.0, 1.0, 2.0)]
+  return np.rint(np.stack(waves, -1)).astype(np.uint8)
+
+
+def _op_warp_matrix(name, magnitude, size):
+  """The forward (input -> output) matrix a geometric op was warped with on its own
+  before it was composed into the crop warp (about the image's centre)."""
+  centre = (size - 1) / 2
+  a, shift = 0.3 * magnitude, 0.2 * magnitude * size
+  return np.array({"shear_x": [[1, a, -a * centre], [0, 1, 0]],
+                   "shear_y": [[1, 0, 0], [a, 1, -a * centre]],
+                   "translate_x": [[1, 0, shift], [0, 1, 0]],
+                   "translate_y": [[1, 0, 0], [0, 1, shift]]}[name], np.float64)
+
+
+def _two_step(pixels, crop, ops, size):
+  """The crop warp, then one warp per geometric op (as before the fold), and the mask of
+  output pixels whose samples stay >= 1 pixel inside the image at every step (where
+  the mirrored borders play no part)."""
+  pixels = cv2.warpAffine(pixels, ip._crop_map(crop, size), (size, size),
+                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_REFLECT_101)
+  for name, magnitude in ops:
+    pixels = cv2.warpAffine(pixels, _op_warp_matrix(name, magnitude, size), (size, size),
+                            flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+  y, x = np.mgrid[0:size, 0:size].astype(np.float64)
+  points = np.stack([x.ravel(), y.ravel(), np.ones(size * size)])
+  inside = np.ones(size * size, bool)
+  maps = [cv2.invertAffineTransform(_op_warp_matrix(n, m, size)) for n, m in ops]
+  for matrix in maps[::-1] + [ip._crop_map(crop, size)]:  # walked back from the output
+    points = np.vstack([matrix @ points, np.ones(size * size)])
+    inside &= np.all((points[:2] >= 1) & (points[:2] <= size - 2), axis=0)
+  return pixels, inside.reshape(size, size)
+
+
+def test_geometric_ops_folded_into_the_crop_warp_equal_warping_after_it():
+  size, pixels = ip.IMAGE_SIZE, _smooth_image()
+  cfg = ip.AugmentConfig.from_policy("randaugment")
+  names = sorted(ip.GEOMETRIC_OPS)
+  cases = [[(name, sign * 0.5)] for name in names for sign in (1, -1)]
+  cases += [[(a, 0.5), (b, -0.5)] for a in names for b in names if a != b]
+  for k, ops in enumerate(cases):
+    crop = ip._crop_draws(np.random.default_rng(k), size, cfg)
+    folded = ip._warp(pixels, ip._geometry_map(crop, ops, size))
+    reference, inside = _two_step(pixels, crop, ops, size)
+    assert inside.mean() > 0.3, ops
+    diff = np.abs(folded.astype(np.int16) - reference)[inside]
+    # One interpolation against two (and one uint8 rounding less): a few levels at most.
+    assert diff.max() <= 3 and diff.mean() < 0.5, (ops, diff.max(), diff.mean())
+    # Opposite signs (or a wrong centre or axis) land pixels elsewhere: far off.
+    wrong = ip._warp(pixels, ip._geometry_map(crop, [(n, -m) for n, m in ops], size))
+    assert np.abs(wrong.astype(np.int16) - reference)[inside].mean() > 10, ops
+
+
+def test_whole_pixel_shifts_compose_exactly():
+  size = 100  # translations of 0.2 * 0.5 * 100 = 10 pixels
+  pixels = np.random.default_rng(0).integers(0, 256, (size, size, 3), np.uint8)
+  crop = (size, size, size / 2 + 3, size / 2 - 4, 0.0, False)  # content moves (-3, +4)
+  ops = [("translate_x", 0.5), ("translate_y", -0.5)]  # then (+10, -10)
+  folded = ip._warp(pixels, ip._geometry_map(crop, ops, size))
+  expected = np.roll(pixels, (4 - 10, -3 + 10), axis=(0, 1))
+  np.testing.assert_array_equal(folded[15:85, 15:85], expected[15:85, 15:85])
+  reference, inside = _two_step(pixels, crop, ops, size)
+  assert inside.sum() > 60 * 60
+  np.testing.assert_array_equal(folded[inside], reference[inside])
+
+
+def test_shears_are_about_the_image_centre():
+  size = 111  # an odd size has a centre row and column
+  pixels = np.random.default_rng(1).integers(0, 256, (size, size, 3), np.uint8)
+  sheared = ip.RANDAUGMENT_OPS["shear_x"](pixels, 0.5)  # x + 0.15 (y - 55)
+  np.testing.assert_array_equal(sheared[55], pixels[55])
+  np.testing.assert_array_equal(sheared[75, 10:-10], pixels[75, 7:-13])  # 3 px right
+  np.testing.assert_array_equal(sheared[35, 10:-10], pixels[35, 13:-7])  # 3 px left
+  sheared = ip.RANDAUGMENT_OPS["shear_y"](pixels, -0.5)  # y - 0.15 (x - 55)
+  np.testing.assert_array_equal(sheared[:, 55], pixels[:, 55])
+  np.testing.assert_array_equal(sheared[10:-10, 75], pixels[13:-7, 75])  # 3 px up
+
+
+def test_randaugment_draws_every_op_uniformly_and_none_twice():
+  cfg = ip.AugmentConfig.from_policy("randaugment")
+  draws = [ip._randaugment_draws(np.random.default_rng(s), cfg) for s in range(3000)]
+  names = sorted(ip.RANDAUGMENT_OPS)
+  assert len(names) == 9 and set(ip.GEOMETRIC_OPS) | set(ip.PHOTOMETRIC_OPS) == set(names)
+  assert all(len(d) == 2 and d[0][0] != d[1][0] for d in draws)
+  counts = collections.Counter(name for d in draws for name, _ in d)
+  expected = 3000 * 2 / 9
+  assert set(counts) == set(names)
+  assert all(abs(c - expected) < 0.15 * expected for c in counts.values()), counts
+  assert len(collections.Counter((d[0][0], d[1][0]) for d in draws)) == 9 * 8
+  assert set((name, m) for d in draws for name, m in d) == {
+      (name, m) for name in names for m in (0.5, -0.5)}
+  assert draws[7] == ip._randaugment_draws(np.random.default_rng(7), cfg)
+
+
+def _drawn_ops(seed, cfg, size=ip.IMAGE_SIZE):
+  rng = np.random.default_rng(seed)
+  ip._crop_draws(rng, size, cfg)
+  ip._colour_draws(rng, cfg)
+  return ip._randaugment_draws(rng, cfg)
+
+
+def test_randaugment_applies_its_drawn_ops_geometry_in_the_crop_warp(built_union):
+  cfg = ip.AugmentConfig.from_policy("randaugment")
+  exact, folded, shifted = 0, [], []
+  for k, pixels in enumerate(_face_images(built_union)):
+    for seed in range(4):
+      image = ip.augment_image(pixels, np.random.default_rng([k, seed]), cfg)
+      unfolded = unfolded_augment(pixels, np.random.default_rng([k, seed]), cfg)
+      if any(name in ip.GEOMETRIC_OPS for name, _ in _drawn_ops([k, seed], cfg)):
+        folded.append(_mean_abs_diff(image, unfolded))
+        shifted.append(_mean_abs_diff(image, unfolded_augment(
+            pixels, np.random.default_rng([k, seed + 100]), cfg)))
+      else:  # photometric ops only: the same steps in the same order
+        np.testing.assert_array_equal(image, unfolded)
+        exact += 1
+  assert exact > 20 and len(folded) > 20
+  # Geometric ops first (before the colour jitter and the photometric ops), one
+  # interpolation, the source's border mirrored: close to warping again afterwards,
+  # far from another draw.
+  assert np.mean(folded) < 4.0 and np.mean(shifted) > 4 * np.mean(folded), (
+      np.mean(folded), np.mean(shifted))
