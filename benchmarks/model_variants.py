@@ -16,6 +16,10 @@ Contenders (all the default config's ResNet-18 MTL step, float32, 112x112):
                  LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,
                  i.e. the default less convolutions, which go to Eigen); the others
                  are compiled with XLA's defaults;
+  cpu_eigen_at_REV  "cpu_eigen" with affect_jax/models.py as it was at git revision
+                 REV (--before_rev, e.g. 9e5a2c9: flax BN and the separable max-pool
+                 before TrainBatchNorm and the index-routed max-pool): a same-run
+                 before/after of a models.py change;
   cpu_vmap1      "cpu", with the step mapped by jax.vmap(axis_size=1) instead of
                  jax.shard_map when the mesh has one device (a train.py change: no
                  all-reduce of the gradients, which XLA:CPU runs as a 45 MB copy);
@@ -25,9 +29,12 @@ One JSON line per mode (train, eval) with medians, ratios to "xla" and to torch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
+import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -53,13 +60,33 @@ def compile_train_step_vmap1(mesh, compiler_options=None, **step_kwargs):
   return jax.jit(single, donate_argnums=(0,), compiler_options=compiler_options or {})
 
 
+def models_at(revision: str):
+  """affect_jax/models.py as it was at a git revision, loaded as its own module."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  source = subprocess.run(["git", "show", f"{revision}:affect_jax/models.py"], cwd=root,
+                          capture_output=True, text=True, check=True).stdout
+  module = types.ModuleType(f"models_at_{revision}")
+  sys.modules[module.__name__] = module  # dataclasses look their module up
+  exec(compile(source, f"models.py@{revision}", "exec"), module.__dict__)  # noqa: S102
+  return module
+
+
+def same_model_from(module, model):
+  """`model` (a MultiTaskNet) rebuilt with another module's MultiTaskNet."""
+  cls = module.MultiTaskNet
+  return cls(**{f.name: getattr(model, f.name) for f in dataclasses.fields(cls)
+                if f.init and f.name not in ("parent", "name")})
+
+
 class Contender:
   def __init__(self, batch_numpy, batch_size, implementation, *,
-               vmap1=False, eigen_convolutions=False):
+               vmap1=False, eigen_convolutions=False, models_module=None):
     config = default.get_config()
     config.input.batch_size = batch_size
     mesh = train.create_mesh()
     model = train.create_model(config.model).clone(implementation=implementation)
+    if models_module is not None:
+      model = same_model_from(models_module, model)
     lr_fn = train.create_learning_rate_fn(config)
     self.state = train.create_train_state(config, model, mesh, lr_fn)
     kwargs = dict(settings=train.loss_settings_from_config(config, None),
@@ -93,6 +120,8 @@ def main():
   parser.add_argument("--steps", type=int, default=1)
   parser.add_argument("--contenders",
                       default="xla,cpu,cpu_vmap1,xla_eigen,cpu_eigen,torch")
+  parser.add_argument("--before_rev", default="9e5a2c9",
+                      help="git revision of models.py for cpu_eigen_at_REV")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   batch_numpy = bench_common.synthetic_batch(np.random.default_rng(0), args.batch_size, 112)
@@ -106,6 +135,9 @@ def main():
                                      eigen_convolutions=True),
       "cpu_vmap1": lambda: Contender(batch_numpy, args.batch_size, "cpu", vmap1=True),
       "torch": lambda: torch_peer.TorchContender(batch_numpy, channels_last=True),
+      f"cpu_eigen_at_{args.before_rev}": lambda: Contender(
+          batch_numpy, args.batch_size, "cpu", eigen_convolutions=True,
+          models_module=models_at(args.before_rev)),
   }
   names = args.contenders.split(",")
   contenders = {name: builders[name]() for name in names}
@@ -129,7 +161,7 @@ def main():
       row[f"{name}_images_per_s"] = round(args.batch_size / medians[name], 2)
       row[f"{name}_images_per_s_best"] = round(args.batch_size / min(times[name]), 2)
       row[f"{name}_s_per_step_all"] = [round(t, 3) for t in times[name]]
-      for peer in ("xla", "torch"):
+      for peer in ("xla", "torch", f"cpu_eigen_at_{args.before_rev}"):
         if name != peer and peer in medians:
           # Paired: the ratio within each round (same load), then the median over
           # rounds; and the ratio of the best times (interference only slows down).
