@@ -119,23 +119,27 @@ def main():
   batch = train.device_batch(bench_common.synthetic_batch(
       np.random.default_rng(0), args.batch_size, args.image_size), mesh)
   if args.mode == "train":
-    step = train.compile_train_step(
+    compiled = train.compile_train_step(
         mesh, settings=train.loss_settings_from_config(config, None),
-        learning_rate_fn=lr_fn, dtype=jnp.float32, seed=0)
-  else:  # the eval step keeps the state: wrap it to the train step's (state, _) form
-    eval_step = train.compile_eval_step(mesh, num_expr_classes=8, dtype=jnp.float32)
-    step = jax.jit(lambda state, batch: (state, eval_step(state, batch)))
-  compiled = step.lower(state, batch).compile()
+        learning_rate_fn=lr_fn, dtype=jnp.float32, seed=0).lower(state, batch).compile()
+    step = compiled  # (state, batch) -> (new state, metrics); it donates the state
+  else:
+    compiled = train.compile_eval_step(mesh, num_expr_classes=8, dtype=jnp.float32).lower(
+        state, batch).compile()
+
+    def step(state, batch):  # the train step's form: the state back, results waited for
+      return state, jax.block_until_ready(compiled(state, batch))
+
   names = op_names(compiled.as_text())
-  holder = [compiled(state, batch)[0]]  # the train step donates its state: keep the new one
+  holder = [step(state, batch)[0]]  # the train step donates its state: keep the new one
 
   def untraced_step():
-    holder[0] = jax.block_until_ready(compiled(holder[0], batch)[0])
+    holder[0] = jax.block_until_ready(step(holder[0], batch)[0])
 
   untraced_step()
   load_before = bench_common.load()
   seconds = bench_common.timed(untraced_step)
-  times, _ = traced_op_times(compiled, holder[0], batch, args.steps)
+  times, _ = traced_op_times(step, holder[0], batch, args.steps)
   by_kind = collections.Counter()
   for event, micros in times.items():
     by_kind[kind_of(event, names.get(event, ""))] += micros
