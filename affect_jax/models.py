@@ -279,21 +279,17 @@ def _batch_norm_train_bwd(epsilon, axis_name, relu, residuals, cotangents):
   grad = cotangents[0].astype(jnp.float32)  # the statistics' cotangents are ignored
   if relu:
     grad = jnp.where(y > 0, grad, 0.0)
-  x32 = x.astype(jnp.float32)
-  local = _channel_means((grad, grad * x32))
-  mean_grad, mean_grad_x = _global(local, axis_name)
-  # With xhat = (x - mean) inverse_std: mean(g xhat) = inverse_std (mean(g x) - mean mean(g)),
-  # and dx = gain (g - mean(g) - xhat mean(g xhat)) = g gain - x slope - offset.
-  mean_grad_xhat = inverse_std * (mean_grad_x - mean * mean_grad)
+  centred = x.astype(jnp.float32) - mean  # centred first: no cancellation when |mean| >> std
+  local = _channel_means((grad, grad * centred))
+  mean_grad, mean_grad_centred = _global(local, axis_name)
+  # With xhat = centred * inverse_std: dx = gain (g - mean(g) - xhat mean(g xhat)).
   gain = scale * inverse_std
-  slope = gain * inverse_std * mean_grad_xhat
-  offset = gain * mean_grad - slope * mean
-  grad_x = grad * gain - x32 * slope - offset
+  grad_x = gain * (grad - mean_grad
+                   - centred * (inverse_std * inverse_std * mean_grad_centred))
   # The parameter gradients of this device's share of the batch (shard_map sums them).
-  count = x32.size // x32.shape[-1]
-  sum_grad, sum_grad_x = local[0] * count, local[1] * count
-  grad_scale = inverse_std * (sum_grad_x - mean * sum_grad)
-  return (grad_x.astype(x.dtype), grad_scale.astype(scale.dtype),
+  count = x.size // x.shape[-1]
+  sum_grad, sum_grad_xhat = local[0] * count, inverse_std * local[1] * count
+  return (grad_x.astype(x.dtype), sum_grad_xhat.astype(scale.dtype),
           sum_grad.astype(scale.dtype))
 
 
