@@ -159,7 +159,7 @@ def test_interrupted_runs_resume_to_the_same_result_and_eval_reproduces(built_un
       assert code == -signal.SIGKILL
     train.train_and_evaluate(config, workdir)  # resumes from the last checkpoint
     for a, b in zip(reference, jax.tree.leaves(restored_params(config, workdir, steps))):
-      np.testing.assert_array_equal(a, b)
+      np.testing.assert_array_equal(a, b, err_msg=f"resumed after {name}")
 
   with open(os.path.join(reference_dir, "metrics.jsonl")) as f:
     logged = [json.loads(line) for line in f]
