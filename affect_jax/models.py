@@ -47,11 +47,13 @@ PAD_3 = ((3, 3), (3, 3))
 # Implementations of the same network (same parameters, same results up to float
 # rounding): "xla" writes it with flax's Conv and max_pool, the form for GPU/TPU; "cpu"
 # replaces what XLA:CPU runs slowly (strided 1x1 shortcuts and maps of at most 16 pixels
-# as matmuls, the stem's max-pool as separable strided slices; docs/PERFORMANCE.md has
-# the measurements), and is what "auto" picks when JAX's default backend is the CPU.
-# Outputs, BN updates and whole-network gradients agree to ~1e-5 (tests/test_models.py).
-# An earlier custom_vjp max-pool (2026-11-25) dropped the gradient of windows whose
-# input XLA recomputed with other rounding for the backward pass; it was removed.
+# as matmuls; when training, BN with a closed-form backward pass and the stem's max-pool
+# with an index-routed gradient; docs/PERFORMANCE.md has the measurements), and is what
+# "auto" picks when JAX's default backend is the CPU. Outputs, BN updates and
+# whole-network gradients agree to ~1e-5 (tests/test_models.py). An earlier custom_vjp
+# max-pool (2026-11-25) compared the recomputed input with the output in its backward
+# pass and dropped the gradient of windows that XLA recomputed with other rounding; the
+# present one routes by the index its forward pass found.
 IMPLEMENTATIONS = ("auto", "xla", "cpu")
 
 
@@ -112,7 +114,7 @@ def _max_pool_with_argmax(x):
 def _first_maximum(taps):
   best, index = taps[0], jnp.zeros(taps[0].shape, jnp.int8)
   for k, tap in enumerate(taps[1:], start=1):
-    better = tap > best
+    better = (tap > best) | jnp.isnan(tap)  # a NaN wins and propagates, as in torch
     best = jnp.where(better, tap, best)
     index = jnp.where(better, jnp.int8(k), index)
   return best, index
@@ -129,7 +131,8 @@ def max_pool_3x3_stride_2(x):
   fusion: the stem block's fwd+bwd 361 -> 206 ms (docs/PERFORMANCE.md). The index comes
   from the same values as the forward's maximum, so no recomputation with other
   rounding can lose a window's gradient (the bug of an earlier form that compared the
-  recomputed input with the output). Ties go to the first maximal tap, as torch's."""
+  recomputed input with the output). Ties go to the first maximal tap and a NaN
+  propagates, as in torch."""
   return _max_pool_with_argmax(x)[0]
 
 
@@ -223,9 +226,10 @@ class CpuConv(nn.Module):
 
 
 def _varying_axes(x) -> frozenset:
-  """Mesh axes over which x varies inside jax.shard_map (empty outside it)."""
-  manual = getattr(jax.typeof(x), "manual_axis_type", None)
-  return frozenset(getattr(manual, "varying", ()))
+  """Mesh axes over which x varies inside jax.shard_map (empty outside it). Read
+  without a default: should JAX rename the attribute, this fails loudly instead of
+  skipping the cast (a replication-check error or wrong gradients later)."""
+  return frozenset(jax.typeof(x).manual_axis_type.varying)
 
 
 def _as_varying_like(value, x):
@@ -236,18 +240,18 @@ def _as_varying_like(value, x):
   return lax.pcast(value, tuple(sorted(missing)), to="varying") if missing else value
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def batch_norm_train(x, scale, bias, epsilon: float, axis_name, relu: bool):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def batch_norm_train(x, scale, bias, epsilon: float, axis_name, relu: bool, dtype):
   """Training-mode BatchNorm over (N, H, W) per channel, optionally followed by ReLU,
   as flax's nn.BatchNorm (fast variance E[x^2] - E[x]^2 clipped at 0, statistics in
-  float32 averaged over `axis_name`) -> (output in x's dtype, batch mean, batch var).
+  float32 averaged over `axis_name`) -> (output in `dtype`, batch mean, batch var).
 
   Autodiff of nn.BatchNorm differentiates through the two means and emits several
   passes over the activations (52 ms fwd+bwd for the stem's 32x56x56x64 map here); this
   backward pass is the closed form: two channel sums (one fusion) and one elementwise
   pass (14 ms). The mean and variance outputs carry no gradient: they feed the running
   averages only."""
-  return _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name, relu)[0]
+  return _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name, relu, dtype)[0]
 
 
 def _channel_means(values):
@@ -260,7 +264,7 @@ def _global(means, axis_name):
   return lax.pmean(means, axis_name) if axis_name is not None else means
 
 
-def _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name, relu):
+def _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name, relu, dtype):
   x32 = x.astype(jnp.float32)
   mean, mean_square = _global(_channel_means((x32, x32 * x32)), axis_name)
   var = jnp.maximum(mean_square - mean * mean, 0.0)
@@ -269,12 +273,12 @@ def _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name, relu):
   y = x32 * gain + (bias - mean * gain)
   if relu:
     y = jnp.maximum(y, 0.0)
-  y = y.astype(x.dtype)
+  y = y.astype(dtype)
   return (y, mean, var), (x, y if relu else None, mean, inverse_std, scale)
 
 
-def _batch_norm_train_bwd(epsilon, axis_name, relu, residuals, cotangents):
-  del epsilon
+def _batch_norm_train_bwd(epsilon, axis_name, relu, dtype, residuals, cotangents):
+  del epsilon, dtype
   x, y, mean, inverse_std, scale = residuals
   grad = cotangents[0].astype(jnp.float32)  # the statistics' cotangents are ignored
   if relu:
@@ -297,9 +301,14 @@ batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
 class TrainBatchNorm(nn.Module):
-  """nn.BatchNorm in training mode (same parameters, running averages and results up
-  to float rounding) with `batch_norm_train`'s closed-form backward pass, and an
-  optional ReLU fused in. The "cpu" implementation's BN when training."""
+  """nn.BatchNorm in training mode (same parameters, running averages, dtypes and
+  results up to float rounding) with `batch_norm_train`'s closed-form backward pass,
+  and an optional ReLU fused in. The "cpu" implementation's BN when training.
+
+  One limit: with `axis_name`, the gradient must be taken inside the mapped function
+  (as the train step does under shard_map); jax.grad of jax.vmap(..., axis_name) runs
+  the backward pass's pmean where the axis is no longer bound (nn.BatchNorm allows it).
+  """
 
   momentum: float = 0.99
   epsilon: float = 1e-5
@@ -317,11 +326,13 @@ class TrainBatchNorm(nn.Module):
     ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
     ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
     initializing = self.is_initializing()
-    x = jnp.asarray(x, self.dtype or x.dtype)
+    x = jnp.asarray(x)
+    # flax's output dtype: `dtype`, else x's promoted with the parameters'
+    dtype = self.dtype or jnp.result_type(x, scale, bias)
     y, mean, var = batch_norm_train(
         x, _as_varying_like(jnp.asarray(scale, jnp.float32), x),
         _as_varying_like(jnp.asarray(bias, jnp.float32), x), self.epsilon,
-        None if initializing else self.axis_name, self.relu)
+        None if initializing else self.axis_name, self.relu, dtype)
     if not initializing:
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
       ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var

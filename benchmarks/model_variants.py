@@ -8,8 +8,10 @@ Contenders (all the default config's ResNet-18 MTL step, float32, 112x112):
   xla            MultiTaskNet(implementation="xla"): flax nn.Conv + nn.max_pool, the
                  formulation before this change (and the one kept for GPU/TPU);
   cpu            MultiTaskNet(implementation="cpu"): strided 1x1 and small-map
-                 convolutions as matmuls (until 2026-11-25 also a custom max-pool
-                 gradient, removed once exact; older rows have a "cpu_maxpool");
+                 convolutions as matmuls; when training, BN with a closed-form
+                 backward pass and the stem's max-pool with an index-routed gradient
+                 (older rows: a first custom max-pool gradient, "cpu_maxpool", then a
+                 separable max-pool and flax's BN);
   *_eigen        the same, compiled as the trainer now compiles CPU steps, with
                  train.CPU_COMPILER_OPTIONS (XLA:CPU's debug option
                  xla_cpu_experimental_ynn_fusion_type=
