@@ -114,9 +114,8 @@ def _max_pool_with_argmax(x):
 def _first_maximum(taps):
   best, index = taps[0], jnp.zeros(taps[0].shape, jnp.int8)
   for k, tap in enumerate(taps[1:], start=1):
-    better = (tap > best) | jnp.isnan(tap)  # a NaN wins and propagates, as in torch
-    best = jnp.where(better, tap, best)
-    index = jnp.where(better, jnp.int8(k), index)
+    index = jnp.where(tap > best, jnp.int8(k), index)
+    best = jnp.maximum(best, tap)  # propagates a NaN, as torch's max-pool
   return best, index
 
 
