@@ -208,13 +208,20 @@ def main():
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--policies", default=",".join(POLICIES))
   parser.add_argument("--before_rev", default="HEAD",
-                      help="git revision whose affect_jax/input_pipeline.py is the peer")
+                      help="git revision whose affect_jax/input_pipeline.py is the peer; "
+                           "'none': the library alone (a copy of the tree without .git)")
   parser.add_argument("--no_stages", action="store_true",
                       help="skip the per-stage breakdown and the agreement row")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
-  before, commit = before_module(args.before_rev)
-  modules = {"library": ip, "before": before}
+  modules = {"library": ip}
+  commit = None
+  if args.before_rev.lower() != "none":
+    try:
+      modules["before"], commit = before_module(args.before_rev)
+    except (OSError, subprocess.CalledProcessError) as e:
+      raise SystemExit(f"cannot load input_pipeline.py at {args.before_rev!r} with git "
+                       f"({e}); pass --before_rev none to time the library alone")
   sources = {variant: module.open_data_source(args.dataset, "train", args.data_dir)
              for variant, module in modules.items()}
   assert isinstance(sources["library"], ip.RawExampleSource)
@@ -223,9 +230,9 @@ def main():
                "records": len(sources["library"]), "batch_size": args.batch_size,
                "batches": args.batches, "rounds": args.rounds,
                "image_size": ip.IMAGE_SIZE, "opencv": cv2.__version__,
-               "before": f"affect_jax/input_pipeline.py at {commit} "
-                         f"(--before_rev {args.before_rev})"})
-  variants = ["library", "before"]
+               "before": (f"affect_jax/input_pipeline.py at {commit} "
+                          f"(--before_rev {args.before_rev})" if commit else None)})
+  variants = list(modules)
   for policy in args.policies.split(","):
     load_before = bench_common.load()
     rates = {variant: [] for variant in variants}
@@ -235,13 +242,14 @@ def main():
                                             args.batches, variant))
     row = dict(base, policy=policy, load_before=load_before)
     row["images_per_s_per_core"] = round(bench_common.median(rates["library"]))
-    row["before_images_per_s_per_core"] = round(bench_common.median(rates["before"]))
-    row["speedup"] = round(bench_common.median(
-        [f / s for f, s in zip(rates["library"], rates["before"])]), 2)
+    if "before" in rates:
+      row["before_images_per_s_per_core"] = round(bench_common.median(rates["before"]))
+      row["speedup"] = round(bench_common.median(
+          [f / s for f, s in zip(rates["library"], rates["before"])]), 2)
     row["rounds_images_per_s"] = {k: [round(r) for r in v] for k, v in rates.items()}
     row["load_after"] = bench_common.load()
     bench_common.emit(row, args.out)
-  if args.no_stages:
+  if args.no_stages or "before" not in modules:
     return
   row = dict(base, policy="stages", load_before=bench_common.load())
   tfds_source = ip.open_data_source(args.dataset, "train", args.data_dir, raw=False)
