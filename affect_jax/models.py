@@ -282,17 +282,25 @@ def _batch_norm_train_bwd(epsilon, axis_name, relu, dtype, residuals, cotangents
   grad = cotangents[0].astype(jnp.float32)  # the statistics' cotangents are ignored
   if relu:
     grad = jnp.where(y > 0, grad, 0.0)
-  centred = x.astype(jnp.float32) - mean  # centred first: no cancellation when |mean| >> std
-  local = _channel_means((grad, grad * centred))
-  mean_grad, mean_grad_centred = _global(local, axis_name)
-  # With xhat = centred * inverse_std: dx = gain (g - mean(g) - xhat mean(g xhat)).
+  x32 = x.astype(jnp.float32)
+  # Sums of g and g x, not of g (x - mean): XLA:CPU then keeps the backward pass at one
+  # reduction fusion and one elementwise pass (10 against 25 ms on the stem's map); the
+  # cancellation in mean(g x) - mean mean(g) is that of the forward's fast variance,
+  # E[x^2] - E[x]^2, which flax's BN has too.
+  local = _channel_means((grad, grad * x32))
+  mean_grad, mean_grad_x = _global(local, axis_name)
+  # With xhat = (x - mean) inverse_std: mean(g xhat) = inverse_std (mean(g x) - mean mean(g)),
+  # and dx = gain (g - mean(g) - xhat mean(g xhat)) = g gain - x slope - offset.
+  mean_grad_xhat = inverse_std * (mean_grad_x - mean * mean_grad)
   gain = scale * inverse_std
-  grad_x = gain * (grad - mean_grad
-                   - centred * (inverse_std * inverse_std * mean_grad_centred))
+  slope = gain * inverse_std * mean_grad_xhat
+  offset = gain * mean_grad - slope * mean
+  grad_x = grad * gain - x32 * slope - offset
   # The parameter gradients of this device's share of the batch (shard_map sums them).
-  count = x.size // x.shape[-1]
-  sum_grad, sum_grad_xhat = local[0] * count, inverse_std * local[1] * count
-  return (grad_x.astype(x.dtype), sum_grad_xhat.astype(scale.dtype),
+  count = x32.size // x32.shape[-1]
+  sum_grad, sum_grad_x = local[0] * count, local[1] * count
+  grad_scale = inverse_std * (sum_grad_x - mean * sum_grad)
+  return (grad_x.astype(x.dtype), grad_scale.astype(scale.dtype),
           sum_grad.astype(scale.dtype))
 
 
