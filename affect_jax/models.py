@@ -127,8 +127,8 @@ def max_pool_3x3_stride_2(x):
   XLA:CPU expands the gradient of `reduce_window` max into int32 iotas and a variadic
   reduce-window over the padded input (228 of ~1,700 ms of a batch-32 step). Here the
   backward is nine masked, interior-padded copies of the output gradient summed in one
-  fusion: the stem block's fwd+bwd 361 -> 206 ms (docs/PERFORMANCE.md). The index comes
-  from the same values as the forward's maximum, so no recomputation with other
+  fusion: the stem block's fwd+bwd 299 -> 146 ms (benchmarks/stem_block.py). The index
+  comes from the same values as the forward's maximum, so no recomputation with other
   rounding can lose a window's gradient (the bug of an earlier form that compared the
   recomputed input with the output). Ties go to the first maximal tap and a NaN
   propagates, as in torch."""
@@ -246,9 +246,9 @@ def batch_norm_train(x, scale, bias, epsilon: float, axis_name, relu: bool, dtyp
   float32 averaged over `axis_name`) -> (output in `dtype`, batch mean, batch var).
 
   Autodiff of nn.BatchNorm differentiates through the two means and emits several
-  passes over the activations (52 ms fwd+bwd for the stem's 32x56x56x64 map here); this
+  passes over the activations (46 ms fwd+bwd for the stem's 32x56x56x64 map here); this
   backward pass is the closed form: two channel sums (one fusion) and one elementwise
-  pass (14 ms). The mean and variance outputs carry no gradient: they feed the running
+  pass (14 ms; benchmarks/stem_block.py). The mean and variance outputs carry no gradient: they feed the running
   averages only."""
   return _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name, relu, dtype)[0]
 
