@@ -74,10 +74,11 @@ def models_at(revision: str):
 
 
 def same_model_from(module, model):
-  """`model` (a MultiTaskNet) rebuilt with another module's MultiTaskNet."""
+  """`model` (a MultiTaskNet) rebuilt with another module's MultiTaskNet: the fields both
+  versions have (a field only the old one has keeps its default)."""
   cls = module.MultiTaskNet
   return cls(**{f.name: getattr(model, f.name) for f in dataclasses.fields(cls)
-                if f.init and f.name not in ("parent", "name")})
+                if f.init and f.name not in ("parent", "name") and hasattr(model, f.name)})
 
 
 class Contender:
