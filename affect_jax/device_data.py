@@ -164,7 +164,7 @@ def _policy(augment) -> input_pipeline.AugmentConfig:
 
 def _affine_matrix(key, size: int, cfg: input_pipeline.AugmentConfig) -> jax.Array:
   """[2, 3] output->input map in pixel-centre coordinates; the parametrisation of
-  input_pipeline._affine_for_crop (random resized crop, rotation, flip)."""
+  input_pipeline._crop_draws and _crop_rows (random resized crop, rotation, flip)."""
   keys = jax.random.split(key, 6)
   area = size * size * jax.random.uniform(keys[0], (), minval=cfg.crop_scale[0],
                                           maxval=cfg.crop_scale[1])

@@ -7,12 +7,11 @@ augment, written into the batch's arrays); augmentation is OpenCV on uint8: a wa
 when there is rotation or a RandAugment shear / translate (composed into the same warp),
 else an integer crop + resize + flip, and the colour jitter as one colour matrix. Images
 leave the host as uint8 (a quarter of float32's bytes); `normalize_images` turns them
-into float on the device, inside the jitted step. The
-record order is one global stream (a seeded shuffle per epoch) of which each process
-reads its rows of every global batch, and each augmentation is seeded by (config seed,
-global stream position): a batch depends neither on the number of worker processes nor
-on the number of JAX processes, and the iterator state (`get_state`) is enough to resume
-exactly.
+into float on the device, inside the jitted step. The record order is one global stream
+(a seeded shuffle per epoch) of which each process reads its rows of every global batch,
+and each augmentation is seeded by (config seed, global stream position): a batch
+depends neither on the number of worker processes nor on the number of JAX processes,
+and the iterator state (`get_state`) is enough to resume exactly.
 """
 from __future__ import annotations
 
@@ -21,7 +20,6 @@ import functools
 import logging
 import math
 import sys
-from typing import Any, Iterator
 
 import cv2
 import grain
@@ -149,11 +147,6 @@ def _crop_map(draws, size: int) -> np.ndarray:
   return np.array(_crop_rows(draws, size), np.float64)
 
 
-def _affine_for_crop(rng: np.random.Generator, size: int, cfg: AugmentConfig):
-  """2x3 output->input map of fresh `_crop_draws`."""
-  return _crop_map(_crop_draws(rng, size, cfg), size)
-
-
 def _then(first, second):
   """The map of warping by `first`, then warping the result by `second`:
   input = first(second(output))."""
@@ -224,11 +217,11 @@ def _colour_matrix(factors, pixels: np.ndarray) -> np.ndarray:
                    [red, green, keep + blue, offset]], np.float64)
 
 
-def _jitter_colours(pixels: np.ndarray, rng: np.random.Generator,
-                    cfg: AugmentConfig) -> np.ndarray:
-  """Brightness, contrast, saturation: one cv2.transform with `_colour_matrix` (uint8
-  in, rounded and saturated uint8 out: one saturation at the end, not one per step)."""
-  return cv2.transform(pixels, _colour_matrix(_colour_draws(rng, cfg), pixels))
+def _jitter_colours(pixels: np.ndarray, factors) -> np.ndarray:
+  """Brightness, contrast, saturation (`_colour_draws`' factors): one cv2.transform with
+  `_colour_matrix` (uint8 in, rounded and saturated uint8 out: one saturation at the
+  end, not one per step)."""
+  return cv2.transform(pixels, _colour_matrix(factors, pixels))
 
 
 # RandAugment's geometric ops: f(signed magnitude in [-1, 1], size) -> the map, for an
@@ -370,7 +363,7 @@ def augment_image(pixels: np.ndarray, rng: np.random.Generator, cfg: AugmentConf
   elif crop:
     pixels = _crop_resize_flip(pixels, crop, size)
   if colour:
-    pixels = cv2.transform(pixels, _colour_matrix(colour, pixels))
+    pixels = _jitter_colours(pixels, colour)
   for name, magnitude in ops:
     if name in PHOTOMETRIC_OPS:
       pixels = PHOTOMETRIC_OPS[name](pixels, magnitude)
@@ -439,14 +432,8 @@ def load_batch(source, indices, augment: AugmentConfig, image_size: int = IMAGE_
   """
   indices = [int(i) for i in indices]
   n = len(indices)
-  batch = {
-      "expression": np.zeros(n, np.int32), "expression_mask": np.zeros(n, np.float32),
-      "au": np.zeros((n, NUM_AUS), np.float32), "au_mask": np.zeros((n, NUM_AUS),
-                                                                   np.float32),
-      "valence_arousal": np.zeros((n, 2), np.float32), "va_mask": np.zeros(n, np.float32),
-      "record_index": np.full(n, -1, np.int32),
-      "image": np.zeros((n, image_size, image_size, 3), np.uint8),
-  }
+  batch = {key: np.repeat(np.asarray(value)[None], n, axis=0)
+           for key, value in empty_example(image_size).items()}
   augmenting = augment != AugmentConfig()
   if augmenting and (seed is None or positions is None or len(positions) != n):
     raise ValueError("an augmenting batch needs the seed and one position per image")
@@ -456,6 +443,8 @@ def load_batch(source, indices, augment: AugmentConfig, image_size: int = IMAGE_
     # One read at a time: array_record's batched __getitems__ starts a thread pool per
     # call, 2x slower per record on one core.
     record = source[index]
+    # record_to_example's conversion, written straight into the rows: 1.8 against 5.5 us
+    # a record through its dict (4% of the "none" policy's time); a test compares both.
     batch["expression"][row] = max(int(record["expression"]), 0)
     batch["expression_mask"][row] = record["expression_mask"]
     batch["au"][row] = record["au"]

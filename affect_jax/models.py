@@ -248,8 +248,8 @@ def batch_norm_train(x, scale, bias, epsilon: float, axis_name, relu: bool, dtyp
   Autodiff of nn.BatchNorm differentiates through the two means and emits several
   passes over the activations (46 ms fwd+bwd for the stem's 32x56x56x64 map here); this
   backward pass is the closed form: two channel sums (one fusion) and one elementwise
-  pass (14 ms; benchmarks/stem_block.py). The mean and variance outputs carry no gradient: they feed the running
-  averages only."""
+  pass (14 ms; benchmarks/stem_block.py). The mean and variance outputs carry no
+  gradient: they feed the running averages only."""
   return _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name, relu, dtype)[0]
 
 

@@ -322,21 +322,23 @@ def step_compiler_options(mesh: Mesh) -> dict:
   return dict(options) if _cpu_accepts(options) else {}
 
 
+def _compile(step, mesh: Mesh, out_specs, compiler_options: dict | None, **jit_kwargs):
+  """`step` under shard_map over `mesh` (state replicated, batch split), jitted with
+  compiler_options (None: step_compiler_options(mesh); {}: XLA's defaults)."""
+  sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=out_specs)
+  return jax.jit(sharded, compiler_options=(
+      step_compiler_options(mesh) if compiler_options is None else compiler_options),
+                 **jit_kwargs)
+
+
 def compile_train_step(mesh: Mesh, compiler_options: dict | None = None, **step_kwargs):
-  """The jitted train step; compiler_options default to step_compiler_options(mesh)."""
-  step = functools.partial(train_step, **step_kwargs)
-  sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)),
-                          out_specs=(P(), P()))
-  return jax.jit(sharded, donate_argnums=(0,), compiler_options=(
-      step_compiler_options(mesh) if compiler_options is None else compiler_options))
+  return _compile(functools.partial(train_step, **step_kwargs), mesh, (P(), P()),
+                  compiler_options, donate_argnums=(0,))
 
 
 def compile_eval_step(mesh: Mesh, compiler_options: dict | None = None, **step_kwargs):
-  step = functools.partial(eval_step, **step_kwargs)
-  sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)),
-                          out_specs=(P(), P(AXIS)))
-  return jax.jit(sharded, compiler_options=(
-      step_compiler_options(mesh) if compiler_options is None else compiler_options))
+  return _compile(functools.partial(eval_step, **step_kwargs), mesh, (P(), P(AXIS)),
+                  compiler_options)
 
 
 def device_batch(local_batch: dict, mesh: Mesh) -> dict:

@@ -10,9 +10,31 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
+import types
 
 import numpy as np
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def module_at(path: str, revision: str) -> tuple[types.ModuleType, str]:
+  """(the repository's file `path` as it was at git `revision`, loaded as a module of
+  its own, the revision's short hash): the "before" peer of a same-run before/after.
+  OSError or CalledProcessError where git or the revision is not there (a copy of the
+  tree without .git)."""
+  def git(*args):
+    return subprocess.run(["git", *args], cwd=ROOT, check=True,
+                          capture_output=True).stdout
+  commit = git("rev-parse", "--short", revision).decode().strip()
+  source = git("show", f"{commit}:{path}")
+  module = types.ModuleType(f"{os.path.splitext(os.path.basename(path))[0]}_at_{commit}")
+  sys.modules[module.__name__] = module  # dataclasses look their module up there
+  exec(compile(source, f"{path}@{commit}", "exec"), module.__dict__)  # noqa: S102
+  return module, commit
 
 
 def cpu_model() -> str:

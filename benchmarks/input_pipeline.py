@@ -19,7 +19,6 @@ composed into the crop warp).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import subprocess
 import sys
@@ -35,21 +34,6 @@ import cv2  # noqa: E402
 
 cv2.setNumThreads(1)  # per-core figures; grain parallelises over worker processes
 POLICIES = ("none", "basic", "strong", "randaugment")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def before_module(revision: str):
-  """(affect_jax/input_pipeline.py at `revision` as a module, the commit's hash)."""
-  show = lambda what: subprocess.run(["git", *what], cwd=ROOT, check=True,  # noqa: E731
-                                     capture_output=True).stdout
-  commit = show(["rev-parse", "--short", revision]).decode().strip()
-  source = show(["show", f"{commit}:affect_jax/input_pipeline.py"])
-  spec = importlib.util.spec_from_loader("input_pipeline_before", loader=None)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses look their module up there
-  exec(compile(source, f"{commit}:affect_jax/input_pipeline.py", "exec"),  # noqa: S102
-       module.__dict__)
-  return module, commit
 
 
 # ----------------------------------------------------------------------------------
@@ -75,7 +59,8 @@ def before_jitter_colours(pixels, rng, cfg):
 
 def warp_crop(pixels, rng, cfg, size=ip.IMAGE_SIZE):
   """The crop of 3de3617: one 3-channel bilinear warp for any crop or flip."""
-  return cv2.warpAffine(pixels, ip._affine_for_crop(rng, size, cfg), (size, size),
+  return cv2.warpAffine(pixels, ip._crop_map(ip._crop_draws(rng, size, cfg), size),
+                        (size, size),
                         flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                         borderMode=cv2.BORDER_REFLECT_101)
 
@@ -218,7 +203,8 @@ def main():
   commit = None
   if args.before_rev.lower() != "none":
     try:
-      modules["before"], commit = before_module(args.before_rev)
+      modules["before"], commit = bench_common.module_at(
+          "affect_jax/input_pipeline.py", args.before_rev)
     except (OSError, subprocess.CalledProcessError) as e:
       raise SystemExit(f"cannot load input_pipeline.py at {args.before_rev!r} with git "
                        f"({e}); pass --before_rev none to time the library alone")

@@ -25,14 +25,11 @@ medians.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import subprocess
 import sys
-import tempfile
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from sklearn.metrics import f1_score
 
@@ -73,20 +70,11 @@ def batches(data: dict, batch: int):
 
 def load_baseline_metrics(revision: str):
   """affect_jax/metrics.py at `revision` as a module, or None (not a git checkout)."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   try:
-    source = subprocess.run(["git", "show", f"{revision}:affect_jax/metrics.py"],
-                            cwd=root, check=True, capture_output=True).stdout
+    return bench_common.module_at("affect_jax/metrics.py", revision)[0]
   except (OSError, subprocess.CalledProcessError) as e:
     print(f"no baseline ({revision}): {e}", file=sys.stderr)
     return None
-  with tempfile.NamedTemporaryFile("wb", suffix=".py", delete=False) as f:
-    f.write(source)
-  spec = importlib.util.spec_from_file_location("baseline_metrics", f.name)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  os.unlink(f.name)
-  return module
 
 
 def device_totals_scores(device_batches, statistics_fn, module=metrics) -> dict:

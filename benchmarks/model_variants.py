@@ -34,9 +34,7 @@ import argparse
 import dataclasses
 import functools
 import os
-import subprocess
 import sys
-import types
 
 import jax
 import numpy as np
@@ -44,7 +42,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common  # noqa: E402
 import torch_peer  # noqa: E402
-from affect_jax import models, train  # noqa: E402
+from affect_jax import train  # noqa: E402
 from configs import default  # noqa: E402
 
 def compile_train_step_vmap1(mesh, compiler_options=None, **step_kwargs):
@@ -60,17 +58,6 @@ def compile_train_step_vmap1(mesh, compiler_options=None, **step_kwargs):
     return jax.tree.map(lambda x: x[0], (new_state, metrics))
 
   return jax.jit(single, donate_argnums=(0,), compiler_options=compiler_options or {})
-
-
-def models_at(revision: str):
-  """affect_jax/models.py as it was at a git revision, loaded as its own module."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  source = subprocess.run(["git", "show", f"{revision}:affect_jax/models.py"], cwd=root,
-                          capture_output=True, text=True, check=True).stdout
-  module = types.ModuleType(f"models_at_{revision}")
-  sys.modules[module.__name__] = module  # dataclasses look their module up
-  exec(compile(source, f"models.py@{revision}", "exec"), module.__dict__)  # noqa: S102
-  return module
 
 
 def same_model_from(module, model):
@@ -140,7 +127,8 @@ def main():
       "torch": lambda: torch_peer.TorchContender(batch_numpy, channels_last=True),
       f"cpu_eigen_at_{args.before_rev}": lambda: Contender(
           batch_numpy, args.batch_size, "cpu", eigen_convolutions=True,
-          models_module=models_at(args.before_rev)),
+          models_module=bench_common.module_at("affect_jax/models.py",
+                                               args.before_rev)[0]),
   }
   names = args.contenders.split(",")
   contenders = {name: builders[name]() for name in names}

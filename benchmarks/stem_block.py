@@ -10,9 +10,9 @@ Rows:
                autodiff ("flax") against models.batch_norm_train ("closed_form");
   stem_block   the stem (7x7/2 convolution, BN + ReLU, 3x3/2 max-pool) fwd+bwd with
                the pool as reduce_window (nn.max_pool, what "xla" runs), as separable
-               strided slices differentiated by autodiff (the "cpu" form of 9e5a2c9),
-               as models.max_pool_3x3_stride_2 (index-routed), and as a plain stride-2
-               subsample (no pool: the floor).
+               strided slices differentiated by autodiff (models.py at --before_rev,
+               9e5a2c9, loaded from git), as models.max_pool_3x3_stride_2
+               (index-routed), and as a plain stride-2 subsample (no pool: the floor).
 All compiled with the trainer's CPU compile options (train.step_compiler_options).
 """
 from __future__ import annotations
@@ -35,25 +35,15 @@ from affect_jax import models, train  # noqa: E402
 EPSILON = 1e-5
 
 
-def separable_max_pool(x):
-  """The stem pool of 9e5a2c9: three strided slices and two maxima per axis."""
-  def along(x, axis):
-    out = (x.shape[axis] + 2 - 3) // 2 + 1
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (1, 1)
-    padded = jnp.pad(x, pad, constant_values=-jnp.inf)
-    taps = [lax.slice_in_dim(padded, k, k + 2 * (out - 1) + 1, 2, axis) for k in range(3)]
-    return jnp.maximum(jnp.maximum(taps[0], taps[1]), taps[2])
-  return along(along(x, 1), 2)
-
-
-POOLS = {
-    "reduce_window": lambda y: nn.max_pool(y, (3, 3), strides=(2, 2),
-                                           padding=models.PAD_1),
-    "separable": separable_max_pool,
-    "index_routed": models.max_pool_3x3_stride_2,
-    "subsample_floor": lambda y: y[:, ::2, ::2],
-}
+def pools(before_rev: str) -> dict:
+  return {
+      "reduce_window": lambda y: nn.max_pool(y, (3, 3), strides=(2, 2),
+                                             padding=models.PAD_1),
+      "separable": bench_common.module_at("affect_jax/models.py",
+                                          before_rev)[0].max_pool_3x3_stride_2,
+      "index_routed": models.max_pool_3x3_stride_2,
+      "subsample_floor": lambda y: y[:, ::2, ::2],
+  }
 
 
 def flax_bn_relu(x, scale, bias):
@@ -92,6 +82,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--rounds", type=int, default=7)
+  parser.add_argument("--before_rev", default="9e5a2c9",
+                      help="git revision whose models.py has the separable max-pool")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   rng = np.random.default_rng(0)
@@ -120,7 +112,7 @@ def main():
   scale, bias = jnp.ones((64,), jnp.float32), jnp.zeros((64,), jnp.float32)
   fns = {name: jit(jax.grad(functools.partial(stem_loss, pool, closed_form_bn_relu),
                             argnums=(0, 1, 2)))
-         for name, pool in POOLS.items()}
+         for name, pool in pools(args.before_rev).items()}
   row = dict(base, load_before=bench_common.load(), row="stem_block",
              bn="closed_form")
   row["fwd_bwd_ms"] = interleaved(fns, (kernel, scale, bias, images), args.rounds)

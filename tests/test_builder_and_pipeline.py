@@ -212,8 +212,10 @@ def test_crop_keeps_content_where_it_was_and_jitter_keeps_grey_grey():
   np.testing.assert_array_equal(ip._warp(pixels, ip._crop_map(centred_flip, 112)),
                                 pixels[:, ::-1])
   grey = np.full((112, 112, 3), 100, np.uint8)
-  jittered = ip._jitter_colours(grey, np.random.default_rng(0), ip.AugmentConfig(
-      brightness=0.3, contrast=0.3, saturation=0.3))
+  jittered = ip._jitter_colours(grey, ip._colour_draws(np.random.default_rng(0),
+                                                      ip.AugmentConfig(brightness=0.3,
+                                                                       contrast=0.3,
+                                                                       saturation=0.3)))
   assert np.all(jittered == jittered[0, 0, 0])  # grey stays grey, only its level moves
   bright = np.full((4, 4, 3), 200, np.uint8)
   brighter = cv2.transform(bright, ip._colour_matrix((1.5, 1.0, 1.0), bright))

@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 
 from affect_jax import input_pipeline as ip
 # The benchmark keeps the replaced formulations; the tests compare with them.
-from benchmarks.input_pipeline import before_jitter_colours, unfolded_augment
+from benchmarks.input_pipeline import before_jitter_colours, unfolded_augment, warp_crop
 
 
 def _sources(built_union, split="train"):
@@ -98,16 +98,10 @@ def test_a_spec_of_nested_or_variable_features_falls_back_to_tfds(built_union,
 # The previous formulation, kept here as the reference of the fast one.
 
 
-def _warp_geometry(pixels, rng, cfg, size=ip.IMAGE_SIZE):
-  return cv2.warpAffine(pixels, ip._affine_for_crop(rng, size, cfg), (size, size),
-                        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                        borderMode=cv2.BORDER_REFLECT_101)
-
-
 def _previous_augment(pixels, rng, cfg):
   """Geometry and colour of 3de3617: a warp for any crop or flip, three colour blends."""
   if cfg.flip or cfg.rotation_degrees or cfg.crop_scale != (1.0, 1.0):
-    pixels = _warp_geometry(pixels, rng, cfg)
+    pixels = warp_crop(pixels, rng, cfg)
   if cfg.brightness or cfg.contrast or cfg.saturation:
     pixels = before_jitter_colours(pixels, rng, cfg)
   return pixels
@@ -133,16 +127,16 @@ def test_crop_resize_is_close_to_the_warp_and_exact_without_crop(built_union):
   for k, pixels in enumerate(images):
     np.testing.assert_array_equal(
         ip.augment_image(pixels, np.random.default_rng([1, k]), flip_only),
-        _warp_geometry(pixels, np.random.default_rng([1, k]), flip_only))
+        warp_crop(pixels, np.random.default_rng([1, k]), flip_only))
     fast = ip.augment_image(pixels, np.random.default_rng([2, k]), basic)
-    warped = _warp_geometry(pixels, np.random.default_rng([2, k]), basic)
+    warped = warp_crop(pixels, np.random.default_rng([2, k]), basic)
     assert fast.shape == warped.shape and fast.dtype == np.uint8
     diffs.append(_mean_abs_diff(fast, warped))
   # The box is rounded to whole pixels (<= half a pixel of shift and scale), nothing
   # more: a different crop would differ by tens of grey levels.
   assert np.mean(diffs) < 3.0, diffs
   shifted = [_mean_abs_diff(ip.augment_image(p, np.random.default_rng([2, k]), basic),
-                            _warp_geometry(p, np.random.default_rng([3, k]), basic))
+                            warp_crop(p, np.random.default_rng([3, k]), basic))
              for k, p in enumerate(images)]
   assert np.mean(shifted) > 3 * np.mean(diffs)
 
