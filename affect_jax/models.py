@@ -32,6 +32,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from affect_jax import onednn_conv
+from affect_jax.mesh_types import as_varying_like
+
 TASKS = ("expression", "au", "va")
 NUM_ACTION_UNITS = 12
 
@@ -46,8 +49,8 @@ PAD_3 = ((3, 3), (3, 3))
 
 # Implementations of the same network (same parameters, same results up to float
 # rounding): "xla" writes it with flax's Conv and max_pool, the form for GPU/TPU; "cpu"
-# replaces what XLA:CPU runs slowly (strided 1x1 shortcuts and maps of at most 16 pixels
-# as matmuls; when training, BN with a closed-form backward pass and the stem's max-pool
+# replaces what XLA:CPU runs slowly (convolutions on oneDNN, strided 1x1 shortcuts as
+# matmuls; when training, BN with a closed-form backward pass and the stem's max-pool
 # with an index-routed gradient; docs/PERFORMANCE.md has the measurements), and is what
 # "auto" picks when JAX's default backend is the CPU. Outputs, BN updates and
 # whole-network gradients agree to ~1e-5 (tests/test_models.py). An earlier custom_vjp
@@ -188,10 +191,13 @@ class CpuConv(nn.Module):
 
   - 1x1 with stride (the downsample shortcuts): a strided slice and a matmul; XLA:CPU's
     kernel gradient of a strided 1x1 convolution is 1.6-6x slower than the matmul's;
-  - outputs of at most SMALL_OUTPUT_PIXELS pixels (layer4 at 112x112: 4x4): im2col,
-    one matmul over the concatenated window taps; XLA:CPU's convolutions are slow on
-    tiny maps (0.8 GFLOP/s on 2x2, 100x slower than im2col; 1.2-1.4x on 4x4);
-  - anything else: lax.conv_general_dilated, as nn.Conv.
+  - anything else in float32: oneDNN through an XLA FFI call (affect_jax.onednn_conv),
+    1.1-2x faster than XLA:CPU's convolutions here, when it could be built;
+  - otherwise (bfloat16, or no oneDNN), outputs of at most SMALL_OUTPUT_PIXELS pixels
+    (layer4 at 112x112: 4x4): im2col, one matmul over the concatenated window taps;
+    XLA:CPU's convolutions are slow on tiny maps (0.8 GFLOP/s on 2x2, 100x slower than
+    im2col; 1.2-1.4x on 4x4);
+  - and the rest: lax.conv_general_dilated, as nn.Conv.
   """
 
   features: int
@@ -217,26 +223,13 @@ class CpuConv(nn.Module):
     if (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
       x = x[:, ::strides[0], ::strides[1], :]
       return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
+    if onednn_conv.supports(x, kernel):
+      return onednn_conv.conv2d(x, as_varying_like(kernel, x), strides, padding)
     out_pixels = (_output_size(x.shape[1], kh, strides[0], padding[0])
                   * _output_size(x.shape[2], kw, strides[1], padding[1]))
     if out_pixels <= SMALL_OUTPUT_PIXELS:
       return _patches_conv(x, kernel, strides, padding)
     return _conv(x, kernel, strides, padding)
-
-
-def _varying_axes(x) -> frozenset:
-  """Mesh axes over which x varies inside jax.shard_map (empty outside it). Read
-  without a default: should JAX rename the attribute, this fails loudly instead of
-  skipping the cast (a replication-check error or wrong gradients later)."""
-  return frozenset(jax.typeof(x).manual_axis_type.varying)
-
-
-def _as_varying_like(value, x):
-  """`value` marked as varying over x's mesh axes: a custom_vjp's backward pass returns
-  per-device parameter gradients, which shard_map's replication check only accepts for
-  varying inputs; the transpose of this cast then sums them over the devices."""
-  missing = _varying_axes(x) - _varying_axes(value)
-  return lax.pcast(value, tuple(sorted(missing)), to="varying") if missing else value
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -337,8 +330,8 @@ class TrainBatchNorm(nn.Module):
     # flax's output dtype: `dtype`, else x's promoted with the parameters'
     dtype = self.dtype or jnp.result_type(x, scale, bias)
     y, mean, var = batch_norm_train(
-        x, _as_varying_like(jnp.asarray(scale, jnp.float32), x),
-        _as_varying_like(jnp.asarray(bias, jnp.float32), x), self.epsilon,
+        x, as_varying_like(jnp.asarray(scale, jnp.float32), x),
+        as_varying_like(jnp.asarray(bias, jnp.float32), x), self.epsilon,
         None if initializing else self.axis_name, self.relu, dtype)
     if not initializing:
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean

@@ -9,11 +9,12 @@ float32, 112x112, the implementation "auto" picks and the trainer's compile opti
 On XLA:CPU the per-operation events need `--xla_cpu_enable_xprof_traceme=true`, which
 this script adds to XLA_FLAGS. Each event is mapped to the JAX operation that produced
 it through the compiled HLO's `op_name` metadata and put in one kind:
-convolution (XLA convolutions, any back end), matmul (dots: im2col convolutions, heads),
+convolution (XLA convolutions, any back end), onednn_forward / onednn_input_grad /
+onednn_kernel_grad (the "cpu" implementation's oneDNN convolutions, FFI calls), matmul (dots: im2col convolutions, heads),
 max_pool (reduce-window and what XLA expands select-and-scatter into: iotas,
 a broadcast and a variadic reduce-window of the padded input's shape, the scatter), layout (transpose and copy fusions), bn_reduction (reductions
 under a BatchNorm), collective (all-reduce) and elementwise (every other fusion: BN
-normalisation, ReLU, residual adds, the optimizer update). Also the 12 costliest
+normalisation, ReLU, residual adds, the optimizer update). Also the --top (12) costliest
 operations. Times are per step (the mean over --steps).
 """
 from __future__ import annotations
@@ -41,6 +42,8 @@ from affect_jax import models, train  # noqa: E402
 from configs import default  # noqa: E402
 
 HLO_OP = re.compile(r'^\s*%?([\w.\-]+) = .*?metadata=\{op_name="([^"]*)"')
+CUSTOM_CALL_TARGET = re.compile(r'^\s*%?([\w.\-]+) = .*?custom_call_target="([^"]*)"')
+ONEDNN_TARGET_PREFIX = "affect_onednn_conv_"
 KIND_BY_OP_NAME = (  # first match wins
     ("max_pool", ("reduce_window", "select_and", "max_pool")),
     ("convolution", ("conv_general_dilated",)),
@@ -56,10 +59,16 @@ def op_names(hlo_text: str) -> dict[str, str]:
     match = HLO_OP.match(line)
     if match:
       names.setdefault(match.group(1), match.group(2))
+    target = CUSTOM_CALL_TARGET.match(line)
+    if target and target.group(2).startswith(ONEDNN_TARGET_PREFIX):
+      # The FFI call's op_name says only "ffi_call"; its target says which pass it is.
+      names[target.group(1)] = f"{names.get(target.group(1), '')}:{target.group(2)}"
   return names
 
 
 def kind_of(event: str, op_name: str) -> str:
+  if ONEDNN_TARGET_PREFIX in op_name:  # onednn_forward, onednn_input_grad, ...
+    return "onednn_" + op_name.split(ONEDNN_TARGET_PREFIX)[1]
   if event.startswith(("transpose", "copy")) or "transpose_copy" in event:
     return "layout"
   if event.startswith("all-reduce"):
@@ -107,6 +116,7 @@ def main():
   parser.add_argument("--image_size", type=int, default=112)
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--mode", choices=("train", "eval"), default="train")
+  parser.add_argument("--top", type=int, default=12, help="costliest operations listed")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   config = default.get_config()
@@ -156,7 +166,7 @@ def main():
               "op_ms_per_step_by_kind": per_step_ms,
               "costliest_ops_ms": [
                   [event, names.get(event, "")[-80:], round(v / args.steps / 1000, 1)]
-                  for event, v in times.most_common(12)],
+                  for event, v in times.most_common(args.top)],
               "load_after": bench_common.load()})
   bench_common.emit(row, args.out)
 

@@ -1,0 +1,200 @@
+"""2-D convolutions through oneDNN on the CPU: the "cpu" implementation's convolutions.
+
+XLA:CPU runs convolutions on Eigen or YNNPACK. oneDNN (the library PyTorch uses on
+CPUs) is 1.1-2x faster on most of ResNet-18's forward convolutions and input gradients
+here, and computes kernel gradients without XLA's transposes of the activations
+(docs/PERFORMANCE.md). ``conv2d`` calls it through three XLA FFI handlers
+(``native/onednn_conv.cc``: forward, input gradient, kernel gradient) and is
+differentiable through a ``custom_vjp``.
+
+The handlers are compiled on first use with the machine's C++ compiler against the
+headers of oneDNN's C API shipped in ``native/onednn/include`` and the ``libdnnl.so.3``
+of the ``onednn-cpu-gomp`` wheel (a dependency on Linux x86-64), and cached under
+``$AFFECT_JAX_CACHE`` (default ``~/.cache/affect_jax``), keyed by the sources, the
+jaxlib version and the library's path. Where that cannot be done (another platform, no
+compiler, no wheel) or ``AFFECT_JAX_ONEDNN=0`` is set, ``available()`` is False, the
+reason is logged once, and the model keeps XLA's own convolutions: the results are the
+same up to float rounding either way.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import fcntl
+import functools
+import hashlib
+import importlib.metadata
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from affect_jax.mesh_types import as_varying_like
+
+NATIVE_DIR = Path(__file__).parent / "native"
+SOURCE = NATIVE_DIR / "onednn_conv.cc"
+HEADERS = NATIVE_DIR / "onednn" / "include"
+LIBRARY_DISTRIBUTION = "onednn-cpu-gomp"
+LIBRARY_NAME = "libdnnl.so.3"
+TARGETS = {  # FFI target name -> exported handler symbol
+    "affect_onednn_conv_forward": "AffectOnednnConvForward",
+    "affect_onednn_conv_input_grad": "AffectOnednnConvInputGrad",
+    "affect_onednn_conv_kernel_grad": "AffectOnednnConvKernelGrad",
+}
+DISABLE_VARIABLE = "AFFECT_JAX_ONEDNN"
+
+
+@dataclasses.dataclass(frozen=True)
+class Status:
+  available: bool
+  reason: str  # why not, or where the built library lies
+
+
+def cache_dir() -> Path:
+  return Path(os.environ.get("AFFECT_JAX_CACHE", Path.home() / ".cache" / "affect_jax"))
+
+
+def find_dnnl_library() -> Path:
+  """libdnnl.so.3 as installed by the onednn-cpu-gomp wheel (it lands in <prefix>/lib)."""
+  try:
+    files = importlib.metadata.files(LIBRARY_DISTRIBUTION) or []
+  except importlib.metadata.PackageNotFoundError as error:
+    raise FileNotFoundError(
+        f"the {LIBRARY_DISTRIBUTION} package is not installed") from error
+  for file in files:
+    if file.name == LIBRARY_NAME:
+      return Path(file.locate()).resolve()
+  raise FileNotFoundError(f"{LIBRARY_DISTRIBUTION} has no {LIBRARY_NAME}")
+
+
+def _build_key(dnnl_library: Path) -> str:
+  digest = hashlib.sha256()
+  for path in [SOURCE, *sorted(HEADERS.rglob("*.h"))]:
+    digest.update(path.read_bytes())
+  digest.update(jax.ffi.include_dir().encode())
+  digest.update(importlib.metadata.version("jaxlib").encode())
+  digest.update(str(dnnl_library).encode())
+  return digest.hexdigest()[:16]
+
+
+def compile_command(output: Path, dnnl_library: Path) -> list[str]:
+  compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+  if compiler is None:
+    raise FileNotFoundError("no C++ compiler (g++ or c++) on PATH and CXX is unset")
+  return [compiler, "-O2", "-std=c++17", "-shared", "-fPIC",
+          "-I", str(HEADERS), "-I", jax.ffi.include_dir(), str(SOURCE),
+          "-L", str(dnnl_library.parent), f"-l:{dnnl_library.name}",
+          f"-Wl,-rpath,{dnnl_library.parent}", "-Wl,--no-undefined", "-o", str(output)]
+
+
+def build_library(dnnl_library: Path) -> Path:
+  """The compiled handlers for this source and jaxlib, built once per cache key. Several
+  processes (pytest workers, the hosts of a pod sharing a home) may ask at once: one
+  builds under a file lock, the others then find the result."""
+  directory = cache_dir() / "native"
+  directory.mkdir(parents=True, exist_ok=True)
+  library = directory / f"libaffect_onednn_conv-{_build_key(dnnl_library)}.so"
+  with open(directory / "build.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not library.exists():
+      with tempfile.TemporaryDirectory(dir=directory) as scratch:
+        partial = Path(scratch) / library.name
+        result = subprocess.run(compile_command(partial, dnnl_library),
+                                capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+          raise RuntimeError(f"compiling {SOURCE} failed:\n{result.stderr[-4000:]}")
+        os.replace(partial, library)  # atomic: nobody loads a half-written file
+  return library
+
+
+@functools.cache
+def load() -> Status:
+  """Builds (once) and registers the FFI handlers; never raises."""
+  if os.environ.get(DISABLE_VARIABLE, "1") == "0":
+    return Status(False, f"{DISABLE_VARIABLE}=0")
+  if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+    return Status(False, f"no {LIBRARY_DISTRIBUTION} wheel for "
+                         f"{platform.system()} {platform.machine()}")
+  try:
+    library = build_library(find_dnnl_library())
+    handlers = ctypes.cdll.LoadLibrary(str(library))
+    for target, symbol in TARGETS.items():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handlers, symbol)),
+                                  platform="cpu")
+  except (OSError, RuntimeError, AttributeError) as error:
+    return Status(False, str(error))
+  return Status(True, str(library))
+
+
+@functools.cache
+def available() -> bool:
+  status = load()
+  if status.available:
+    logging.info("oneDNN convolutions: %s", status.reason)
+  else:
+    logging.warning("oneDNN convolutions unavailable (%s); the \"cpu\" implementation "
+                    "uses XLA's convolutions instead", status.reason)
+  return status.available
+
+
+def supports(x, kernel) -> bool:
+  """Whether conv2d can take these operands: float32 NHWC / HWIO, oneDNN built."""
+  return (x.ndim == 4 and kernel.ndim == 4 and x.dtype == jnp.float32
+          and kernel.dtype == jnp.float32 and available())
+
+
+def _attributes(strides, padding) -> dict:
+  (top, bottom), (left, right) = padding
+  return {"stride_h": np.int64(strides[0]), "stride_w": np.int64(strides[1]),
+          "pad_top": np.int64(top), "pad_bottom": np.int64(bottom),
+          "pad_left": np.int64(left), "pad_right": np.int64(right)}
+
+
+def _output_hw(x_shape, kernel_shape, strides, padding) -> tuple[int, int]:
+  return tuple((x_shape[1 + axis] + sum(padding[axis]) - kernel_shape[axis])
+               // strides[axis] + 1 for axis in range(2))
+
+
+def _call(target, result_shape, first, second, strides, padding, like):
+  result = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(result_shape, jnp.float32),
+                            vmap_method="sequential")(
+                                first, second, **_attributes(strides, padding))
+  return as_varying_like(result, like)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(x, kernel, strides: tuple[int, int], padding: tuple[tuple[int, int], ...]):
+  """lax.conv_general_dilated(x, kernel, strides, padding, ("NHWC", "HWIO", "NHWC"))
+  on oneDNN, float32. Inside jax.shard_map the kernel must be typed varying like x
+  (mesh_types.as_varying_like), as for any custom_vjp taking a replicated parameter."""
+  return _forward(x, kernel, strides, padding)
+
+
+def _forward(x, kernel, strides, padding):
+  out_h, out_w = _output_hw(x.shape, kernel.shape, strides, padding)
+  return _call("affect_onednn_conv_forward",
+               (x.shape[0], out_h, out_w, kernel.shape[3]), x, kernel, strides, padding,
+               like=x)
+
+
+def _conv2d_fwd(x, kernel, strides, padding):
+  return _forward(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv2d_bwd(strides, padding, residuals, dy):
+  x, kernel = residuals
+  dx = _call("affect_onednn_conv_input_grad", x.shape, dy, kernel, strides, padding,
+             like=dy)
+  dkernel = _call("affect_onednn_conv_kernel_grad", kernel.shape, x, dy, strides,
+                  padding, like=dy)
+  return dx, dkernel
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
