@@ -35,6 +35,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from affect_jax.mesh_types import as_varying_like
 
@@ -49,6 +50,7 @@ TARGETS = {  # FFI target name -> exported handler symbol
     "affect_onednn_conv_kernel_grad": "AffectOnednnConvKernelGrad",
 }
 DISABLE_VARIABLE = "AFFECT_JAX_ONEDNN"
+XLA_KERNEL_GRAD_MAX_OUTPUT_PIXELS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +165,9 @@ def _output_hw(x_shape, kernel_shape, strides, padding) -> tuple[int, int]:
 
 
 def _call(target, result_shape, first, second, strides, padding, like):
+  status = load()  # registers the handlers on first use
+  if not status.available:
+    raise RuntimeError(f"oneDNN convolutions are unavailable: {status.reason}")
   result = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(result_shape, jnp.float32),
                             vmap_method="sequential")(
                                 first, second, **_attributes(strides, padding))
@@ -192,8 +197,13 @@ def _conv2d_bwd(strides, padding, residuals, dy):
   x, kernel = residuals
   dx = _call("affect_onednn_conv_input_grad", x.shape, dy, kernel, strides, padding,
              like=dy)
-  dkernel = _call("affect_onednn_conv_kernel_grad", kernel.shape, x, dy, strides,
-                  padding, like=dy)
+  if dy.shape[1] * dy.shape[2] <= XLA_KERNEL_GRAD_MAX_OUTPUT_PIXELS:
+    dkernel = jax.vjp(lambda k: lax.conv_general_dilated(
+        x, k, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")),
+                      kernel)[1](dy)[0]
+  else:
+    dkernel = _call("affect_onednn_conv_kernel_grad", kernel.shape, x, dy, strides,
+                    padding, like=dy)
   return dx, dkernel
 
 

@@ -22,6 +22,9 @@ Contenders (all the default config's ResNet-18 MTL step, float32, 112x112):
                  REV (--before_rev, e.g. 9e5a2c9: flax BN and the separable max-pool
                  before TrainBatchNorm and the index-routed max-pool): a same-run
                  before/after of a models.py change;
+  cpu_eigen_xla_kgrad_upto_N  "cpu_eigen" with the kernel gradients of convolutions
+                 with at most N output pixels on XLA instead of oneDNN
+                 (onednn_conv.XLA_KERNEL_GRAD_MAX_OUTPUT_PIXELS; 0: all on oneDNN);
   cpu_vmap1      "cpu", with the step mapped by jax.vmap(axis_size=1) instead of
                  jax.shard_map when the mesh has one device (a train.py change: no
                  all-reduce of the gradients, which XLA:CPU runs as a 45 MB copy);
@@ -42,7 +45,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common  # noqa: E402
 import torch_peer  # noqa: E402
-from affect_jax import train  # noqa: E402
+from affect_jax import onednn_conv, train  # noqa: E402
 from configs import default  # noqa: E402
 
 def compile_train_step_vmap1(mesh, compiler_options=None, **step_kwargs):
@@ -70,7 +73,8 @@ def same_model_from(module, model):
 
 class Contender:
   def __init__(self, batch_numpy, batch_size, implementation, *,
-               vmap1=False, eigen_convolutions=False, models_module=None):
+               vmap1=False, eigen_convolutions=False, models_module=None,
+               xla_kernel_grad_max_pixels=None):
     config = default.get_config()
     config.input.batch_size = batch_size
     mesh = train.create_mesh()
@@ -86,8 +90,14 @@ class Contender:
     # The trainer compiles CPU steps with train.CPU_COMPILER_OPTIONS (Eigen
     # convolutions, its default: None); the other contenders get XLA's defaults ({}).
     options = None if eigen_convolutions else {}
-    self.train_fn = compile_step(mesh, compiler_options=options, **kwargs).lower(
-        self.state, self.batch).compile()
+    threshold = onednn_conv.XLA_KERNEL_GRAD_MAX_OUTPUT_PIXELS
+    if xla_kernel_grad_max_pixels is not None:  # read when the step is traced
+      onednn_conv.XLA_KERNEL_GRAD_MAX_OUTPUT_PIXELS = xla_kernel_grad_max_pixels
+    try:
+      self.train_fn = compile_step(mesh, compiler_options=options, **kwargs).lower(
+          self.state, self.batch).compile()
+    finally:
+      onednn_conv.XLA_KERNEL_GRAD_MAX_OUTPUT_PIXELS = threshold
     self.eval_fn = train.compile_eval_step(
         mesh, compiler_options=options, num_expr_classes=8, dtype=np.float32
     ).lower(self.state, self.batch).compile()
@@ -131,6 +141,12 @@ def main():
                                                args.before_rev)[0]),
   }
   names = args.contenders.split(",")
+  for name in names:
+    if name.startswith("cpu_eigen_xla_kgrad_upto_"):
+      pixels = int(name.rsplit("_", 1)[1])
+      builders[name] = lambda pixels=pixels: Contender(
+          batch_numpy, args.batch_size, "cpu", eigen_convolutions=True,
+          xla_kernel_grad_max_pixels=pixels)
   contenders = {name: builders[name]() for name in names}
   for contender in contenders.values():
     contender.train(1)
