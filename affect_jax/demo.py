@@ -8,6 +8,10 @@ started again) picks up where it stopped; training resumes from its last checkpo
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before JAX starts: glibc reads malloc settings at start-up
+  from affect_jax import host_memory
+  host_memory.reexec_with_heap_reuse()
+
 import argparse
 import json
 import logging

@@ -4,6 +4,10 @@
       --config.dataset.data_dir=DATA --config.optimizer.learning_rate=0.05
   python -m affect_jax.main --config configs/default.py --workdir runs/mtl --mode eval
 """
+if __name__ == "__main__":  # before JAX starts: glibc reads malloc settings at start-up
+  from affect_jax import host_memory
+  host_memory.reexec_with_heap_reuse()
+
 import logging
 
 from absl import app, flags

@@ -25,6 +25,10 @@ TFDS stores records shuffled): about 300 bytes a frame with labels or image path
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before JAX starts: glibc reads malloc settings at start-up
+  from affect_jax import host_memory
+  host_memory.reexec_with_heap_reuse()
+
 import csv
 import dataclasses
 import functools

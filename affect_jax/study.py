@@ -13,6 +13,10 @@ whole dependency chains, so machines never wait for each other. The runner keeps
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before JAX starts: glibc reads malloc settings at start-up
+  from affect_jax import host_memory
+  host_memory.reexec_with_heap_reuse()
+
 import copy
 import dataclasses
 import datetime

@@ -13,6 +13,10 @@ and the count of such layers in ResNet-18, so that the rows add up to the step.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before JAX starts: glibc reads malloc settings at start-up
+  from affect_jax import host_memory
+  host_memory.reexec_with_heap_reuse()
+
 import argparse
 import os
 import sys

@@ -14,6 +14,10 @@ step. Also reports the time to load the split (decode + upload) and its bytes.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before JAX starts: glibc reads malloc settings at start-up
+  from affect_jax import host_memory
+  host_memory.reexec_with_heap_reuse()
+
 import argparse
 import os
 import sys

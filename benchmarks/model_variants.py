@@ -33,6 +33,10 @@ One JSON line per mode (train, eval) with medians, ratios to "xla" and to torch.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before JAX starts: glibc reads malloc settings at start-up
+  from affect_jax import host_memory
+  host_memory.reexec_with_heap_reuse()
+
 import argparse
 import dataclasses
 import functools

@@ -19,6 +19,10 @@ operations. Times are per step (the mean over --steps).
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before JAX starts: glibc reads malloc settings at start-up
+  from affect_jax import host_memory
+  host_memory.reexec_with_heap_reuse()
+
 import argparse
 import collections
 import glob

@@ -17,6 +17,10 @@ All compiled with the trainer's CPU compile options (train.step_compiler_options
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before JAX starts: glibc reads malloc settings at start-up
+  from affect_jax import host_memory
+  host_memory.reexec_with_heap_reuse()
+
 import argparse
 import functools
 import os

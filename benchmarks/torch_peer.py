@@ -16,6 +16,10 @@ analytic count of the convolutions and dense layers. One JSON line per batch siz
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before JAX starts: glibc reads malloc settings at start-up
+  from affect_jax import host_memory
+  host_memory.reexec_with_heap_reuse()
+
 import argparse
 import os
 import sys

@@ -13,6 +13,10 @@ metric_writer.InputWaitMeter). Pass --worker_count to try grain worker processes
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before JAX starts: glibc reads malloc settings at start-up
+  from affect_jax import host_memory
+  host_memory.reexec_with_heap_reuse()
+
 import argparse
 import importlib.util
 import os
