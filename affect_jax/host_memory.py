@@ -11,10 +11,11 @@ glibc keeps.)
 
 glibc reads these settings only when a process starts, so the command-line entry
 points call ``reexec_with_heap_reuse()`` before they import JAX: it re-executes the
-same command once with the settings added to GLIBC_TUNABLES. The cost is that freed
-memory is not returned to the system while the process lives (its peak stays
+same command once with the settings added to GLIBC_TUNABLES, then gives its child
+processes the original environment back. The cost is that freed memory is not returned to the system while the process lives (its peak stays
 resident), and malloc has one lock for all threads. ``AFFECT_JAX_HEAP_REUSE=0`` turns
-it off; on other C libraries and systems it does nothing.
+it off (also for debuggers, which the exec would restart); it does nothing on other C
+libraries and systems, or where JAX_PLATFORMS names accelerators only.
 """
 from __future__ import annotations
 
@@ -25,25 +26,51 @@ import sys
 MALLOC_TUNABLES = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
                    "glibc.malloc.trim_threshold=1099511627776")
 APPLIED_MARK = "AFFECT_JAX_HEAP_REUSE_APPLIED"
+USER_TUNABLES = "AFFECT_JAX_USER_GLIBC_TUNABLES"  # the user's own, restored after exec
 SWITCH = "AFFECT_JAX_HEAP_REUSE"
 
 
 def environment_with_heap_reuse(environ) -> dict | None:
-  """The environment to re-execute with, or None where nothing is to be done. The
-  user's own GLIBC_TUNABLES come last, so they win where they name the same setting."""
+  """The environment to re-execute with, or None where nothing is to be done (turned
+  off, already applied, not glibc, or JAX told to use an accelerator only). The user's
+  own GLIBC_TUNABLES come last, so they win where they name the same setting."""
+  platforms = environ.get("JAX_PLATFORMS", "")
   if (environ.get(SWITCH, "1") == "0" or environ.get(APPLIED_MARK)
+      or (platforms and "cpu" not in platforms.split(","))
       or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc"):
     return None
-  tunables = [*MALLOC_TUNABLES, *filter(None, [environ.get("GLIBC_TUNABLES")])]
-  return {**environ, "GLIBC_TUNABLES": ":".join(tunables), APPLIED_MARK: "1"}
+  user = environ.get("GLIBC_TUNABLES")
+  tunables = [*MALLOC_TUNABLES, *filter(None, [user])]
+  return {**environ, "GLIBC_TUNABLES": ":".join(tunables), APPLIED_MARK: "1",
+          **({USER_TUNABLES: user} if user else {})}
+
+
+def restore_user_environment(environ) -> None:
+  """After the re-execution glibc has read the settings: give child processes (input
+  workers, compilers, subprocess runs) the user's environment back. An entry point
+  started as a child (a study's training runs) then applies the settings to itself."""
+  environ.pop(APPLIED_MARK, None)
+  user = environ.pop(USER_TUNABLES, None)
+  if user is None:
+    environ.pop("GLIBC_TUNABLES", None)
+  else:
+    environ["GLIBC_TUNABLES"] = user
 
 
 def reexec_with_heap_reuse() -> None:
   """Replaces this process by the same command with the malloc settings (same PID,
-  arguments and environment otherwise), once; returns where nothing is to be done."""
+  arguments and environment otherwise), once; returns where nothing is to be done, or
+  where the exec fails (then with glibc's defaults)."""
+  if os.environ.get(APPLIED_MARK):  # this is the re-executed process
+    restore_user_environment(os.environ)
+    return
   environ = environment_with_heap_reuse(os.environ)
   if environ is None:
     return
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+  try:
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+  except OSError as error:
+    print(f"affect_jax.host_memory: could not re-execute with malloc settings ({error});"
+          " going on with glibc's defaults", file=sys.stderr)

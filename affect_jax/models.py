@@ -183,6 +183,10 @@ def _patches_conv(x, kernel, strides, padding):
 
 
 SMALL_OUTPUT_PIXELS = 16
+# Below this many output pixels im2col beats oneDNN too, whose per-call kernel reorder
+# dominates there: 3x3, 512 channels, batch 32, fwd+bwd: 2x2 maps 24.2 ms im2col
+# against 31.0 oneDNN; 4x4 maps 111 against 87 (2026-11-25, one core).
+TINY_OUTPUT_PIXELS = 4
 
 
 class CpuConv(nn.Module):
@@ -191,10 +195,13 @@ class CpuConv(nn.Module):
 
   - 1x1 with stride (the downsample shortcuts): a strided slice and a matmul; XLA:CPU's
     kernel gradient of a strided 1x1 convolution is 1.6-6x slower than the matmul's;
-  - anything else in float32: oneDNN through an XLA FFI call (affect_jax.onednn_conv),
-    1.1-2x faster than XLA:CPU's convolutions here, when it could be built;
-  - otherwise (bfloat16, or no oneDNN), outputs of at most SMALL_OUTPUT_PIXELS pixels
-    (layer4 at 112x112: 4x4): im2col, one matmul over the concatenated window taps;
+  - anything else in float32 with more than TINY_OUTPUT_PIXELS output pixels: oneDNN
+    through an XLA FFI call (affect_jax.onednn_conv; kernel gradients of maps of at
+    most 64 pixels stay on XLA), 1.1-2x faster than XLA:CPU's convolutions on most
+    layers here, when it could be built;
+  - otherwise (bfloat16, no oneDNN, or tiny maps), outputs of at most
+    SMALL_OUTPUT_PIXELS pixels (layer4 at 112x112: 4x4): im2col, one matmul over the
+    concatenated window taps;
     XLA:CPU's convolutions are slow on tiny maps (0.8 GFLOP/s on 2x2, 100x slower than
     im2col; 1.2-1.4x on 4x4);
   - and the rest: lax.conv_general_dilated, as nn.Conv.
@@ -223,10 +230,10 @@ class CpuConv(nn.Module):
     if (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
       x = x[:, ::strides[0], ::strides[1], :]
       return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
-    if onednn_conv.supports(x, kernel):
-      return onednn_conv.conv2d(x, as_varying_like(kernel, x), strides, padding)
     out_pixels = (_output_size(x.shape[1], kh, strides[0], padding[0])
                   * _output_size(x.shape[2], kw, strides[1], padding[1]))
+    if out_pixels > TINY_OUTPUT_PIXELS and onednn_conv.supports(x, kernel):
+      return onednn_conv.conv2d(x, as_varying_like(kernel, x), strides, padding)
     if out_pixels <= SMALL_OUTPUT_PIXELS:
       return _patches_conv(x, kernel, strides, padding)
     return _conv(x, kernel, strides, padding)

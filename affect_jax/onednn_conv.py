@@ -44,12 +44,15 @@ SOURCE = NATIVE_DIR / "onednn_conv.cc"
 HEADERS = NATIVE_DIR / "onednn" / "include"
 LIBRARY_DISTRIBUTION = "onednn-cpu-gomp"
 LIBRARY_NAME = "libdnnl.so.3"
+HEADERS_VERSION = (3, 2)  # native/onednn/include, as the wheel's library
 TARGETS = {  # FFI target name -> exported handler symbol
     "affect_onednn_conv_forward": "AffectOnednnConvForward",
     "affect_onednn_conv_input_grad": "AffectOnednnConvInputGrad",
     "affect_onednn_conv_kernel_grad": "AffectOnednnConvKernelGrad",
 }
 DISABLE_VARIABLE = "AFFECT_JAX_ONEDNN"
+# Kernel gradients of maps this small (ResNet-18 at 112 px: layer4's 4x4) go to XLA:
+# 0.951 -> 0.979 of PyTorch's train step (model_variants, docs/PERFORMANCE.md).
 XLA_KERNEL_GRAD_MAX_OUTPUT_PIXELS = 64
 
 
@@ -76,13 +79,26 @@ def find_dnnl_library() -> Path:
   raise FileNotFoundError(f"{LIBRARY_DISTRIBUTION} has no {LIBRARY_NAME}")
 
 
+def dnnl_version(dnnl_library: Path) -> tuple[int, int, int]:
+  """(major, minor, patch) that the library reports (dnnl_version())."""
+
+  class Version(ctypes.Structure):
+    _fields_ = [("major", ctypes.c_int), ("minor", ctypes.c_int),
+                ("patch", ctypes.c_int), ("hash", ctypes.c_char_p)]
+
+  function = ctypes.CDLL(str(dnnl_library)).dnnl_version
+  function.restype = ctypes.POINTER(Version)
+  version = function().contents
+  return version.major, version.minor, version.patch
+
+
 def _build_key(dnnl_library: Path) -> str:
   digest = hashlib.sha256()
   for path in [SOURCE, *sorted(HEADERS.rglob("*.h"))]:
     digest.update(path.read_bytes())
   digest.update(jax.ffi.include_dir().encode())
   digest.update(importlib.metadata.version("jaxlib").encode())
-  digest.update(str(dnnl_library).encode())
+  digest.update(f"{dnnl_library}:{dnnl_version(dnnl_library)}".encode())
   return digest.hexdigest()[:16]
 
 
@@ -101,8 +117,10 @@ def build_library(dnnl_library: Path) -> Path:
   processes (pytest workers, the hosts of a pod sharing a home) may ask at once: one
   builds under a file lock, the others then find the result."""
   directory = cache_dir() / "native"
-  directory.mkdir(parents=True, exist_ok=True)
   library = directory / f"libaffect_onednn_conv-{_build_key(dnnl_library)}.so"
+  if library.exists():  # also where the cache is read-only
+    return library
+  directory.mkdir(parents=True, exist_ok=True)
   with open(directory / "build.lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if not library.exists():
@@ -125,13 +143,18 @@ def load() -> Status:
     return Status(False, f"no {LIBRARY_DISTRIBUTION} wheel for "
                          f"{platform.system()} {platform.machine()}")
   try:
-    library = build_library(find_dnnl_library())
+    dnnl_library = find_dnnl_library()
+    version = dnnl_version(dnnl_library)
+    if version[:2] != HEADERS_VERSION:
+      return Status(False, f"{dnnl_library} is oneDNN {version}; the handlers are "
+                           f"written against the headers of {HEADERS_VERSION}")
+    library = build_library(dnnl_library)
     handlers = ctypes.cdll.LoadLibrary(str(library))
     for target, symbol in TARGETS.items():
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handlers, symbol)),
                                   platform="cpu")
-  except (OSError, RuntimeError, AttributeError) as error:
-    return Status(False, str(error))
+  except Exception as error:  # noqa: BLE001 -- any failure means XLA's convolutions
+    return Status(False, f"{type(error).__name__}: {error}")
   return Status(True, str(library))
 
 
@@ -146,10 +169,26 @@ def available() -> bool:
   return status.available
 
 
+def _check_shapes(x, kernel, strides, padding) -> None:
+  if x.ndim != 4 or kernel.ndim != 4:
+    raise ValueError(f"conv2d takes NHWC inputs and HWIO kernels, got ranks {x.ndim} "
+                     f"and {kernel.ndim}")
+  if x.shape[3] != kernel.shape[2]:
+    raise ValueError(f"input channels {x.shape[3]} differ from the kernel's input "
+                     f"features {kernel.shape[2]} (shapes {x.shape}, {kernel.shape})")
+  out_hw = _output_hw(x.shape, kernel.shape, strides, padding)
+  if min(out_hw) < 1 or min(strides) < 1 or min(min(p) for p in padding) < 0:
+    raise ValueError(f"no output for input {x.shape}, kernel {kernel.shape}, strides "
+                     f"{strides} and padding {padding}")
+
+
 def supports(x, kernel) -> bool:
-  """Whether conv2d can take these operands: float32 NHWC / HWIO, oneDNN built."""
+  """Whether conv2d can take these operands: float32 NHWC / HWIO, oneDNN built, and
+  JAX's default backend the CPU (the handlers exist for the CPU only: the "cpu"
+  implementation traced for a GPU keeps XLA's convolutions)."""
   return (x.ndim == 4 and kernel.ndim == 4 and x.dtype == jnp.float32
-          and kernel.dtype == jnp.float32 and available())
+          and kernel.dtype == jnp.float32 and jax.default_backend() == "cpu"
+          and available())
 
 
 def _attributes(strides, padding) -> dict:
@@ -178,11 +217,15 @@ def _call(target, result_shape, first, second, strides, padding, like):
 def conv2d(x, kernel, strides: tuple[int, int], padding: tuple[tuple[int, int], ...]):
   """lax.conv_general_dilated(x, kernel, strides, padding, ("NHWC", "HWIO", "NHWC"))
   on oneDNN, float32. Inside jax.shard_map the kernel must be typed varying like x
-  (mesh_types.as_varying_like), as for any custom_vjp taking a replicated parameter."""
+  (mesh_types.as_varying_like), as for any custom_vjp taking a replicated parameter.
+  Reverse mode only (jax.grad, jax.vjp): a custom_vjp has no forward-mode rule.
+  Kernel gradients of maps of at most XLA_KERNEL_GRAD_MAX_OUTPUT_PIXELS output pixels
+  are XLA's own: faster there than oneDNN's, whose are faster on larger maps."""
   return _forward(x, kernel, strides, padding)
 
 
 def _forward(x, kernel, strides, padding):
+  _check_shapes(x, kernel, strides, padding)  # here: jax.grad calls _conv2d_fwd only
   out_h, out_w = _output_hw(x.shape, kernel.shape, strides, padding)
   return _call("affect_onednn_conv_forward",
                (x.shape[0], out_h, out_w, kernel.shape[3]), x, kernel, strides, padding,

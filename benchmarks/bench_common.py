@@ -17,6 +17,8 @@ import types
 
 import numpy as np
 
+from affect_jax import onednn_conv
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,7 +61,11 @@ def machine() -> dict:
   suffers less from other processes' load than 2 threads against 2)."""
   return {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_model(),
           "cores": os.cpu_count(), "cores_used": len(os.sched_getaffinity(0)),
-          "python": platform.python_version()}
+          "python": platform.python_version(),
+          # host_memory's malloc settings (None: glibc's defaults, XLA:CPU's temporaries
+          # page-faulted afresh every step) and the oneDNN convolutions (onednn_conv).
+          "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+          "onednn_convolutions": onednn_conv.load().available}
 
 
 def median(values) -> float:

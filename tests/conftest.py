@@ -14,8 +14,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "affect_jax_test_jit_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 # The oneDNN convolution handlers, compiled once and shared by the test processes.
-os.environ.setdefault("AFFECT_JAX_CACHE",
-                      os.path.join(tempfile.gettempdir(), "affect_jax_test_cache"))
+os.environ.setdefault("AFFECT_JAX_CACHE", os.path.join(
+    tempfile.gettempdir(), f"affect_jax_test_cache_{os.getuid()}"))  # loaded code: per user
 
 import json  # noqa: E402
 

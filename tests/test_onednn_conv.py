@@ -60,9 +60,16 @@ def test_onednn_is_built_where_ci_runs():
     assert status.available, status.reason
 
 
+@pytest.mark.parametrize("xla_kernel_grad_max_pixels", [0, 64])
 @pytest.mark.parametrize("x_shape,kernel_shape,strides,padding", CASES)
 def test_forward_and_gradients_match_float64_reference(x_shape, kernel_shape, strides,
-                                                       padding):
+                                                       padding,
+                                                       xla_kernel_grad_max_pixels,
+                                                       monkeypatch):
+  """Every case with the kernel gradient on oneDNN (0) and as the model runs it (64:
+  XLA's on small maps)."""
+  monkeypatch.setattr(onednn_conv, "XLA_KERNEL_GRAD_MAX_OUTPUT_PIXELS",
+                      xla_kernel_grad_max_pixels)
   rng = np.random.default_rng(sum(x_shape) + sum(kernel_shape))
   x = rng.standard_normal(x_shape).astype(np.float32)
   kernel = rng.standard_normal(kernel_shape).astype(np.float32)
@@ -76,6 +83,19 @@ def test_forward_and_gradients_match_float64_reference(x_shape, kernel_shape, st
     assert got.shape == want.shape and got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4,
                                atol=1e-4 * np.abs(want).max())
+
+
+def test_mismatched_shapes_are_refused_not_read_out_of_bounds():
+  x = jnp.ones((2, 8, 8, 8), jnp.float32)
+  with pytest.raises(ValueError, match="input channels 8 differ"):
+    onednn_conv.conv2d(x, jnp.ones((3, 3, 4, 4), jnp.float32), (1, 1), ((1, 1), (1, 1)))
+  with pytest.raises(ValueError, match="no output"):
+    onednn_conv.conv2d(x, jnp.ones((9, 9, 8, 4), jnp.float32), (1, 1), ((0, 0), (0, 0)))
+  # The handler checks too: a result shape that does not fit the operands.
+  with pytest.raises(Exception, match="output size does not match"):
+    onednn_conv._call("affect_onednn_conv_forward", (2, 5, 5, 4), x,
+                      jnp.ones((3, 3, 8, 4), jnp.float32), (1, 1), ((1, 1), (1, 1)),
+                      like=x).block_until_ready()
 
 
 def test_jitted_vmapped_conv_equals_the_loop_over_the_mapped_axis():
@@ -128,7 +148,8 @@ def test_disabled_by_environment_and_failed_builds_say_why(tmp_path, monkeypatch
 
 def test_concurrent_first_builds_share_one_library(tmp_path):
   """Two processes building into an empty cache at once (pytest workers, pod hosts)
-  both get the same, complete library."""
+  both get the same, complete, loadable library (the lock saves the second build; the
+  atomic rename alone keeps the file whole)."""
   script = ("import ctypes, sys; from affect_jax import onednn_conv as o; "
             "p = o.build_library(o.find_dnnl_library()); ctypes.CDLL(str(p)); print(p)")
   env_cache = {"AFFECT_JAX_CACHE": str(tmp_path)}

@@ -11,6 +11,7 @@
 // small next to the activations. Primitives are built once per shape and kept for the
 // life of the process. affect_jax/onednn_conv.py builds and registers this file.
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -71,9 +72,17 @@ struct Plan {
   const_dnnl_memory_desc_t scratchpad_md = nullptr;
   dnnl_primitive_t conv = nullptr;
   dnnl_primitive_t reorder = nullptr;
+  const_dnnl_memory_desc_t reorder_scratchpad_md = nullptr;
   size_t kernel_own_bytes = 0;
   size_t scratchpad_bytes = 0;
+  size_t reorder_scratchpad_bytes = 0;
 };
+
+// Scratchpad bytes of a primitive created in user scratchpad mode.
+size_t ScratchpadBytes(const_dnnl_primitive_desc_t pd, const_dnnl_memory_desc_t* md) {
+  *md = dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
+  return *md ? dnnl_memory_desc_get_size(*md) : 0;
+}
 
 std::string BuildPlan(Kind kind, const ConvShape& s, Plan* plan) {
   dnnl_dims_t x_dims = {s.n, s.c, s.h, s.w};  // oneDNN's logical order is NCHW / OIHW
@@ -83,7 +92,7 @@ std::string BuildPlan(Kind kind, const ConvShape& s, Plan* plan) {
   dnnl_dims_t dilates = {0, 0};
   dnnl_dims_t pad_l = {s.pt, s.pl};
   dnnl_dims_t pad_r = {s.pb, s.pr};
-  dnnl_memory_desc_t x_md, y_md, kernel_any_md;
+  dnnl_memory_desc_t x_md, y_md, kernel_any_md;  // x_md, y_md live on in the plan
   RETURN_IF_DNNL_ERROR(dnnl_memory_desc_create_with_tag(&x_md, 4, x_dims, dnnl_f32, dnnl_nhwc));
   RETURN_IF_DNNL_ERROR(dnnl_memory_desc_create_with_tag(&y_md, 4, y_dims, dnnl_f32, dnnl_nhwc));
   RETURN_IF_DNNL_ERROR(dnnl_memory_desc_create_with_tag(&kernel_any_md, 4, kernel_dims,
@@ -119,34 +128,41 @@ std::string BuildPlan(Kind kind, const ConvShape& s, Plan* plan) {
     plan->second_md = y_md;
     kernel_query = dnnl_query_diff_weights_md;
   }
+  // Memory descriptors queried from a primitive descriptor belong to it: pd and
+  // reorder_pd stay alive with the plan (plans are never freed).
   plan->kernel_own_md = dnnl_primitive_desc_query_md(pd, kernel_query, 0);
   plan->kernel_own_bytes = dnnl_memory_desc_get_size(plan->kernel_own_md);
-  plan->scratchpad_md = dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
-  plan->scratchpad_bytes = plan->scratchpad_md ? dnnl_memory_desc_get_size(plan->scratchpad_md) : 0;
+  plan->scratchpad_bytes = ScratchpadBytes(pd, &plan->scratchpad_md);
   RETURN_IF_DNNL_ERROR(dnnl_primitive_create(&plan->conv, pd));
   if (!dnnl_memory_desc_equal(plan->kernel_own_md, plan->kernel_hwio_md)) {
     bool to_hwio = kind == Kind::kKernelGrad;
     dnnl_primitive_desc_t reorder_pd;
     RETURN_IF_DNNL_ERROR(dnnl_reorder_primitive_desc_create(
         &reorder_pd, to_hwio ? plan->kernel_own_md : plan->kernel_hwio_md, engine,
-        to_hwio ? plan->kernel_hwio_md : plan->kernel_own_md, engine, nullptr));
+        to_hwio ? plan->kernel_hwio_md : plan->kernel_own_md, engine, attr));
+    plan->reorder_scratchpad_bytes =
+        ScratchpadBytes(reorder_pd, &plan->reorder_scratchpad_md);
     RETURN_IF_DNNL_ERROR(dnnl_primitive_create(&plan->reorder, reorder_pd));
   }
+  if (forward_pd != pd) dnnl_primitive_desc_destroy(forward_pd);
+  dnnl_memory_desc_destroy(kernel_any_md);
+  dnnl_primitive_attr_destroy(attr);
   return "";
 }
 
 // The plan for (kind, shape), built on first use. Plans are never freed, so the
 // returned pointer stays valid; building holds the lock, running does not.
 std::string FindPlan(Kind kind, const ConvShape& s, const Plan** found) {
-  static std::mutex mutex;
-  static std::map<std::pair<int, ConvShape>, std::unique_ptr<Plan>> plans;
-  std::lock_guard<std::mutex> lock(mutex);
+  // Never destroyed: XLA's threads may still run convolutions while the process exits.
+  static std::mutex* mutex = new std::mutex;
+  static auto* plans = new std::map<std::pair<int, ConvShape>, std::unique_ptr<Plan>>;
+  std::lock_guard<std::mutex> lock(*mutex);
   auto key = std::make_pair(static_cast<int>(kind), s);
-  auto it = plans.find(key);
-  if (it == plans.end()) {
+  auto it = plans->find(key);
+  if (it == plans->end()) {
     auto plan = std::make_unique<Plan>();
     RETURN_IF_ERROR(BuildPlan(kind, s, plan.get()));
-    it = plans.emplace(key, std::move(plan)).first;
+    it = plans->emplace(key, std::move(plan)).first;
   }
   *found = it->second.get();
   return "";
@@ -169,6 +185,26 @@ class Memory {
   dnnl_memory_t memory_ = nullptr;
 };
 
+// A growing, 64-byte aligned buffer (oneDNN's kernels prefer cache-line alignment);
+// one per thread for each use, so concurrent calls never share one.
+class AlignedBuffer {
+ public:
+  ~AlignedBuffer() { std::free(data_); }
+  void* Reserve(size_t bytes) {
+    if (bytes > capacity_) {
+      std::free(data_);
+      capacity_ = (bytes + 63) / 64 * 64;
+      data_ = std::aligned_alloc(64, capacity_);
+      if (data_ == nullptr) capacity_ = 0;
+    }
+    return data_;
+  }
+
+ private:
+  void* data_ = nullptr;
+  size_t capacity_ = 0;
+};
+
 dnnl_stream_t ThreadStream() {
   thread_local dnnl_stream_t stream = [] {
     dnnl_stream_t created = nullptr;
@@ -183,22 +219,36 @@ dnnl_stream_t ThreadStream() {
 // (forward, input grad) or written (kernel grad).
 std::string Run(Kind kind, const ConvShape& s, void* first, void* second,
                 void* kernel_hwio) {
-  const Plan* plan;
+  const Plan* plan = nullptr;
   RETURN_IF_ERROR(FindPlan(kind, s, &plan));
-  thread_local std::vector<char> kernel_buffer, scratchpad_buffer;
-  kernel_buffer.resize(plan->kernel_own_bytes);
-  scratchpad_buffer.resize(plan->scratchpad_bytes);
-  Memory first_mem, second_mem, kernel_mem, kernel_hwio_mem, scratchpad_mem;
+  thread_local AlignedBuffer kernel_buffer, scratchpad_buffer, reorder_scratchpad_buffer;
+  void* kernel_own = plan->reorder ? kernel_buffer.Reserve(plan->kernel_own_bytes)
+                                   : kernel_hwio;
+  void* scratchpad = scratchpad_buffer.Reserve(plan->scratchpad_bytes);
+  void* reorder_scratchpad =
+      reorder_scratchpad_buffer.Reserve(plan->reorder_scratchpad_bytes);
+  if ((plan->reorder && plan->kernel_own_bytes && !kernel_own) ||
+      (plan->scratchpad_bytes && !scratchpad) ||
+      (plan->reorder_scratchpad_bytes && !reorder_scratchpad))
+    return "out of host memory for oneDNN's buffers";
+  Memory first_mem, second_mem, kernel_mem, kernel_hwio_mem, scratchpad_mem,
+      reorder_scratchpad_mem;
   RETURN_IF_ERROR(first_mem.Wrap(plan->first_md, first));
   RETURN_IF_ERROR(second_mem.Wrap(plan->second_md, second));
   RETURN_IF_ERROR(kernel_hwio_mem.Wrap(plan->kernel_hwio_md, kernel_hwio));
-  RETURN_IF_ERROR(kernel_mem.Wrap(plan->kernel_own_md,
-                                  plan->reorder ? kernel_buffer.data() : kernel_hwio));
+  RETURN_IF_ERROR(kernel_mem.Wrap(plan->kernel_own_md, kernel_own));
+  std::vector<dnnl_exec_arg_t> reorder_args = {
+      {DNNL_ARG_FROM, kind == Kind::kKernelGrad ? kernel_mem.get() : kernel_hwio_mem.get()},
+      {DNNL_ARG_TO, kind == Kind::kKernelGrad ? kernel_hwio_mem.get() : kernel_mem.get()}};
+  if (plan->reorder_scratchpad_bytes) {
+    RETURN_IF_ERROR(reorder_scratchpad_mem.Wrap(plan->reorder_scratchpad_md,
+                                                reorder_scratchpad));
+    reorder_args.push_back({DNNL_ARG_SCRATCHPAD, reorder_scratchpad_mem.get()});
+  }
   dnnl_stream_t stream = ThreadStream();
   if (plan->reorder && kind != Kind::kKernelGrad) {
-    dnnl_exec_arg_t args[] = {{DNNL_ARG_FROM, kernel_hwio_mem.get()},
-                              {DNNL_ARG_TO, kernel_mem.get()}};
-    RETURN_IF_DNNL_ERROR(dnnl_primitive_execute(plan->reorder, stream, 2, args));
+    RETURN_IF_DNNL_ERROR(dnnl_primitive_execute(
+        plan->reorder, stream, static_cast<int>(reorder_args.size()), reorder_args.data()));
   }
   std::vector<dnnl_exec_arg_t> args;
   if (kind == Kind::kForward) {
@@ -212,15 +262,14 @@ std::string Run(Kind kind, const ConvShape& s, void* first, void* second,
             {DNNL_ARG_DIFF_WEIGHTS, kernel_mem.get()}};
   }
   if (plan->scratchpad_bytes) {
-    RETURN_IF_ERROR(scratchpad_mem.Wrap(plan->scratchpad_md, scratchpad_buffer.data()));
+    RETURN_IF_ERROR(scratchpad_mem.Wrap(plan->scratchpad_md, scratchpad));
     args.push_back({DNNL_ARG_SCRATCHPAD, scratchpad_mem.get()});
   }
   RETURN_IF_DNNL_ERROR(dnnl_primitive_execute(plan->conv, stream,
                                               static_cast<int>(args.size()), args.data()));
   if (plan->reorder && kind == Kind::kKernelGrad) {
-    dnnl_exec_arg_t reorder_args[] = {{DNNL_ARG_FROM, kernel_mem.get()},
-                                      {DNNL_ARG_TO, kernel_hwio_mem.get()}};
-    RETURN_IF_DNNL_ERROR(dnnl_primitive_execute(plan->reorder, stream, 2, reorder_args));
+    RETURN_IF_DNNL_ERROR(dnnl_primitive_execute(
+        plan->reorder, stream, static_cast<int>(reorder_args.size()), reorder_args.data()));
   }
   RETURN_IF_DNNL_ERROR(dnnl_stream_wait(stream));
   return "";
@@ -238,11 +287,31 @@ ConvShape MakeShape(ffi::Span<const int64_t> x, ffi::Span<const int64_t> kernel,
                    sh, sw, pt, pb, pl, pr};
 }
 
+// Empty when input, kernel and output shapes form one convolution; else why not (the
+// handlers would otherwise read or write out of bounds).
+std::string CheckShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> kernel,
+                        ffi::Span<const int64_t> y, int64_t sh, int64_t sw, int64_t pt,
+                        int64_t pb, int64_t pl, int64_t pr) {
+  if (sh < 1 || sw < 1 || pt < 0 || pb < 0 || pl < 0 || pr < 0) return "bad strides or padding";
+  if (kernel[2] != x[3]) return "kernel input features differ from the input's channels";
+  if (y[0] != x[0] || y[3] != kernel[3]) return "output batch or features do not match";
+  if (y[1] != (x[1] + pt + pb - kernel[0]) / sh + 1 ||
+      y[2] != (x[2] + pl + pr - kernel[1]) / sw + 1 || y[1] < 1 || y[2] < 1)
+    return "output size does not match input, kernel, strides and padding";
+  return "";
+}
+
+ffi::Error InvalidShapes(const std::string& why) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "oneDNN convolution: " + why);
+}
+
 using F32 = ffi::Buffer<ffi::F32, 4>;
 using F32Result = ffi::ResultBuffer<ffi::F32, 4>;
 
 ffi::Error Forward(F32 x, F32 kernel, F32Result y, int64_t sh, int64_t sw, int64_t pt,
                    int64_t pb, int64_t pl, int64_t pr) {
+  std::string invalid = CheckShapes(x.dimensions(), kernel.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr);
+  if (!invalid.empty()) return InvalidShapes(invalid);
   ConvShape s = MakeShape(x.dimensions(), kernel.dimensions(), y->dimensions(), sh, sw,
                           pt, pb, pl, pr);
   return ToFfiError(Run(Kind::kForward, s, x.untyped_data(), y->untyped_data(),
@@ -251,6 +320,8 @@ ffi::Error Forward(F32 x, F32 kernel, F32Result y, int64_t sh, int64_t sw, int64
 
 ffi::Error InputGrad(F32 dy, F32 kernel, F32Result dx, int64_t sh, int64_t sw,
                      int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  std::string invalid = CheckShapes(dx->dimensions(), kernel.dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr);
+  if (!invalid.empty()) return InvalidShapes(invalid);
   ConvShape s = MakeShape(dx->dimensions(), kernel.dimensions(), dy.dimensions(), sh, sw,
                           pt, pb, pl, pr);
   return ToFfiError(Run(Kind::kInputGrad, s, dy.untyped_data(), dx->untyped_data(),
@@ -259,6 +330,8 @@ ffi::Error InputGrad(F32 dy, F32 kernel, F32Result dx, int64_t sh, int64_t sw,
 
 ffi::Error KernelGrad(F32 x, F32 dy, F32Result dkernel, int64_t sh, int64_t sw,
                       int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  std::string invalid = CheckShapes(x.dimensions(), dkernel->dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr);
+  if (!invalid.empty()) return InvalidShapes(invalid);
   ConvShape s = MakeShape(x.dimensions(), dkernel->dimensions(), dy.dimensions(), sh, sw,
                           pt, pb, pl, pr);
   return ToFfiError(Run(Kind::kKernelGrad, s, x.untyped_data(), dy.untyped_data(),
