@@ -28,6 +28,12 @@ MALLOC_TUNABLES = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
 APPLIED_MARK = "AFFECT_JAX_HEAP_REUSE_APPLIED"
 USER_TUNABLES = "AFFECT_JAX_USER_GLIBC_TUNABLES"  # the user's own, restored after exec
 SWITCH = "AFFECT_JAX_HEAP_REUSE"
+_applied_tunables: str | None = None  # what this process started with, once re-executed
+
+
+def applied_tunables() -> str | None:
+  """The GLIBC_TUNABLES this process was re-executed with (None: not re-executed)."""
+  return _applied_tunables
 
 
 def environment_with_heap_reuse(environ) -> dict | None:
@@ -61,7 +67,9 @@ def reexec_with_heap_reuse() -> None:
   """Replaces this process by the same command with the malloc settings (same PID,
   arguments and environment otherwise), once; returns where nothing is to be done, or
   where the exec fails (then with glibc's defaults)."""
+  global _applied_tunables
   if os.environ.get(APPLIED_MARK):  # this is the re-executed process
+    _applied_tunables = os.environ.get("GLIBC_TUNABLES")
     restore_user_environment(os.environ)
     return
   environ = environment_with_heap_reuse(os.environ)

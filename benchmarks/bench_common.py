@@ -17,7 +17,7 @@ import types
 
 import numpy as np
 
-from affect_jax import onednn_conv
+from affect_jax import host_memory, onednn_conv
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,7 +64,7 @@ def machine() -> dict:
           "python": platform.python_version(),
           # host_memory's malloc settings (None: glibc's defaults, XLA:CPU's temporaries
           # page-faulted afresh every step) and the oneDNN convolutions (onednn_conv).
-          "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+          "glibc_tunables": host_memory.applied_tunables(),
           "onednn_convolutions": onednn_conv.load().available}
 
 

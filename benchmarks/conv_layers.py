@@ -3,7 +3,8 @@
 XLA (lax.conv, NHWC/HWIO, as flax.linen.Conv lowers; XLA:CPU hands it to YNNPACK by
 default), in XLA with YNNPACK off for convolutions (Eigen's convolution, chosen per
 compile with `compiler_options`), in XLA as explicit patches and a matmul (im2col),
-and in PyTorch (oneDNN, channels_last), interleaved in rounds.
+through the "cpu" implementation's oneDNN FFI handlers (affect_jax.onednn_conv), and
+in PyTorch (oneDNN, channels_last), interleaved in rounds.
 
   taskset -c 0 python benchmarks/conv_layers.py --batch_size 32 \
       --out benchmarks/results/conv_layers.jsonl
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common  # noqa: E402
-from affect_jax import train  # noqa: E402
+from affect_jax import onednn_conv, train  # noqa: E402
 
 # (name, input spatial size, in channels, out channels, kernel, stride, padding, count
 # of such convs in ResNet-18)
@@ -73,6 +74,12 @@ def im2col_conv(x, w, stride, pad):
 EIGEN_CONVOLUTIONS = train.CPU_COMPILER_OPTIONS
 
 
+def onednn_conv2d(x, w, stride, pad):
+  """The "cpu" implementation's convolution (oneDNN through XLA FFI handlers; kernel
+  gradients of maps of at most 64 pixels on XLA, as in the model)."""
+  return onednn_conv.conv2d(x, w, (stride, stride), ((pad, pad), (pad, pad)))
+
+
 def jax_fns(conv, x, w, stride, pad, compiler_options=None):
   def compiled(fn, *args):
     return jax.jit(fn).lower(*args).compile(compiler_options=compiler_options or {})
@@ -112,6 +119,7 @@ def main():
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--layers", default="")
+  parser.add_argument("--variants", default="xla,xla_eigen,im2col,onednn,torch")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   rng = np.random.default_rng(0)
@@ -124,10 +132,13 @@ def main():
     w = jnp.asarray(rng.standard_normal((k, k, cin, cout), np.float32) * 0.05)
     out_size = (size + 2 * pad - k) // stride + 1
     flops = 2.0 * args.batch_size * out_size * out_size * k * k * cin * cout
-    variants = {"xla": jax_fns(xla_conv, x, w, stride, pad),
-                "xla_eigen": jax_fns(xla_conv, x, w, stride, pad, EIGEN_CONVOLUTIONS),
-                "im2col": jax_fns(im2col_conv, x, w, stride, pad),
-                "torch": torch_fns(x, w, stride, pad)}
+    builders = {
+        "xla": lambda: jax_fns(xla_conv, x, w, stride, pad),
+        "xla_eigen": lambda: jax_fns(xla_conv, x, w, stride, pad, EIGEN_CONVOLUTIONS),
+        "im2col": lambda: jax_fns(im2col_conv, x, w, stride, pad),
+        "onednn": lambda: jax_fns(onednn_conv2d, x, w, stride, pad, EIGEN_CONVOLUTIONS),
+        "torch": lambda: torch_fns(x, w, stride, pad)}
+    variants = {v: builders[v]() for v in args.variants.split(",")}
     for fns in variants.values():  # warm-up and compile
       for fn in fns.values():
         fn()

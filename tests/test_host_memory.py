@@ -16,6 +16,7 @@ started_with = os.environ.get("GLIBC_TUNABLES", "")  # what glibc read, after th
 if __name__ == "__main__":
   from affect_jax import host_memory
   host_memory.reexec_with_heap_reuse()
+  applied = host_memory.applied_tunables()
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x: jnp.sum(jnp.cos(jnp.sin(x) @ x.T) @ x))
 x = jnp.ones((3000, 3000), jnp.float32)  # 36 MB: above glibc's mmap threshold
@@ -27,7 +28,7 @@ faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3
 child = subprocess.run(
     [sys.executable, "-c", "import os; print(os.environ.get('GLIBC_TUNABLES'))"],
     capture_output=True, text=True, check=True).stdout.strip()
-print(json.dumps({"tunables": started_with,
+print(json.dumps({"tunables": started_with, "applied": applied,
                   "child_tunables": child, "argv": sys.argv[1:], "faults": faults}))
 """
 
@@ -72,6 +73,7 @@ def test_reexecuted_process_reuses_xla_temporaries_instead_of_faulting(tmp_path)
   assert tuned["argv"] == ["--an", "argument"]
   assert tuned["tunables"].split(":") == [*host_memory.MALLOC_TUNABLES, user_tunables]
   assert tuned["child_tunables"] == user_tunables
+  assert tuned["applied"] == tuned["tunables"] and plain["applied"] is None
   assert plain["tunables"] == "" and plain["child_tunables"] == "None"
   # Without: each execution maps its temporaries afresh, page by page.
   assert plain["faults"] > 20_000, plain
