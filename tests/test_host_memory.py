@@ -77,4 +77,5 @@ def test_reexecuted_process_reuses_xla_temporaries_instead_of_faulting(tmp_path)
   assert plain["tunables"] == "" and plain["child_tunables"] == "None"
   # Without: each execution maps its temporaries afresh, page by page.
   assert plain["faults"] > 20_000, plain
-  assert tuned["faults"] < plain["faults"] / 4, (tuned, plain)  # 1/290 on jax 0.10.2, 1/4.5 on 0.11.2
+  # 1/290 of the faults on jax 0.10.2; 1/3-1/4.5 on 0.11.2, whose XLA:CPU maps less.
+  assert tuned["faults"] < plain["faults"] / 2, (tuned, plain)
