@@ -12,8 +12,9 @@ glibc keeps.)
 glibc reads these settings only when a process starts, so the command-line entry
 points call ``reexec_with_heap_reuse()`` before they import JAX: it re-executes the
 same command once with the settings added to GLIBC_TUNABLES, then gives its child
-processes the original environment back. The cost is that freed memory is not returned to the system while the process lives (its peak stays
-resident), and malloc has one lock for all threads. ``AFFECT_JAX_HEAP_REUSE=0`` turns
+processes the original environment back. The cost is that freed memory is not
+returned to the system while the process lives (its peak stays resident), and malloc
+has one lock for all threads. ``AFFECT_JAX_HEAP_REUSE=0`` turns
 it off (also for debuggers, which the exec would restart); it does nothing on other C
 libraries and systems, or where JAX_PLATFORMS names accelerators only.
 """

@@ -11,8 +11,9 @@ The handlers are compiled on first use with the machine's C++ compiler against t
 headers of oneDNN's C API shipped in ``native/onednn/include`` and the ``libdnnl.so.3``
 of the ``onednn-cpu-gomp`` wheel (a dependency on Linux x86-64), and cached under
 ``$AFFECT_JAX_CACHE`` (default ``~/.cache/affect_jax``), keyed by the sources, the
-jaxlib version and the library's path. Where that cannot be done (another platform, no
-compiler, no wheel) or ``AFFECT_JAX_ONEDNN=0`` is set, ``available()`` is False, the
+jaxlib version and the library's path and version. Where that cannot be done (another
+platform, no compiler, no wheel, a library of another version than the headers') or
+``AFFECT_JAX_ONEDNN=0`` is set, ``available()`` is False, the
 reason is logged once, and the model keeps XLA's own convolutions: the results are the
 same up to float rounding either way.
 """

@@ -7,8 +7,9 @@ and eval steps, against the PyTorch peer, measured interleaved in one run.
 Contenders (all the default config's ResNet-18 MTL step, float32, 112x112):
   xla            MultiTaskNet(implementation="xla"): flax nn.Conv + nn.max_pool, the
                  formulation before this change (and the one kept for GPU/TPU);
-  cpu            MultiTaskNet(implementation="cpu"): strided 1x1 and small-map
-                 convolutions as matmuls; when training, BN with a closed-form
+  cpu            MultiTaskNet(implementation="cpu"): convolutions on oneDNN (FFI
+                 handlers; tiny maps as im2col matmuls), strided 1x1 shortcuts as
+                 matmuls; when training, BN with a closed-form
                  backward pass and the stem's max-pool with an index-routed gradient
                  (older rows: a first custom max-pool gradient, "cpu_maxpool", then a
                  separable max-pool and flax's BN);

@@ -5,14 +5,17 @@
 
 For every batch size: the JAX train and eval steps (affect_jax.train.compile_train_step /
 compile_eval_step, NHWC, float32, SGD Nesterov, the default config's losses) as the
-trainer compiles them (`jax`: on CPU with train.CPU_COMPILER_OPTIONS, convolutions on
-Eigen instead of YNNPACK) and with XLA's default options (`jax_xla_defaults`, the
-trainer before that change; see docs/PERFORMANCE.md), and the PyTorch peer
+trainer compiles them (`jax`: on CPU with train.CPU_COMPILER_OPTIONS, XLA's own
+convolutions on Eigen instead of YNNPACK) and with XLA's default options
+(`jax_xla_defaults`; since the "cpu" implementation's convolutions run on oneDNN, the
+two differ only in the kernel gradients left to XLA; see docs/PERFORMANCE.md), and the
+PyTorch peer
 (benchmarks/torch_resnet.py, eager, NCHW and channels_last) are timed in interleaved
 rounds; medians, the JAX/PyTorch ratio against the faster PyTorch layout,
 and FLOP utilisation against a float32 matmul peak measured in the same run in each
-framework. FLOPs come from XLA's cost analysis of the compiled steps and from an
-analytic count of the convolutions and dense layers. One JSON line per batch size.
+framework. FLOPs come from an analytic count of the convolutions and dense layers
+(utilisation) and from XLA's cost analysis of the compiled steps (reported; it does
+not see the oneDNN FFI calls). One JSON line per batch size.
 """
 from __future__ import annotations
 
