@@ -6,6 +6,7 @@ average (`os.getloadavg`, what `uptime` prints) before and after.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -37,6 +38,17 @@ def module_at(path: str, revision: str) -> tuple[types.ModuleType, str]:
   sys.modules[module.__name__] = module  # dataclasses look their module up there
   exec(compile(source, f"{path}@{commit}", "exec"), module.__dict__)  # noqa: S102
   return module, commit
+
+
+def load_config(path: str):
+  """The ml_collections config of the file `path` (its `get_config()`); a relative
+  path not found from the working directory is read from the repository's root."""
+  if not os.path.exists(path) and os.path.exists(os.path.join(ROOT, path)):
+    path = os.path.join(ROOT, path)
+  spec = importlib.util.spec_from_file_location("bench_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def cpu_model() -> str:

@@ -2,50 +2,85 @@
 # The performance figures of docs/PERFORMANCE.md on a GPU or TPU host, bf16 and f32.
 #
 #   bash benchmarks/run_accelerator.sh [results file]
+#   bash benchmarks/run_accelerator.sh --rehearse [results file]
 #
-# Needs the project installed with a JAX for the accelerator (jax[cuda12] / jax[tpu]).
+# Needs a JAX for the accelerator (jax[cuda12] / jax[tpu]) and the project's packages;
+# the project itself is read from this tree (PYTHONPATH), so an uninstalled copy works.
 # Writes JSON lines (machine, date, load in each) to the results file (default
 # benchmarks/results/accelerator.jsonl) and prints them. Each step is short: a few
 # minutes in all on one H100.
+#
+# --rehearse runs every step on whatever JAX sees (the CPU too) with the tiny model,
+# batch 8 and a step or two per figure: a minute's check that the script and the
+# benchmarks it calls still fit together, before spending accelerator time on it
+# (tests/test_run_accelerator.py runs it). Its figures mean nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+REHEARSE=0
+if [ "${1:-}" = "--rehearse" ]; then REHEARSE=1; shift; fi
 OUT="${1:-benchmarks/results/accelerator.jsonl}"
-PY="${PYTHON:-python}"
+if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"
+elif command -v python >/dev/null; then PY=python
+else PY=python3; fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$(dirname "$OUT")"
-"$PY" - <<'PYEOF'
+REHEARSE=$REHEARSE "$PY" - <<'PYEOF'
+import os
 import jax
 print("devices:", jax.devices(), "backend:", jax.default_backend(), "jax", jax.__version__)
-if jax.default_backend() == "cpu":
-    raise SystemExit("no accelerator visible to JAX: install jax[cuda12] or jax[tpu]")
+if jax.default_backend() == "cpu" and os.environ["REHEARSE"] != "1":
+    raise SystemExit("no accelerator visible to JAX: install jax[cuda12] or jax[tpu] "
+                     "(or pass --rehearse to check the script on the CPU)")
 PYEOF
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee -a "${OUT%.jsonl}.nvidia-smi.txt"
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv \
+      | tee -a "${OUT%.jsonl}.nvidia-smi.txt"
+fi
+
+if [ "$REHEARSE" = 1 ]; then
+  MODEL=(--config configs/tiny.py)
+  STEP_SIZES=(--batch_sizes 8 --steps 2 --rounds 1 --matmul_n 256)
+  METRICS_SIZES=(--frames 32768 --rounds 1)
+  METRICS_BATCHES=(4096 512)
+  DATA_BATCH=8
+  DATA_SIZES=(--batches 2 --rounds 1)
+  FEED_SIZES=(--steps 2 --rounds 1)
+else
+  MODEL=(--config configs/default.py)
+  STEP_SIZES=(--batch_sizes 128,256,512 --steps 20 --rounds 3)
+  METRICS_SIZES=()
+  METRICS_BATCHES=(8192 512)
+  DATA_BATCH=256
+  DATA_SIZES=(--batches 20)
+  FEED_SIZES=(--steps 20)
+fi
 
 # 1. Train / eval step throughput and FLOP utilisation against a measured matmul peak,
 #    bf16 and f32, flax formulation ("xla", what "auto" picks on an accelerator) and the
 #    XLA:CPU formulation ("cpu") to check it does not also help (or hurt) here, and the
 #    step fed by device-resident data (the 10-second-epoch question).
-"$PY" benchmarks/train_step_throughput.py --dtypes bfloat16,float32 \
-    --implementations xla,cpu --batch_sizes 128,256,512 --steps 20 --rounds 3 \
-    --device_data --augment basic --out "$OUT"
+"$PY" benchmarks/train_step_throughput.py "${MODEL[@]}" --dtypes bfloat16,float32 \
+    --implementations xla,cpu "${STEP_SIZES[@]}" --device_data --augment basic --out "$OUT"
 
 # 2. Metrics: jitted streaming statistics against scikit-learn over 1M frames.
-"$PY" benchmarks/metrics_vs_sklearn.py --batch 8192 --out "$OUT"
-"$PY" benchmarks/metrics_vs_sklearn.py --batch 512 --out "$OUT"
+for batch in "${METRICS_BATCHES[@]}"; do
+  "$PY" benchmarks/metrics_vs_sklearn.py --batch "$batch" "${METRICS_SIZES[@]}" --out "$OUT"
+done
 
 # 3. Device-resident data against the host pipeline (needs a built dataset; the demo
 #    one is made by `python -m affect_jax.demo` or the README's first command).
 DATA_DIR="${DATA_DIR:-runs/demo/tfds}"
 if [ -d "$DATA_DIR/affwild2" ]; then
-  "$PY" benchmarks/device_data.py --data_dir "$DATA_DIR" --batch_size 256 --batches 20 \
-      --out "$OUT"
+  "$PY" benchmarks/device_data.py --data_dir "$DATA_DIR" --batch_size "$DATA_BATCH" \
+      "${DATA_SIZES[@]}" --out "$OUT"
   # (the library alone: a copy of the tree may come without .git for the before peer)
-  "$PY" benchmarks/input_pipeline.py --data_dir "$DATA_DIR" --batches 20 \
+  "$PY" benchmarks/input_pipeline.py --data_dir "$DATA_DIR" "${DATA_SIZES[@]}" \
       --before_rev none --out "$OUT"
   # Whole training steps of the default config (full ResNet-18, batch 256, bf16) fed
   # by the host pipeline (8 grain workers) and by device-resident data: steps/s and
   # whether the device waits for data.
-  "$PY" benchmarks/train_feeds.py --data_dir "$DATA_DIR" --config configs/default.py \
-      --dtype bfloat16 --steps 20 --out "$OUT"
+  "$PY" benchmarks/train_feeds.py --data_dir "$DATA_DIR" "${MODEL[@]}" \
+      --dtype bfloat16 "${FEED_SIZES[@]}" --out "$OUT"
 else
   echo "no dataset in $DATA_DIR: skipping the data benchmarks (set DATA_DIR)"
 fi

@@ -18,7 +18,6 @@ if __name__ == "__main__":  # before JAX starts: glibc reads malloc settings at 
   host_memory.reexec_with_heap_reuse()
 
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
@@ -31,13 +30,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common  # noqa: E402
 from affect_jax import train  # noqa: E402
 from affect_jax.metric_writer import InputWaitMeter  # noqa: E402
-
-
-def load_config(path: str):
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 class FedLoop:
@@ -78,7 +70,7 @@ def main():
   parser.add_argument("--dtype", default=None, help="model.dtype (default: the config's)")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
-  config = load_config(args.config)
+  config = bench_common.load_config(args.config)
   config.dataset.data_dir = args.data_dir
   if args.worker_count is not None:
     config.input.worker_count = args.worker_count

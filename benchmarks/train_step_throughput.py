@@ -32,7 +32,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common  # noqa: E402
 from affect_jax import device_data, models, train  # noqa: E402
-from configs import default  # noqa: E402
 
 S_AFFWILD2_TRAIN_FRAMES = 142_000
 
@@ -62,9 +61,9 @@ def synthetic_device_split(mesh, num_records, image_size):
   return device_data.DeviceDataset(images=images, labels=arrays)
 
 
-def measure(batch_size, image_size, dtype, implementation, steps, rounds, use_device_data,
-            augment):
-  config = default.get_config()
+def measure(config_path, batch_size, image_size, dtype, implementation, steps, rounds,
+            use_device_data, augment):
+  config = bench_common.load_config(config_path)
   config.input.batch_size = batch_size
   config.input.image_size = image_size
   config.model.dtype = dtype
@@ -137,6 +136,8 @@ def measure(batch_size, image_size, dtype, implementation, steps, rounds, use_de
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--config", default="configs/default.py",
+                      help="model and losses (default: the full ResNet-18)")
   parser.add_argument("--batch_sizes", default="32,64")
   parser.add_argument("--image_sizes", default="112")
   parser.add_argument("--dtypes", default="float32")
@@ -160,11 +161,11 @@ def main():
                       "device": jax.devices()[0].device_kind,
                       "devices": jax.device_count(), "jax": jax.__version__,
                       "backend": jax.default_backend(), "batch_size": batch_size,
-                      "image_size": image_size, "dtype": dtype,
+                      "config": args.config, "image_size": image_size, "dtype": dtype,
                       "implementation": models.resolve_implementation(implementation),
                       "matmul_n": matmul_n, "matmul_peak_tflops": round(peak, 2),
                       "load_before": bench_common.load()})
-          row.update(measure(batch_size, image_size, dtype, implementation, args.steps,
+          row.update(measure(args.config, batch_size, image_size, dtype, implementation, args.steps,
                              args.rounds, args.device_data, args.augment))
           row["train_utilisation_of_matmul_peak"] = row.get("train_tflops") and round(
               row["train_tflops"] / peak, 3)
