@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # The performance figures of docs/PERFORMANCE.md on a GPU or TPU host, bf16 and f32.
 #
-#   bash benchmarks/run_accelerator.sh [results file]
-#   bash benchmarks/run_accelerator.sh --rehearse [results file]
+#   bash benchmarks/run_accelerator.sh [--rehearse] [--parts 1,2,3] [results file]
+#
+# Parts (all by default; each fits in a few minutes on one H100, so a host that limits
+# one command's time can run them one by one into the same results file):
+#   1  train / eval step throughput, FLOP utilisation, device-resident epoch seconds
+#   2  metrics against scikit-learn
+#   3  device-resident data, input pipeline and whole fed training steps (needs a dataset)
 #
 # Needs a JAX for the accelerator (jax[cuda12] / jax[tpu]) and the project's packages;
 # the project itself is read from this tree (PYTHONPATH), so an uninstalled copy works.
@@ -17,8 +22,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REHEARSE=0
-if [ "${1:-}" = "--rehearse" ]; then REHEARSE=1; shift; fi
+PARTS=1,2,3
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --rehearse) REHEARSE=1; shift ;;
+    --parts) PARTS="$2"; shift 2 ;;
+    -*) echo "unknown option $1 (usage: see the top of $0)" >&2; exit 2 ;;
+    *) break ;;
+  esac
+done
 OUT="${1:-benchmarks/results/accelerator.jsonl}"
+wanted() { [[ ",$PARTS," == *",$1,"* ]]; }
 if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"
 elif command -v python >/dev/null; then PY=python
 else PY=python3; fi
@@ -39,7 +53,9 @@ fi
 
 if [ "$REHEARSE" = 1 ]; then
   MODEL=(--config configs/tiny.py)
-  STEP_SIZES=(--batch_sizes 8 --steps 2 --rounds 1 --matmul_n 256)
+  STEP_SIZES=(--steps 2 --rounds 1 --matmul_n 256)
+  XLA_BATCHES=8
+  CPU_FORMULATION_BATCHES=8
   METRICS_SIZES=(--frames 32768 --rounds 1)
   METRICS_BATCHES=(4096 512)
   DATA_BATCH=8
@@ -47,7 +63,9 @@ if [ "$REHEARSE" = 1 ]; then
   FEED_SIZES=(--steps 2 --rounds 1)
 else
   MODEL=(--config configs/default.py)
-  STEP_SIZES=(--batch_sizes 128,256,512 --steps 20 --rounds 3)
+  STEP_SIZES=(--steps 20 --rounds 3)
+  XLA_BATCHES=128,256,512
+  CPU_FORMULATION_BATCHES=256
   METRICS_SIZES=()
   METRICS_BATCHES=(8192 512)
   DATA_BATCH=256
@@ -57,20 +75,31 @@ fi
 
 # 1. Train / eval step throughput and FLOP utilisation against a measured matmul peak,
 #    bf16 and f32, flax formulation ("xla", what "auto" picks on an accelerator) and the
-#    XLA:CPU formulation ("cpu") to check it does not also help (or hurt) here, and the
-#    step fed by device-resident data (the 10-second-epoch question).
-"$PY" benchmarks/train_step_throughput.py "${MODEL[@]}" --dtypes bfloat16,float32 \
-    --implementations xla,cpu "${STEP_SIZES[@]}" --device_data --augment basic --out "$OUT"
+#    step fed by device-resident data (the 10-second-epoch question); then the XLA:CPU
+#    formulation ("cpu") at one batch size, to check it does not also help (or hurt) here.
+if wanted 1; then
+  for spec in "xla $XLA_BATCHES" "cpu $CPU_FORMULATION_BATCHES"; do
+    read -r implementation batches <<<"$spec"
+    "$PY" benchmarks/train_step_throughput.py "${MODEL[@]}" --dtypes bfloat16,float32 \
+        --implementations "$implementation" --batch_sizes "$batches" "${STEP_SIZES[@]}" \
+        --device_data --augment basic --out "$OUT"
+  done
+fi
 
 # 2. Metrics: jitted streaming statistics against scikit-learn over 1M frames.
-for batch in "${METRICS_BATCHES[@]}"; do
-  "$PY" benchmarks/metrics_vs_sklearn.py --batch "$batch" "${METRICS_SIZES[@]}" --out "$OUT"
-done
+if wanted 2; then
+  for batch in "${METRICS_BATCHES[@]}"; do
+    "$PY" benchmarks/metrics_vs_sklearn.py --batch "$batch" "${METRICS_SIZES[@]}" \
+        --out "$OUT"
+  done
+fi
 
 # 3. Device-resident data against the host pipeline (needs a built dataset; the demo
 #    one is made by `python -m affect_jax.demo` or the README's first command).
 DATA_DIR="${DATA_DIR:-runs/demo/tfds}"
-if [ -d "$DATA_DIR/affwild2" ]; then
+if ! wanted 3; then
+  :
+elif [ -d "$DATA_DIR/affwild2" ]; then
   "$PY" benchmarks/device_data.py --data_dir "$DATA_DIR" --batch_size "$DATA_BATCH" \
       "${DATA_SIZES[@]}" --out "$OUT"
   # (the library alone: a copy of the tree may come without .git for the before peer)

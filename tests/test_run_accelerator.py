@@ -33,6 +33,15 @@ def test_refuses_a_cpu_only_jax_without_rehearse(tmp_path):
   assert not (tmp_path / "out.jsonl").exists()
 
 
+def test_parts_select_the_benchmarks(tmp_path):
+  out = tmp_path / "out.jsonl"
+  result = run_script(["--rehearse", "--parts", "2", str(out)], {"JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert {b: len(r) for b, r in rows_by_benchmark(out).items()} == {"metrics_vs_sklearn": 2}
+  result = run_script(["--rehearse", "--part", "2", str(out)], {"JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 2 and "unknown option --part" in result.stderr
+
+
 def test_rehearsal_writes_every_figure(built_union, tmp_path):
   out = tmp_path / "results" / "accelerator.jsonl"
   result = run_script(["--rehearse", str(out)],
