@@ -5,7 +5,9 @@ steps, every executed HLO operation's time summed by kind, one JSON line.
       --out benchmarks/results/profile_train_step.jsonl
 
 The step is the trainer's own (`train.compile_train_step`: default config, ResNet-18,
-float32, 112x112, the implementation "auto" picks and the trainer's compile options).
+float32, 112x112, the implementation "auto" picks and the trainer's compile options;
+--implementation and --dtype pick others, e.g. "xla" in bfloat16, what an accelerator
+runs, to count the operations a GPU step would launch).
 On XLA:CPU the per-operation events need `--xla_cpu_enable_xprof_traceme=true`, which
 this script adds to XLA_FLAGS. Each event is mapped to the JAX operation that produced
 it through the compiled HLO's `op_name` metadata and put in one kind:
@@ -15,7 +17,10 @@ max_pool (reduce-window and what XLA expands select-and-scatter into: iotas,
 a broadcast and a variadic reduce-window of the padded input's shape, the scatter), layout (transpose and copy fusions), bn_reduction (reductions
 under a BatchNorm), collective (all-reduce) and elementwise (every other fusion: BN
 normalisation, ReLU, residual adds, the optimizer update). Also the --top (12) costliest
-operations. Times are per step (the mean over --steps).
+operations. Times are per step (the mean over --steps). `hlo_ops_executed` counts the
+distinct HLO operations that ran (by kind in `hlo_ops_executed_by_kind`): about the
+kernels a GPU would launch per step (XLA:CPU splits one operation into many parallel
+tasks, so its trace events are not counted).
 """
 from __future__ import annotations
 
@@ -37,7 +42,6 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_cpu_enable_xprof_traceme=true").strip()
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -120,6 +124,9 @@ def main():
   parser.add_argument("--image_size", type=int, default=112)
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--mode", choices=("train", "eval"), default="train")
+  parser.add_argument("--implementation", default="auto",
+                      help="models.IMPLEMENTATIONS: auto, cpu or xla")
+  parser.add_argument("--dtype", choices=tuple(train.DTYPES), default="float32")
   parser.add_argument("--top", type=int, default=12, help="costliest operations listed")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
@@ -127,7 +134,9 @@ def main():
   config.input.batch_size = args.batch_size
   config.input.image_size = args.image_size
   mesh = train.create_mesh()
-  model = train.create_model(config.model)
+  config.model.dtype = args.dtype
+  dtype = train.DTYPES[args.dtype]
+  model = train.create_model(config.model).clone(implementation=args.implementation)
   lr_fn = train.create_learning_rate_fn(config)
   state = train.create_train_state(config, model, mesh, lr_fn)
   batch = train.device_batch(bench_common.synthetic_batch(
@@ -135,10 +144,10 @@ def main():
   if args.mode == "train":
     compiled = train.compile_train_step(
         mesh, settings=train.loss_settings_from_config(config, None),
-        learning_rate_fn=lr_fn, dtype=jnp.float32, seed=0).lower(state, batch).compile()
+        learning_rate_fn=lr_fn, dtype=dtype, seed=0).lower(state, batch).compile()
     step = compiled  # (state, batch) -> (new state, metrics); it donates the state
   else:
-    compiled = train.compile_eval_step(mesh, num_expr_classes=8, dtype=jnp.float32).lower(
+    compiled = train.compile_eval_step(mesh, num_expr_classes=8, dtype=dtype).lower(
         state, batch).compile()
 
     def step(state, batch):  # the train step's form: the state back, results waited for
@@ -154,20 +163,24 @@ def main():
   load_before = bench_common.load()
   seconds = bench_common.timed(untraced_step)
   times, _ = traced_op_times(step, holder[0], batch, args.steps)
-  by_kind = collections.Counter()
+  by_kind, count_by_kind = collections.Counter(), collections.Counter()
   for event, micros in times.items():
-    by_kind[kind_of(event, names.get(event, ""))] += micros
+    kind = kind_of(event, names.get(event, ""))
+    by_kind[kind] += micros
+    count_by_kind[kind] += 1
   per_step_ms = {k: round(v / args.steps / 1000, 1) for k, v in by_kind.most_common()}
   row = bench_common.machine()
   row.update({"benchmark": "profile_train_step", "mode": args.mode,
               "batch_size": args.batch_size,
-              "image_size": args.image_size, "dtype": "float32",
-              "implementation": models.resolve_implementation("auto"),
+              "image_size": args.image_size, "dtype": args.dtype,
+              "implementation": models.resolve_implementation(args.implementation),
               "compiler_options": train.step_compiler_options(mesh),
               "jax": jax.__version__, "device": jax.devices()[0].device_kind,
               "load_before": load_before, "step_ms_untraced": round(1000 * seconds, 1),
               "op_ms_per_step": round(sum(times.values()) / args.steps / 1000, 1),
               "op_ms_per_step_by_kind": per_step_ms,
+              "hlo_ops_executed": len(times),
+              "hlo_ops_executed_by_kind": dict(count_by_kind.most_common()),
               "costliest_ops_ms": [
                   [event, names.get(event, "")[-80:], round(v / args.steps / 1000, 1)]
                   for event, v in times.most_common(args.top)],
