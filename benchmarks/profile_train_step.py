@@ -20,7 +20,10 @@ normalisation, ReLU, residual adds, the optimizer update). Also the --top (12) c
 operations. Times are per step (the mean over --steps). `hlo_ops_executed` counts the
 distinct HLO operations that ran (by kind in `hlo_ops_executed_by_kind`): about the
 kernels a GPU would launch per step (XLA:CPU splits one operation into many parallel
-tasks, so its trace events are not counted).
+tasks, so its trace events are not counted). `onednn_overlapped_ms_per_step`: time in
+which two oneDNN calls ran at once on different threads (each would start its own
+OpenMP team: oversubscription on a many-core host), and `onednn_threads` the XLA
+threads that called oneDNN.
 """
 from __future__ import annotations
 
@@ -97,8 +100,9 @@ def kind_of(event: str, op_name: str) -> str:
   return "elementwise"
 
 
-def traced_op_times(step, state, batch, steps: int) -> tuple[dict, object]:
-  """{HLO operation: total microseconds} over `steps` steps, and the final state."""
+def traced_op_events(step, state, batch, steps: int) -> tuple[list, object]:
+  """The executed HLO operations' trace events over `steps` steps (dicts with name,
+  tid, ts and dur in microseconds), and the final state."""
   folder = tempfile.mkdtemp()
   with jax.profiler.trace(folder, create_perfetto_trace=True):
     for _ in range(steps):
@@ -108,14 +112,26 @@ def traced_op_times(step, state, batch, steps: int) -> tuple[dict, object]:
   with gzip.open(path) as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  times = collections.Counter()
-  for event in events:
-    name = event.get("name", "")
-    if (event.get("ph") == "X" and not name.startswith(("$", "end: "))
-        and "ThunkExecutor" not in name and "PjRt" not in name
-        and not name.startswith(("PjitFunction", "ParseArguments"))):
-      times[name] += event.get("dur", 0)
-  return times, state
+  return [event for event in events
+          if event.get("ph") == "X"
+          and not event.get("name", "").startswith(("$", "end: "))
+          and "ThunkExecutor" not in event["name"] and "PjRt" not in event["name"]
+          and not event["name"].startswith(("PjitFunction", "ParseArguments"))], state
+
+
+def cross_thread_overlap_us(events) -> float:
+  """Microseconds during which two of `events` on different threads ran at once
+  (summed over pairs): concurrent oneDNN calls would each start an OpenMP team."""
+  ordered = sorted(events, key=lambda e: e["ts"])
+  overlap = 0.0
+  for i, first in enumerate(ordered):
+    first_end = first["ts"] + first["dur"]
+    for second in ordered[i + 1:]:
+      if second["ts"] >= first_end:
+        break
+      if second["tid"] != first["tid"]:
+        overlap += min(first_end, second["ts"] + second["dur"]) - second["ts"]
+  return overlap
 
 
 def main():
@@ -162,7 +178,11 @@ def main():
   untraced_step()
   load_before = bench_common.load()
   seconds = bench_common.timed(untraced_step)
-  times, _ = traced_op_times(step, holder[0], batch, args.steps)
+  events, _ = traced_op_events(step, holder[0], batch, args.steps)
+  times = collections.Counter()
+  for event in events:
+    times[event["name"]] += event.get("dur", 0)
+  onednn_events = [e for e in events if ONEDNN_TARGET_PREFIX in names.get(e["name"], "")]
   by_kind, count_by_kind = collections.Counter(), collections.Counter()
   for event, micros in times.items():
     kind = kind_of(event, names.get(event, ""))
@@ -181,6 +201,9 @@ def main():
               "op_ms_per_step_by_kind": per_step_ms,
               "hlo_ops_executed": len(times),
               "hlo_ops_executed_by_kind": dict(count_by_kind.most_common()),
+              "onednn_threads": len({e["tid"] for e in onednn_events}),
+              "onednn_overlapped_ms_per_step": round(
+                  cross_thread_overlap_us(onednn_events) / args.steps / 1000, 1),
               "costliest_ops_ms": [
                   [event, names.get(event, "")[-80:], round(v / args.steps / 1000, 1)]
                   for event, v in times.most_common(args.top)],
