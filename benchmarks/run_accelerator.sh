@@ -9,15 +9,15 @@
 #   2  metrics against scikit-learn
 #   3  device-resident data, input pipeline and whole fed training steps (needs a dataset)
 #
-# Needs a JAX for the accelerator (jax[cuda12] / jax[tpu]) and the project's packages;
+# Needs a JAX for the accelerator (jax[cuda13], jax[cuda12] or jax[tpu]) and the project's packages;
 # the project itself is read from this tree (PYTHONPATH), so an uninstalled copy works.
 # Writes JSON lines (machine, date, load in each) to the results file (default
 # benchmarks/results/accelerator.jsonl) and prints them. Each step is short: a few
 # minutes in all on one H100.
 #
 # --rehearse runs every step on whatever JAX sees (the CPU too) with the tiny model,
-# batch 8 and a step or two per figure: a minute's check that the script and the
-# benchmarks it calls still fit together, before spending accelerator time on it
+# batch 8 and a step or two per figure: a check of a few minutes that the script and
+# the benchmarks it calls still fit together, before spending accelerator time on it
 # (tests/test_run_accelerator.py runs it). Its figures mean nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +43,7 @@ import os
 import jax
 print("devices:", jax.devices(), "backend:", jax.default_backend(), "jax", jax.__version__)
 if jax.default_backend() == "cpu" and os.environ["REHEARSE"] != "1":
-    raise SystemExit("no accelerator visible to JAX: install jax[cuda12] or jax[tpu] "
+    raise SystemExit("no accelerator visible to JAX: install jax[cuda13] or jax[tpu] "
                      "(or pass --rehearse to check the script on the CPU)")
 PYEOF
 if command -v nvidia-smi >/dev/null; then
