@@ -22,6 +22,8 @@ from affect_jax import host_memory, onednn_conv
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REHEARSAL_ENV = "AFFECT_JAX_BENCH_REHEARSAL"  # set by run_accelerator.sh --rehearse
+DRY_RUN_ENV = "AFFECT_JAX_BENCH_DRY_RUN"  # set by run_accelerator.sh --dry-run
 
 
 def module_at(path: str, revision: str) -> tuple[types.ModuleType, str]:
@@ -38,6 +40,17 @@ def module_at(path: str, revision: str) -> tuple[types.ModuleType, str]:
   sys.modules[module.__name__] = module  # dataclasses look their module up there
   exec(compile(source, f"{path}@{commit}", "exec"), module.__dict__)  # noqa: S102
   return module, commit
+
+
+def parse_args(parser):
+  """`parser.parse_args()`; under run_accelerator.sh --dry-run, print the parsed
+  arguments as a JSON line (`dry_run`: the script's name) and exit: the script's
+  full-size commands are checked against each benchmark's own parser without running."""
+  args = parser.parse_args()
+  if os.environ.get(DRY_RUN_ENV) == "1":
+    print(json.dumps({"dry_run": os.path.basename(sys.argv[0]), **vars(args)}))
+    sys.exit(0)
+  return args
 
 
 def load_config(path: str):
@@ -70,8 +83,10 @@ def machine() -> dict:
   """Date, CPU, cores of the machine and cores this process may run on (`taskset -c 0`
   pins a run to one core: XLA's thread pool and torch's OpenMP both size themselves
   from the affinity mask, which makes a 1-thread against 1-thread comparison that
-  suffers less from other processes' load than 2 threads against 2)."""
-  return {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_model(),
+  suffers less from other processes' load than 2 threads against 2). Rows of
+  `run_accelerator.sh --rehearse` say so (`rehearsal`): their figures mean nothing."""
+  rehearsal = {"rehearsal": True} if os.environ.get(REHEARSAL_ENV) == "1" else {}
+  return {**rehearsal, "date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_model(),
           "cores": os.cpu_count(), "cores_used": len(os.sched_getaffinity(0)),
           "python": platform.python_version(),
           # host_memory's malloc settings (None: glibc's defaults, XLA:CPU's temporaries

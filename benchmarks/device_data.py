@@ -38,7 +38,7 @@ def main():
   parser.add_argument("--batches", type=int, default=20)
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--out", default=None)
-  args = parser.parse_args()
+  args = bench_common.parse_args(parser)
   source = ip.open_data_source(args.dataset, "train", args.data_dir)
   mesh = train.create_mesh()
   start = time.perf_counter()

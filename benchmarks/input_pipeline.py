@@ -198,7 +198,7 @@ def main():
   parser.add_argument("--no_stages", action="store_true",
                       help="skip the per-stage breakdown and the agreement row")
   parser.add_argument("--out", default=None)
-  args = parser.parse_args()
+  args = bench_common.parse_args(parser)
   modules = {"library": ip}
   commit = None
   if args.before_rev.lower() != "none":

@@ -130,7 +130,7 @@ def main():
   parser.add_argument("--out", default=None)
   parser.add_argument("--baseline-rev", default="3de3617",
                       help="git revision whose batch_statistics is the baseline peer")
-  args = parser.parse_args()
+  args = bench_common.parse_args(parser)
   data = make_data(args.frames)
   frames = args.frames // args.batch * args.batch  # whole batches for both sides
   statistics_fn = jax.jit(lambda o, l: metrics.batch_statistics(

@@ -20,7 +20,10 @@ normalisation, ReLU, residual adds, the optimizer update). Also the --top (12) c
 operations. Times are per step (the mean over --steps). `hlo_ops_executed` counts the
 distinct HLO operations that ran (by kind in `hlo_ops_executed_by_kind`): about the
 kernels a GPU would launch per step (XLA:CPU splits one operation into many parallel
-tasks, so its trace events are not counted). `onednn_overlapped_ms_per_step`: time in
+tasks, so its trace events are not counted; XLA:GPU fuses differently, so on a CPU it is
+an estimate of the order, not a GPU's count). Trace events that are no HLO operation
+(the runtime's own: thread-pool waits, buffer allocation) are left out of the kinds and
+summed in `runtime_ms_per_step`. `onednn_overlapped_ms_per_step`: time in
 which two oneDNN calls ran at once on different threads (each would start its own
 OpenMP team: oversubscription on a many-core host), and `onednn_threads` the XLA
 threads that called oneDNN.
@@ -53,6 +56,7 @@ from affect_jax import models, train  # noqa: E402
 from configs import default  # noqa: E402
 
 HLO_OP = re.compile(r'^\s*%?([\w.\-]+) = .*?metadata=\{op_name="([^"]*)"')
+HLO_RESULT_TYPE = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = \(?(\w+)[\[(]')
 CUSTOM_CALL_TARGET = re.compile(r'^\s*%?([\w.\-]+) = .*?custom_call_target="([^"]*)"')
 ONEDNN_TARGET_PREFIX = "affect_onednn_conv_"
 KIND_BY_OP_NAME = (  # first match wins
@@ -77,7 +81,19 @@ def op_names(hlo_text: str) -> dict[str, str]:
   return names
 
 
-def kind_of(event: str, op_name: str) -> str:
+def result_types(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name -> its result's element type (the first, for a tuple): every
+  instruction of the compiled program, so trace events that are not one (the runtime's
+  own) can be told apart."""
+  types = {}
+  for line in hlo_text.splitlines():
+    match = HLO_RESULT_TYPE.match(line)
+    if match:
+      types.setdefault(match.group(1), match.group(2))
+  return types
+
+
+def kind_of(event: str, op_name: str, result_type: str = "") -> str:
   if ONEDNN_TARGET_PREFIX in op_name:  # onednn_forward, onednn_input_grad, ...
     return "onednn_" + op_name.split(ONEDNN_TARGET_PREFIX)[1]
   if event.startswith(("transpose", "copy")) or "transpose_copy" in event:
@@ -92,8 +108,12 @@ def kind_of(event: str, op_name: str) -> str:
   if event.startswith("dot"):  # e.g. im2col kernel gradients, named by their transpose
     return "matmul"
   if event.startswith("wrapped_") and not op_name:
-    # XLA's expansion of select-and-scatter (the max-pool gradient) carries no op_name:
-    # iotas and a broadcast of the padded input's shape, a variadic reduce-window.
+    # Operations XLA:CPU makes itself carry no op_name: the expansion of select-and-
+    # scatter (the max-pool gradient: iotas, a broadcast of the padded input's shape, a
+    # variadic reduce-window, the scatter), but also the tree reductions of the step's
+    # non-finite check (boolean results) and converts.
+    if result_type == "pred" or event.startswith(("wrapped_convert", "wrapped_is-finite")):
+      return "elementwise"
     return "max_pool"
   if "reduce" in op_name and ("bn" in op_name or "BatchNorm" in op_name):
     return "bn_reduction"
@@ -140,8 +160,7 @@ def main():
   parser.add_argument("--image_size", type=int, default=112)
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--mode", choices=("train", "eval"), default="train")
-  parser.add_argument("--implementation", default="auto",
-                      help="models.IMPLEMENTATIONS: auto, cpu or xla")
+  parser.add_argument("--implementation", choices=models.IMPLEMENTATIONS, default="auto")
   parser.add_argument("--dtype", choices=tuple(train.DTYPES), default="float32")
   parser.add_argument("--top", type=int, default=12, help="costliest operations listed")
   parser.add_argument("--out", default=None)
@@ -170,6 +189,7 @@ def main():
       return state, jax.block_until_ready(compiled(state, batch))
 
   names = op_names(compiled.as_text())
+  types = result_types(compiled.as_text())
   holder = [step(state, batch)[0]]  # the train step donates its state: keep the new one
 
   def untraced_step():
@@ -182,10 +202,12 @@ def main():
   times = collections.Counter()
   for event in events:
     times[event["name"]] += event.get("dur", 0)
+  runtime_ms = sum(v for k, v in times.items() if k not in types) / args.steps / 1000
+  times = collections.Counter({k: v for k, v in times.items() if k in types})
   onednn_events = [e for e in events if ONEDNN_TARGET_PREFIX in names.get(e["name"], "")]
   by_kind, count_by_kind = collections.Counter(), collections.Counter()
   for event, micros in times.items():
-    kind = kind_of(event, names.get(event, ""))
+    kind = kind_of(event, names.get(event, ""), types[event])
     by_kind[kind] += micros
     count_by_kind[kind] += 1
   per_step_ms = {k: round(v / args.steps / 1000, 1) for k, v in by_kind.most_common()}
@@ -199,6 +221,7 @@ def main():
               "load_before": load_before, "step_ms_untraced": round(1000 * seconds, 1),
               "op_ms_per_step": round(sum(times.values()) / args.steps / 1000, 1),
               "op_ms_per_step_by_kind": per_step_ms,
+              "runtime_ms_per_step": round(runtime_ms, 1),
               "hlo_ops_executed": len(times),
               "hlo_ops_executed_by_kind": dict(count_by_kind.most_common()),
               "onednn_threads": len({e["tid"] for e in onednn_events}),

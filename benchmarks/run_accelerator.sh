@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The performance figures of docs/PERFORMANCE.md on a GPU or TPU host, bf16 and f32.
 #
-#   bash benchmarks/run_accelerator.sh [--rehearse] [--parts 1,2,3] [results file]
+#   bash benchmarks/run_accelerator.sh [--rehearse] [--dry-run] [--parts 1,2,3] [results file]
+#
+# Options may come before or after the results file. A relative results file or
+# DATA_DIR is taken from the calling directory.
 #
 # Parts (all by default; each fits in a few minutes on one H100, so a host that limits
 # one command's time can run them one by one into the same results file):
@@ -15,24 +18,41 @@
 # benchmarks/results/accelerator.jsonl) and prints them. Each step is short: a few
 # minutes in all on one H100.
 #
+# --dry-run prints, as JSON lines, the arguments each benchmark would run with, parsed
+# by its own parser, and runs nothing (any machine; the test suite checks them).
+#
 # --rehearse runs every step on whatever JAX sees (the CPU too) with the tiny model,
 # batch 8 and a step or two per figure: a check of a few minutes that the script and
 # the benchmarks it calls still fit together, before spending accelerator time on it
-# (tests/test_run_accelerator.py runs it). Its figures mean nothing.
+# (tests/test_run_accelerator.py runs it). Its figures mean nothing: its rows say
+# "rehearsal": true, and without a results file they go to
+# $TMPDIR/run_accelerator_rehearsal.jsonl, never to benchmarks/results/.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+usage() { echo "$1 (usage: see the top of $0)" >&2; exit 2; }
 REHEARSE=0
 PARTS=1,2,3
+OUT=
 while [ $# -gt 0 ]; do
   case "$1" in
     --rehearse) REHEARSE=1; shift ;;
-    --parts) PARTS="$2"; shift 2 ;;
-    -*) echo "unknown option $1 (usage: see the top of $0)" >&2; exit 2 ;;
-    *) break ;;
+    --dry-run) export AFFECT_JAX_BENCH_DRY_RUN=1; shift ;;
+    --parts) [ $# -ge 2 ] || usage "--parts needs a value"; PARTS="$2"; shift 2 ;;
+    -*) usage "unknown option $1" ;;
+    *) [ -z "$OUT" ] || usage "one results file only, after the options"; OUT="$1"; shift ;;
   esac
 done
-OUT="${1:-benchmarks/results/accelerator.jsonl}"
+[[ "$PARTS" =~ ^[123](,[123])*$ ]] || usage "--parts takes 1, 2 and 3, comma-separated"
 wanted() { [[ ",$PARTS," == *",$1,"* ]]; }
+# Relative paths are the caller's; the benchmarks run from the repository's root.
+absolute() { case "$1" in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+if [ -n "$OUT" ]; then OUT="$(absolute "$OUT")"
+elif [ "$REHEARSE" = 1 ]; then  # never into the results file the document reads
+  OUT="${TMPDIR:-/tmp}/run_accelerator_rehearsal.jsonl"
+fi
+if [ -n "${DATA_DIR:-}" ]; then DATA_DIR="$(absolute "$DATA_DIR")"; fi
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/results/accelerator.jsonl}"
+if [ "$REHEARSE" = 1 ]; then export AFFECT_JAX_BENCH_REHEARSAL=1; fi
 if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"
 elif command -v python >/dev/null; then PY=python
 else PY=python3; fi
@@ -42,7 +62,8 @@ REHEARSE=$REHEARSE "$PY" - <<'PYEOF'
 import os
 import jax
 print("devices:", jax.devices(), "backend:", jax.default_backend(), "jax", jax.__version__)
-if jax.default_backend() == "cpu" and os.environ["REHEARSE"] != "1":
+if (jax.default_backend() == "cpu" and os.environ["REHEARSE"] != "1"
+    and os.environ.get("AFFECT_JAX_BENCH_DRY_RUN") != "1"):
     raise SystemExit("no accelerator visible to JAX: install jax[cuda13] or jax[tpu] "
                      "(or pass --rehearse to check the script on the CPU)")
 PYEOF
@@ -66,7 +87,7 @@ else
   STEP_SIZES=(--steps 20 --rounds 3)
   XLA_BATCHES=128,256,512
   CPU_FORMULATION_BATCHES=256
-  METRICS_SIZES=()
+  METRICS_SIZES=(--frames 1000000)  # (never empty: bash < 4.4 calls "${a[@]}" unbound)
   METRICS_BATCHES=(8192 512)
   DATA_BATCH=256
   DATA_SIZES=(--batches 20)
@@ -113,4 +134,5 @@ elif [ -d "$DATA_DIR/affwild2" ]; then
 else
   echo "no dataset in $DATA_DIR: skipping the data benchmarks (set DATA_DIR)"
 fi
-echo "results in $OUT"
+if [ "${AFFECT_JAX_BENCH_DRY_RUN:-}" = 1 ]; then echo "dry run: nothing measured"
+else echo "results in $OUT"; fi

@@ -69,7 +69,7 @@ def main():
   parser.add_argument("--worker_count", type=int, default=None)
   parser.add_argument("--dtype", default=None, help="model.dtype (default: the config's)")
   parser.add_argument("--out", default=None)
-  args = parser.parse_args()
+  args = bench_common.parse_args(parser)
   config = bench_common.load_config(args.config)
   config.dataset.data_dir = args.data_dir
   if args.worker_count is not None:

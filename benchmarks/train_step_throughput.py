@@ -149,7 +149,7 @@ def main():
   parser.add_argument("--matmul_n", type=int, default=0,
                       help="0: 8192 on accelerators, 2048 on CPU")
   parser.add_argument("--out", default=None)
-  args = parser.parse_args()
+  args = bench_common.parse_args(parser)
   matmul_n = args.matmul_n or (2048 if jax.default_backend() == "cpu" else 8192)
   for dtype in args.dtypes.split(","):
     peak = matmul_peak_tflops(train.DTYPES[dtype], matmul_n)
