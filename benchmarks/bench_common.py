@@ -53,6 +53,15 @@ def parse_args(parser):
   return args
 
 
+def xla_cost(compiled, key: str = "flops") -> float | None:
+  """One figure of XLA's cost analysis of a compiled step ("flops", "bytes accessed"),
+  None where the back end gives none. It counts what XLA compiled, not FFI calls."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  return float(analysis[key]) if analysis and key in analysis else None
+
+
 def load_config(path: str):
   """The ml_collections config of the file `path` (its `get_config()`); a relative
   path not found from the working directory is read from the repository's root."""

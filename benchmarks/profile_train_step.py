@@ -202,6 +202,7 @@ def main():
   times = collections.Counter()
   for event in events:
     times[event["name"]] += event.get("dur", 0)
+  memory = compiled.memory_analysis()
   runtime_ms = sum(v for k, v in times.items() if k not in types) / args.steps / 1000
   times = collections.Counter({k: v for k, v in times.items() if k in types})
   onednn_events = [e for e in events if ONEDNN_TARGET_PREFIX in names.get(e["name"], "")]
@@ -222,6 +223,15 @@ def main():
               "op_ms_per_step": round(sum(times.values()) / args.steps / 1000, 1),
               "op_ms_per_step_by_kind": per_step_ms,
               "runtime_ms_per_step": round(runtime_ms, 1),
+              # What XLA compiled, per image: its cost analysis counts every
+              # operation's operands and results (not FFI calls); the temporaries are
+              # the step's working memory (saved activations and more).
+              "xla_gflop_per_image": round(
+                  (bench_common.xla_cost(compiled) or 0) / args.batch_size / 1e9, 3),
+              "xla_mb_accessed_per_image": round(
+                  (bench_common.xla_cost(compiled, "bytes accessed") or 0)
+                  / args.batch_size / 1e6, 1),
+              "temp_gb": memory and round(memory.temp_size_in_bytes / 1e9, 3),
               "hlo_ops_executed": len(times),
               "hlo_ops_executed_by_kind": dict(count_by_kind.most_common()),
               "onednn_threads": len({e["tid"] for e in onednn_events}),

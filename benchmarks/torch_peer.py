@@ -78,13 +78,6 @@ def matmul_peaks(n: int = 4096, repeats: int = 3) -> dict:
           "torch_matmul_gflops": round(flops / min(torch_times) / 1e9, 1)}
 
 
-def xla_flops(compiled) -> float | None:
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else None
-  return float(analysis["flops"]) if analysis and "flops" in analysis else None
-
-
 class JaxContender:
   def __init__(self, batch_numpy, batch_size, image_size, dtype="float32",
                compiler_options=None):
@@ -168,8 +161,8 @@ def measure(batch_size, image_size, rounds, steps, peaks, out):
   row.update(peaks)
   flops_forward = resnet_flops(image_size)
   row["analytic_forward_gflop_per_image"] = round(flops_forward / 1e9, 4)
-  train_xla = xla_flops(jax_contender.train_compiled)
-  eval_xla = xla_flops(jax_contender.eval_compiled)
+  train_xla = bench_common.xla_cost(jax_contender.train_compiled)
+  eval_xla = bench_common.xla_cost(jax_contender.eval_compiled)
   row["xla_train_gflop_per_image"] = train_xla and round(train_xla / batch_size / 1e9, 4)
   row["xla_eval_gflop_per_image"] = eval_xla and round(eval_xla / batch_size / 1e9, 4)
   for mode, flops_per_image in (("train", 3 * flops_forward), ("eval", flops_forward)):

@@ -44,13 +44,6 @@ def matmul_peak_tflops(dtype, n: int) -> float:
   return 2.0 * n ** 3 / best / 1e12
 
 
-def xla_flops(compiled) -> float | None:
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else None
-  return float(analysis["flops"]) if analysis and "flops" in analysis else None
-
-
 def synthetic_device_split(mesh, num_records, image_size):
   """A random uint8 split and labels, replicated on the mesh (no decoding)."""
   host = bench_common.synthetic_batch(np.random.default_rng(1), num_records, image_size)
@@ -115,8 +108,8 @@ def measure(config_path, batch_size, image_size, dtype, implementation, steps, r
     for name in (list(runs) if round_index % 2 == 0 else list(runs)[::-1]):
       times[name].append(bench_common.timed(runs[name]) / steps)
   result = {"compile_s": round(compile_s, 1)}
-  flops = xla_flops(train_compiled)
-  eval_flops = xla_flops(eval_compiled)
+  flops = bench_common.xla_cost(train_compiled)
+  eval_flops = bench_common.xla_cost(eval_compiled)
   result["xla_train_gflop_per_image"] = flops and round(flops / batch_size / 1e9, 4)
   result["xla_eval_gflop_per_image"] = eval_flops and round(
       eval_flops / batch_size / 1e9, 4)
