@@ -12,11 +12,13 @@ On XLA:CPU the per-operation events need `--xla_cpu_enable_xprof_traceme=true`, 
 this script adds to XLA_FLAGS. Each event is mapped to the JAX operation that produced
 it through the compiled HLO's `op_name` metadata and put in one kind:
 convolution (XLA convolutions, any back end), onednn_forward / onednn_input_grad /
-onednn_kernel_grad (the "cpu" implementation's oneDNN convolutions, FFI calls), matmul (dots: im2col convolutions, heads),
-max_pool (reduce-window and what XLA expands select-and-scatter into: iotas,
-a broadcast and a variadic reduce-window of the padded input's shape, the scatter), layout (transpose and copy fusions), bn_reduction (reductions
-under a BatchNorm), collective (all-reduce) and elementwise (every other fusion: BN
-normalisation, ReLU, residual adds, the optimizer update). Also the --top (12) costliest
+onednn_kernel_grad (the "cpu" implementation's oneDNN convolutions, FFI calls), matmul
+(dots: im2col convolutions, heads), max_pool (reduce-window and what XLA expands
+select-and-scatter into: iotas, a broadcast and a variadic reduce-window of the padded
+input's shape, the scatter), layout (transpose and copy fusions), bn_reduction
+(reductions under a BatchNorm), collective (all-reduce) and elementwise (every other
+fusion: BN normalisation, ReLU, residual adds, the optimizer update, the non-finite
+check). Also the --top (12) costliest
 operations. Times are per step (the mean over --steps). `hlo_ops_executed` counts the
 distinct HLO operations that ran (by kind in `hlo_ops_executed_by_kind`): about the
 kernels a GPU would launch per step (XLA:CPU splits one operation into many parallel
@@ -112,7 +114,8 @@ def kind_of(event: str, op_name: str, result_type: str = "") -> str:
     # scatter (the max-pool gradient: iotas, a broadcast of the padded input's shape, a
     # variadic reduce-window, the scatter), but also the tree reductions of the step's
     # non-finite check (boolean results) and converts.
-    if result_type == "pred" or event.startswith(("wrapped_convert", "wrapped_is-finite")):
+    if (result_type == "pred"
+        or event.startswith(("wrapped_convert", "wrapped_is-finite"))):
       return "elementwise"
     return "max_pool"
   if "reduce" in op_name and ("bn" in op_name or "BatchNorm" in op_name):
@@ -168,9 +171,9 @@ def main():
   config = default.get_config()
   config.input.batch_size = args.batch_size
   config.input.image_size = args.image_size
-  mesh = train.create_mesh()
   config.model.dtype = args.dtype
   dtype = train.DTYPES[args.dtype]
+  mesh = train.create_mesh()
   model = train.create_model(config.model).clone(implementation=args.implementation)
   lr_fn = train.create_learning_rate_fn(config)
   state = train.create_train_state(config, model, mesh, lr_fn)
@@ -188,8 +191,8 @@ def main():
     def step(state, batch):  # the train step's form: the state back, results waited for
       return state, jax.block_until_ready(compiled(state, batch))
 
-  names = op_names(compiled.as_text())
-  types = result_types(compiled.as_text())
+  hlo_text = compiled.as_text()
+  names, types = op_names(hlo_text), result_types(hlo_text)
   holder = [step(state, batch)[0]]  # the train step donates its state: keep the new one
 
   def untraced_step():
@@ -199,12 +202,12 @@ def main():
   load_before = bench_common.load()
   seconds = bench_common.timed(untraced_step)
   events, _ = traced_op_events(step, holder[0], batch, args.steps)
-  times = collections.Counter()
+  times, runtime_us = collections.Counter(), 0.0  # HLO operations; the runtime's own
   for event in events:
-    times[event["name"]] += event.get("dur", 0)
-  memory = compiled.memory_analysis()
-  runtime_ms = sum(v for k, v in times.items() if k not in types) / args.steps / 1000
-  times = collections.Counter({k: v for k, v in times.items() if k in types})
+    if event["name"] in types:
+      times[event["name"]] += event.get("dur", 0)
+    else:
+      runtime_us += event.get("dur", 0)
   onednn_events = [e for e in events if ONEDNN_TARGET_PREFIX in names.get(e["name"], "")]
   by_kind, count_by_kind = collections.Counter(), collections.Counter()
   for event, micros in times.items():
@@ -212,6 +215,7 @@ def main():
     by_kind[kind] += micros
     count_by_kind[kind] += 1
   per_step_ms = {k: round(v / args.steps / 1000, 1) for k, v in by_kind.most_common()}
+  memory = compiled.memory_analysis()
   row = bench_common.machine()
   row.update({"benchmark": "profile_train_step", "mode": args.mode,
               "batch_size": args.batch_size,
@@ -222,7 +226,7 @@ def main():
               "load_before": load_before, "step_ms_untraced": round(1000 * seconds, 1),
               "op_ms_per_step": round(sum(times.values()) / args.steps / 1000, 1),
               "op_ms_per_step_by_kind": per_step_ms,
-              "runtime_ms_per_step": round(runtime_ms, 1),
+              "runtime_ms_per_step": round(runtime_us / args.steps / 1000, 1),
               # What XLA compiled, per image: its cost analysis counts every
               # operation's operands and results (not FFI calls); the temporaries are
               # the step's working memory (saved activations and more).

@@ -54,9 +54,9 @@ def synthetic_device_split(mesh, num_records, image_size):
   return device_data.DeviceDataset(images=images, labels=arrays)
 
 
-def measure(config_path, batch_size, image_size, dtype, implementation, steps, rounds,
+def measure(base_config, batch_size, image_size, dtype, implementation, steps, rounds,
             use_device_data, augment):
-  config = bench_common.load_config(config_path)
+  config = base_config.copy_and_resolve_references()  # each setting edits its own
   config.input.batch_size = batch_size
   config.input.image_size = image_size
   config.model.dtype = dtype
@@ -143,6 +143,7 @@ def main():
                       help="0: 8192 on accelerators, 2048 on CPU")
   parser.add_argument("--out", default=None)
   args = bench_common.parse_args(parser)
+  base_config = bench_common.load_config(args.config)
   matmul_n = args.matmul_n or (2048 if jax.default_backend() == "cpu" else 8192)
   for dtype in args.dtypes.split(","):
     peak = matmul_peak_tflops(train.DTYPES[dtype], matmul_n)
@@ -158,8 +159,8 @@ def main():
                       "implementation": models.resolve_implementation(implementation),
                       "matmul_n": matmul_n, "matmul_peak_tflops": round(peak, 2),
                       "load_before": bench_common.load()})
-          row.update(measure(args.config, batch_size, image_size, dtype, implementation, args.steps,
-                             args.rounds, args.device_data, args.augment))
+          row.update(measure(base_config, batch_size, image_size, dtype, implementation,
+                             args.steps, args.rounds, args.device_data, args.augment))
           row["train_utilisation_of_matmul_peak"] = row.get("train_tflops") and round(
               row["train_tflops"] / peak, 3)
           row["load_after"] = bench_common.load()
