@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from affect_jax import metrics, report
+from affect_jax.eval import metrics, report
 
 
 def collected_frames(rng, n=400):
