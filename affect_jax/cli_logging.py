@@ -5,6 +5,7 @@ import logging
 _CHATTY = ("orbax", "absl/logging", "tensorflow_datasets", "grain", "xla_bridge")
 # Periodic saves between evaluations carry no scores, by design.
 _EXPECTED_WARNINGS = ("did not provide metrics",)
+FORMAT = "%(asctime)s %(levelname).1s %(name)s: %(message)s"
 
 
 class _DropLibraryInfo(logging.Filter):
@@ -22,3 +23,12 @@ def quiet_library_logs() -> None:
   for handler in root.handlers:
     handler.addFilter(_DropLibraryInfo())
   logging.getLogger("absl").addFilter(_DropLibraryInfo())
+
+
+def start_console_logging() -> None:
+  """INFO and above on stderr, one line each, library INFO lines dropped. Called by a
+  command before it imports the libraries: some (Orbax) add a handler of their own to
+  a root logger that has none."""
+  logging.basicConfig(level=logging.INFO, format=FORMAT)
+  logging.getLogger().setLevel(logging.INFO)
+  quiet_library_logs()

@@ -1,37 +1,38 @@
 """The demo, end to end on a CPU: synthetic release -> TFDS build -> multi-task training
 -> evaluation -> checkpoint -> report.
 
-  python -m affect_jax.demo --workdir runs/demo
+  affect-jax demo --workdir runs/demo      (or python -m affect_jax.demo)
 
 Each stage is skipped when its output already exists, so a re-run (or a run killed and
 started again) picks up where it stopped; training resumes from its last checkpoint.
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # before JAX starts: glibc reads malloc settings at start-up
-  from affect_jax import host_memory
-  host_memory.reexec_with_heap_reuse()
-
-import argparse
 import json
 import logging
 import os
 import sys
 import time
+from typing import Sequence
+
+from absl import flags
+
+from affect_jax import cli, cli_logging
 
 log = logging.getLogger("affect_jax.demo")
 
 
-def parse_args(argv):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workdir", default="runs/demo")
-  parser.add_argument("--num_videos", type=int, default=40)
-  parser.add_argument("--frames_per_video", type=int, default=150)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--steps", type=int, default=None,
-                      help="training steps (default: configs/demo.py's)")
-  return parser.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues) -> None:
+  flags.DEFINE_string("workdir", "runs/demo", "Where every stage writes its output.",
+                      flag_values=flag_values)
+  flags.DEFINE_integer("num_videos", 40, "Videos of the synthetic release.",
+                       flag_values=flag_values)
+  flags.DEFINE_integer("frames_per_video", 150, "Frames of each synthetic video.",
+                       flag_values=flag_values)
+  flags.DEFINE_integer("seed", 0, "The synthetic release's seed.",
+                       flag_values=flag_values)
+  flags.DEFINE_integer("steps", None, "Training steps (default: configs/demo.py's).",
+                       flag_values=flag_values)
 
 
 def make_release(release_dir: str, args) -> dict:
@@ -45,13 +46,13 @@ def make_release(release_dir: str, args) -> dict:
                                     frames_per_video=args.frames_per_video)
 
 
-def main(argv=None) -> int:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-  from affect_jax import cli_logging, report, train  # pylint: disable=g-import-not-at-top
+def main(argv: Sequence[str] | None = None) -> int:
+  args, _ = cli.parse_flags(argv, define_flags, __doc__)
+  cli_logging.start_console_logging()
+  from affect_jax.eval import report  # pylint: disable=g-import-not-at-top
+  from affect_jax.train import loop  # pylint: disable=g-import-not-at-top
   from configs import demo as demo_config  # pylint: disable=g-import-not-at-top
   from tfds_affwild2 import build  # pylint: disable=g-import-not-at-top
-  cli_logging.quiet_library_logs()
   workdir = os.path.abspath(args.workdir)
   started = time.perf_counter()
 
@@ -71,12 +72,12 @@ def main(argv=None) -> int:
   train_dir = os.path.join(workdir, "train")
   log.info("3/4 multi-task training, %d steps -> %s", config.num_train_steps, train_dir)
   train_started = time.perf_counter()
-  trainer = train.Trainer(config, train_dir)
-  final_state = train.train_and_evaluate(config, train_dir, trainer)
+  trainer = loop.Trainer(config, train_dir)
+  final_state = loop.train_and_evaluate(config, train_dir, trainer)
   train_seconds = time.perf_counter() - train_started
 
   log.info("4/4 evaluation of the best checkpoint and report")
-  state = train.restore_for_eval(trainer, current=final_state)
+  state = trainer.restore_for_eval(current=final_state)
   scores, collected = trainer.evaluate(state, collect_outputs=True)
   path = report.write_report(
       os.path.join(workdir, "report"), scores, collected,

@@ -6,6 +6,8 @@ average (`os.getloadavg`, what `uptime` prints) before and after.
 """
 from __future__ import annotations
 
+import builtins
+import importlib
 import importlib.util
 import json
 import os
@@ -18,7 +20,7 @@ import types
 
 import numpy as np
 
-from affect_jax import host_memory, onednn_conv
+from affect_jax.cpu import host_memory, onednn_conv
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,20 +28,92 @@ REHEARSAL_ENV = "AFFECT_JAX_BENCH_REHEARSAL"  # set by run_accelerator.sh --rehe
 DRY_RUN_ENV = "AFFECT_JAX_BENCH_DRY_RUN"  # set by run_accelerator.sh --dry-run
 
 
-def module_at(path: str, revision: str) -> tuple[types.ModuleType, str]:
-  """(the repository's file `path` as it was at git `revision`, loaded as a module of
-  its own, the revision's short hash): the "before" peer of a same-run before/after.
-  OSError or CalledProcessError where git or the revision is not there (a copy of the
-  tree without .git)."""
-  def git(*args):
-    return subprocess.run(["git", *args], cwd=ROOT, check=True,
-                          capture_output=True).stdout
-  commit = git("rev-parse", "--short", revision).decode().strip()
-  source = git("show", f"{commit}:{path}")
-  module = types.ModuleType(f"{os.path.splitext(os.path.basename(path))[0]}_at_{commit}")
-  sys.modules[module.__name__] = module  # dataclasses look their module up there
-  exec(compile(source, f"{path}@{commit}", "exec"), module.__dict__)  # noqa: S102
-  return module, commit
+# Where today's modules lived before the package split: a revision from before it has
+# them in these files (one file held several of them).
+FORMER_PATHS = {
+    "affect_jax/data/records.py": "affect_jax/input_pipeline.py",
+    "affect_jax/data/augment.py": "affect_jax/input_pipeline.py",
+    "affect_jax/data/pipeline.py": "affect_jax/input_pipeline.py",
+    "affect_jax/model/resnet.py": "affect_jax/models.py",
+    "affect_jax/model/implementation.py": "affect_jax/models.py",
+    "affect_jax/model/multitask.py": "affect_jax/models.py",
+    "affect_jax/cpu/layers.py": "affect_jax/models.py",
+    "affect_jax/eval/metrics.py": "affect_jax/metrics.py",
+}
+# Modules that files of older revisions import by their former names.
+FORMER_NAMES = {"affect_jax.onednn_conv": "affect_jax.cpu.onednn_conv",
+                "affect_jax.mesh_types": "affect_jax.cpu.varying"}
+
+
+def _git(*args) -> bytes:
+  return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True).stdout
+
+
+def _file_at(commit: str, path: str) -> str:
+  """`path` if `commit` has it, else the file it lived in before the package split."""
+  present = subprocess.run(["git", "cat-file", "-e", f"{commit}:{path}"], cwd=ROOT,
+                           capture_output=True).returncode == 0
+  return path if present else FORMER_PATHS.get(path, path)
+
+
+def _from_import(package, item: str):
+  """What `from package import item` binds: an attribute, else a submodule."""
+  if hasattr(package, item):
+    return getattr(package, item)
+  return importlib.import_module(f"{package.__name__}.{item}")
+
+
+def merged(*modules) -> types.SimpleNamespace:
+  """One namespace of the modules' names, a later module's winning: the surface a
+  benchmark compares, whether a revision keeps it in one file or several."""
+  names = {}
+  for module in modules:
+    names.update((k, v) for k, v in vars(module).items() if not k.startswith("__"))
+  return types.SimpleNamespace(**names)
+
+
+def modules_at(paths, revision: str) -> tuple[types.SimpleNamespace, str]:
+  """(the repository's files `paths`, named as in today's layout, as they were at git
+  `revision`, loaded as modules of their own and merged (see `merged`), the revision's
+  short hash): the "before" peer of a same-run before/after. A revision from before
+  the package split has them in their former files (FORMER_PATHS). The loaded files
+  import one another as they were at the revision (inside functions too), and the rest
+  of the library as it is now. OSError or CalledProcessError where git or the revision
+  is not there (a copy of the tree without .git)."""
+  commit = _git("rev-parse", "--short", revision).decode().strip()
+  files = {os.path.splitext(p)[0].replace("/", "."): _file_at(commit, p) for p in paths}
+  loaded = {}
+
+  def load(path):
+    if path not in loaded:
+      stem = os.path.splitext(os.path.basename(path))[0]
+      module = types.ModuleType(f"{stem}_at_{commit}")
+      module.__builtins__ = {**builtins.__dict__, "__import__": revision_import}
+      sys.modules[module.__name__] = module  # dataclasses look their module up there
+      loaded[path] = module
+      source = _git("show", f"{commit}:{path}")
+      exec(compile(source, f"{path}@{commit}", "exec"), module.__dict__)  # noqa: S102
+    return loaded[path]
+
+  def resolve(name):
+    """The module an import of `name` gets in the loaded files; None: the usual one."""
+    if name in files:
+      return load(files[name])
+    return importlib.import_module(FORMER_NAMES[name]) if name in FORMER_NAMES else None
+
+  def revision_import(name, globals=None, locals=None, fromlist=(), level=0):
+    if level == 0 and fromlist:  # `from name import ...`
+      module = resolve(name)
+      if module is not None:
+        return module
+      found = {item: resolve(f"{name}.{item}") for item in fromlist}
+      if any(found.values()):
+        package = importlib.import_module(name)
+        return types.SimpleNamespace(**{item: found[item] or _from_import(package, item)
+                                        for item in fromlist})
+    return builtins.__import__(name, globals, locals, fromlist, level)
+
+  return merged(*map(load, dict.fromkeys(files.values()))), commit
 
 
 def parse_args(parser):

@@ -11,7 +11,6 @@ Prints one JSON line per size.
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys

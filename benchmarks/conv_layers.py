@@ -3,7 +3,7 @@
 XLA (lax.conv, NHWC/HWIO, as flax.linen.Conv lowers; XLA:CPU hands it to YNNPACK by
 default), in XLA with YNNPACK off for convolutions (Eigen's convolution, chosen per
 compile with `compiler_options`), in XLA as explicit patches and a matmul (im2col),
-through the "cpu" implementation's oneDNN FFI handlers (affect_jax.onednn_conv), and
+through the "cpu" implementation's oneDNN FFI handlers (affect_jax.cpu.onednn_conv), and
 in PyTorch (oneDNN, channels_last), interleaved in rounds.
 
   taskset -c 0 python benchmarks/conv_layers.py --batch_size 32 \
@@ -15,7 +15,7 @@ and the count of such layers in ResNet-18, so that the rows add up to the step.
 from __future__ import annotations
 
 if __name__ == "__main__":  # before JAX starts: glibc reads malloc settings at start-up
-  from affect_jax import host_memory
+  from affect_jax.cpu import host_memory
   host_memory.reexec_with_heap_reuse()
 
 import argparse
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common  # noqa: E402
-from affect_jax import onednn_conv, train  # noqa: E402
+from affect_jax.cpu import compile_options, onednn_conv  # noqa: E402
 
 # (name, input spatial size, in channels, out channels, kernel, stride, padding, count
 # of such convs in ResNet-18)
@@ -70,8 +70,8 @@ def im2col_conv(x, w, stride, pad):
   return y.reshape(b, oh, ow, cout)
 
 
-# The trainer's XLA:CPU option: convolutions to Eigen instead of YNNPACK.
-EIGEN_CONVOLUTIONS = train.CPU_COMPILER_OPTIONS
+# The "cpu" implementation's XLA:CPU option: convolutions to Eigen instead of YNNPACK.
+EIGEN_CONVOLUTIONS = compile_options.CPU_COMPILER_OPTIONS
 
 
 def onednn_conv2d(x, w, stride, pad):

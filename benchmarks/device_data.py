@@ -1,12 +1,12 @@
-"""Device-resident data (affect_jax.device_data) against the host input pipeline:
-batches per second of augmented training batches, same run, interleaved.
+"""Device-resident data (affect_jax.data.device_resident) against the host input
+pipeline: batches per second of augmented training batches, same run, interleaved.
 
   taskset -c 0 python benchmarks/device_data.py --data_dir runs/demo/tfds \
       --out benchmarks/results/device_data.jsonl
 
-host:   input_pipeline.train_dataset (grain, in-process, one core) + train.device_batch
+host:   pipeline.train_dataset (grain, in-process, one core) + data_parallel.device_batch
         (the copy onto the mesh): what the training loop waits for per step today.
-device: device_data.compile_draw_batch on a split loaded once by
+device: device_resident.compile_draw_batch on a split loaded once by
         load_split_to_device: index draw, gather and augmentation inside one jit.
 On this CPU both run on the same core, so the figure compares the work per batch; on
 a GPU the device path runs on the accelerator and the host pipeline drops out of the
@@ -15,7 +15,7 @@ step. Also reports the time to load the split (decode + upload) and its bytes.
 from __future__ import annotations
 
 if __name__ == "__main__":  # before JAX starts: glibc reads malloc settings at start-up
-  from affect_jax import host_memory
+  from affect_jax.cpu import host_memory
   host_memory.reexec_with_heap_reuse()
 
 import argparse
@@ -27,7 +27,8 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common  # noqa: E402
-from affect_jax import device_data, input_pipeline as ip, train  # noqa: E402
+from affect_jax import data_parallel  # noqa: E402
+from affect_jax.data import augment, device_resident, pipeline, records  # noqa: E402
 
 
 def main():
@@ -39,19 +40,19 @@ def main():
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--out", default=None)
   args = bench_common.parse_args(parser)
-  source = ip.open_data_source(args.dataset, "train", args.data_dir)
-  mesh = train.create_mesh()
+  source = records.open_data_source(args.dataset, "train", args.data_dir)
+  mesh = data_parallel.create_mesh()
   start = time.perf_counter()
-  dataset = device_data.load_split_to_device(source, mesh)
+  dataset = device_resident.load_split_to_device(source, mesh)
   jax.block_until_ready(dataset)
   load_s = time.perf_counter() - start
   for policy in ("none", "basic", "strong"):
-    draw = device_data.compile_draw_batch(mesh, global_batch_size=args.batch_size,
-                                          seed=0, augment=policy)
+    draw = device_resident.compile_draw_batch(mesh, global_batch_size=args.batch_size,
+                                              seed=0, augment=policy)
     jax.block_until_ready(draw(dataset, 0))
-    host = ip.as_iterator(ip.train_dataset(source, global_batch_size=args.batch_size,
-                                           seed=0,
-                                           augment=ip.AugmentConfig.from_policy(policy)))
+    host = pipeline.as_iterator(pipeline.train_dataset(
+        source, global_batch_size=args.batch_size, seed=0,
+        augment=augment.AugmentConfig.from_policy(policy)))
     next(host)
     step = [1]
 
@@ -63,7 +64,7 @@ def main():
 
     def run_host():
       for _ in range(args.batches):
-        batch = train.device_batch(next(host), mesh)
+        batch = data_parallel.device_batch(next(host), mesh)
       jax.block_until_ready(batch)
 
     load_before = bench_common.load()
@@ -75,7 +76,7 @@ def main():
     row = bench_common.machine()
     row.update({"benchmark": "device_data", "policy": policy, "records": len(source),
                 "batch_size": args.batch_size, "device": jax.devices()[0].device_kind,
-                "split_gb": round(device_data.split_nbytes(len(source)) / 1e9, 3),
+                "split_gb": round(device_resident.split_nbytes(len(source)) / 1e9, 3),
                 "load_split_s": round(load_s, 1), "load_before": load_before})
     for name, values in times.items():
       row[f"{name}_images_per_s"] = round(args.batch_size * args.batches

@@ -6,15 +6,16 @@ workers, so the figure is per core), and where the time goes.
       --batches 20 --rounds 3 --out benchmarks/results/input_pipeline.jsonl
 
 For each policy, interleaved in rounds (the order alternating): the library pipeline
-(affect_jax.input_pipeline: `open_data_source` + `train_dataset`) against the same
-module at git revision `--before_rev` (default HEAD: the working tree against the last
-commit), loaded with `git show`, each reading the split through its own
-`open_data_source`. Then a per-stage breakdown in microseconds per image (the
-randaugment policy's draws, warp and each op included), and how far the library's
-images are from the before revision's for the same seeds (0 where a policy did not
-change), and from the same draws applied one op at a time ("unfolded": each RandAugment
-shear / translate its own warp after the colour jitter, as before the geometric ops were
-composed into the crop warp).
+(affect_jax.data: `records.open_data_source` + `pipeline.train_dataset`) against the
+same modules (records, augment, pipeline) at git revision `--before_rev` (default HEAD:
+the working tree against the last commit), loaded with `git show` (from
+affect_jax/input_pipeline.py at revisions before the package split), each reading the
+split through its own `open_data_source`. Then a per-stage breakdown in microseconds
+per image (the randaugment policy's draws, warp and each op included), and how far the
+library's images are from the before revision's for the same seeds (0 where a policy
+did not change), and from the same draws applied one op at a time ("unfolded": each
+RandAugment shear / translate its own warp after the colour jitter, as before the
+geometric ops were composed into the crop warp).
 """
 from __future__ import annotations
 
@@ -28,12 +29,16 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common  # noqa: E402
-from affect_jax import input_pipeline as ip  # noqa: E402
+from affect_jax.data import augment, pipeline, records  # noqa: E402
+from affect_jax.vocabulary import IMAGE_SIZE  # noqa: E402
 
 import cv2  # noqa: E402
 
 cv2.setNumThreads(1)  # per-core figures; grain parallelises over worker processes
 POLICIES = ("none", "basic", "strong", "randaugment")
+# The modules the before/after compares, in today's layout.
+PIPELINE_FILES = ("affect_jax/data/records.py", "affect_jax/data/augment.py",
+                  "affect_jax/data/pipeline.py")
 
 
 # ----------------------------------------------------------------------------------
@@ -57,26 +62,26 @@ def before_jitter_colours(pixels, rng, cfg):
   return pixels
 
 
-def warp_crop(pixels, rng, cfg, size=ip.IMAGE_SIZE):
+def warp_crop(pixels, rng, cfg, size=IMAGE_SIZE):
   """The crop of 3de3617: one 3-channel bilinear warp for any crop or flip."""
-  return cv2.warpAffine(pixels, ip._crop_map(ip._crop_draws(rng, size, cfg), size),
+  return cv2.warpAffine(pixels, augment.crop_map(augment.crop_draws(rng, size, cfg), size),
                         (size, size),
                         flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                         borderMode=cv2.BORDER_REFLECT_101)
 
 
-def unfolded_augment(pixels, rng, cfg, size=ip.IMAGE_SIZE):
+def unfolded_augment(pixels, rng, cfg, size=IMAGE_SIZE):
   """The library's draws for one image (same generator, same order) applied one step at
   a time: the crop warp, the colour matrix, then every RandAugment op in its drawn order,
   a shear or translate as a warp of its own. For a policy with crop, rotation and
   colour ("strong", "randaugment")."""
-  crop = ip._crop_draws(rng, size, cfg)
-  colour = ip._colour_draws(rng, cfg)
-  ops = ip._randaugment_draws(rng, cfg) if cfg.randaugment_ops else []
-  pixels = ip._warp(pixels, ip._crop_map(crop, size))
-  pixels = cv2.transform(pixels, ip._colour_matrix(colour, pixels))
+  crop = augment.crop_draws(rng, size, cfg)
+  colour = augment.colour_draws(rng, cfg)
+  ops = augment.randaugment_draws(rng, cfg) if cfg.randaugment_ops else []
+  pixels = augment.warp(pixels, augment.crop_map(crop, size))
+  pixels = cv2.transform(pixels, augment.colour_matrix(colour, pixels))
   for name, magnitude in ops:
-    pixels = ip.RANDAUGMENT_OPS[name](pixels, magnitude)
+    pixels = augment.RANDAUGMENT_OPS[name](pixels, magnitude)
   return pixels
 
 
@@ -104,45 +109,45 @@ def stage_breakdown(sources, modules, tfds_source, count: int) -> dict:
   revision's code."""
   raw, before = sources["library"], modules["before"]
   indices = [int(i) for i in np.random.default_rng(0).permutation(len(raw))[:count]]
-  records = [raw[i] for i in indices]
-  arrays = [ip.decode_jpeg(r["image"]) for r in records]
-  cfg = {policy: ip.AugmentConfig.from_policy(policy) for policy in POLICIES}
+  raw_records = [raw[i] for i in indices]
+  arrays = [records.decode_jpeg(r["image"]) for r in raw_records]
+  cfg = {policy: augment.AugmentConfig.from_policy(policy) for policy in POLICIES}
   randaugment = cfg["randaugment"]
-  colour = ip.AugmentConfig(brightness=0.3, contrast=0.3, saturation=0.3)
+  colour = augment.AugmentConfig(brightness=0.3, contrast=0.3, saturation=0.3)
   rngs = lambda: (np.random.default_rng([0, k]) for k in range(count))  # noqa: E731
-  augment = lambda fn, c: lambda: [fn(a, g, c)  # noqa: E731
-                                   for a, g in zip(arrays, rngs())]
+  each_image = lambda fn, c: lambda: [fn(a, g, c)  # noqa: E731
+                                      for a, g in zip(arrays, rngs())]
   seeded = list(rngs())
-  drawn = [ip._randaugment_draws(g, randaugment) for g in rngs()]
-  crops = [ip._crop_draws(g, ip.IMAGE_SIZE, randaugment) for g in rngs()]
+  drawn = [augment.randaugment_draws(g, randaugment) for g in rngs()]
+  crops = [augment.crop_draws(g, IMAGE_SIZE, randaugment) for g in rngs()]
   stages = {
       "read_record_tfds": lambda: [tfds_source[i] for i in indices],
       "read_record_raw_protobuf": lambda: [raw[i] for i in indices],
-      "decode_cv2": lambda: [ip.decode_jpeg(r["image"]) for r in records],
+      "decode_cv2": lambda: [records.decode_jpeg(r["image"]) for r in raw_records],
       "rng_seeding": lambda: list(rngs()),
-      "warp_basic_before": augment(warp_crop, cfg["basic"]),
-      "crop_resize_flip_basic": augment(ip.augment_image, cfg["basic"]),
-      "warp_strong_geometry": augment(ip.augment_image, ip.AugmentConfig(
+      "warp_basic_before": each_image(warp_crop, cfg["basic"]),
+      "crop_resize_flip_basic": each_image(augment.augment_image, cfg["basic"]),
+      "warp_strong_geometry": each_image(augment.augment_image, augment.AugmentConfig(
           flip=True, crop_scale=(0.7, 1.0), crop_ratio=(0.8, 1.25), rotation_degrees=15)),
-      "colour_jitter_3_blends_before": augment(before_jitter_colours, colour),
-      "colour_jitter_1_matrix": augment(ip.augment_image, colour),
-      "augment_strong": augment(ip.augment_image, cfg["strong"]),
-      "augment_randaugment": augment(ip.augment_image, randaugment),
-      "before_augment_randaugment": augment(
+      "colour_jitter_3_blends_before": each_image(before_jitter_colours, colour),
+      "colour_jitter_1_matrix": each_image(augment.augment_image, colour),
+      "augment_strong": each_image(augment.augment_image, cfg["strong"]),
+      "augment_randaugment": each_image(augment.augment_image, randaugment),
+      "before_augment_randaugment": each_image(
           before.augment_image, before.AugmentConfig.from_policy("randaugment")),
       # The parts of augment_randaugment beyond augment_strong:
-      "randaugment_draws": lambda: [ip._randaugment_draws(g, randaugment)
+      "randaugment_draws": lambda: [augment.randaugment_draws(g, randaugment)
                                     for g in seeded],
-      "randaugment_geometry_map": lambda: [ip._geometry_map(c, o, ip.IMAGE_SIZE)
+      "randaugment_geometry_map": lambda: [augment.geometry_map(c, o, IMAGE_SIZE)
                                            for c, o in zip(crops, drawn)],
   }
-  for name, op in ip.RANDAUGMENT_OPS.items():
+  for name, op in augment.RANDAUGMENT_OPS.items():
     stages[f"op_{name}"] = lambda op=op: [op(a, 0.5) for a in arrays]
   for policy in POLICIES:
     # The whole per-batch load (read, decode, augment, write), without grain.
-    for prefix, module in (("", ip), ("before_", before)):
+    for prefix, variant in (("", "library"), ("before_", "before")):
+      module, source = modules[variant], sources[variant]
       c = module.AugmentConfig.from_policy(policy)
-      source = sources["library" if module is ip else "before"]
       stages[f"{prefix}load_batch_{policy}"] = (
           lambda m=module, s=source, c=c: [
               m.load_batch(s, indices[k:k + 64], c, seed=0, positions=range(k, k + 64))
@@ -166,18 +171,18 @@ def agreement(sources, modules, count: int = 64) -> dict:
   revision's (policy_*: 0 / 0 where the policy is unchanged) and, for "randaugment",
   from the same draws applied one op at a time (randaugment_unfolded_*)."""
   before, out = modules["before"], {}
-  records = [sources["library"][i] for i in range(count)]
+  raw_records = [sources["library"][i] for i in range(count)]
   for policy in POLICIES:
-    cfg = ip.AugmentConfig.from_policy(policy)
+    cfg = augment.AugmentConfig.from_policy(policy)
     before_cfg = before.AugmentConfig.from_policy(policy)
     out[f"{policy}_mean_abs_diff"], out[f"{policy}_p99_abs_diff"] = _diff_stats(
-        (ip.load_example(r, i, cfg, np.random.default_rng([0, i]))["image"],
+        (pipeline.load_example(r, i, cfg, np.random.default_rng([0, i]))["image"],
          before.load_example(r, i, before_cfg, np.random.default_rng([0, i]))["image"])
-        for i, r in enumerate(records))
-  cfg = ip.AugmentConfig.from_policy("randaugment")
-  arrays = [ip.decode_jpeg(r["image"]) for r in records]
+        for i, r in enumerate(raw_records))
+  cfg = augment.AugmentConfig.from_policy("randaugment")
+  arrays = [records.decode_jpeg(r["image"]) for r in raw_records]
   out["randaugment_unfolded_mean_abs_diff"], out["randaugment_unfolded_p99_abs_diff"] = \
-      _diff_stats((ip.augment_image(a, np.random.default_rng([0, i]), cfg),
+      _diff_stats((augment.augment_image(a, np.random.default_rng([0, i]), cfg),
                    unfolded_augment(a, np.random.default_rng([0, i]), cfg))
                   for i, a in enumerate(arrays))
   return out
@@ -193,30 +198,30 @@ def main():
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--policies", default=",".join(POLICIES))
   parser.add_argument("--before_rev", default="HEAD",
-                      help="git revision whose affect_jax/input_pipeline.py is the peer; "
+                      help="git revision whose input pipeline is the peer; "
                            "'none': the library alone (a copy of the tree without .git)")
   parser.add_argument("--no_stages", action="store_true",
                       help="skip the per-stage breakdown and the agreement row")
   parser.add_argument("--out", default=None)
   args = bench_common.parse_args(parser)
-  modules = {"library": ip}
+  modules = {"library": bench_common.merged(records, augment, pipeline)}
   commit = None
   if args.before_rev.lower() != "none":
     try:
-      modules["before"], commit = bench_common.module_at(
-          "affect_jax/input_pipeline.py", args.before_rev)
+      modules["before"], commit = bench_common.modules_at(PIPELINE_FILES,
+                                                          args.before_rev)
     except (OSError, subprocess.CalledProcessError) as e:
-      raise SystemExit(f"cannot load input_pipeline.py at {args.before_rev!r} with git "
+      raise SystemExit(f"cannot load the input pipeline at {args.before_rev!r} with git "
                        f"({e}); pass --before_rev none to time the library alone")
   sources = {variant: module.open_data_source(args.dataset, "train", args.data_dir)
              for variant, module in modules.items()}
-  assert isinstance(sources["library"], ip.RawExampleSource)
+  assert isinstance(sources["library"], records.RawExampleSource)
   base = bench_common.machine()
   base.update({"benchmark": "input_pipeline", "dataset": args.dataset,
                "records": len(sources["library"]), "batch_size": args.batch_size,
                "batches": args.batches, "rounds": args.rounds,
-               "image_size": ip.IMAGE_SIZE, "opencv": cv2.__version__,
-               "before": (f"affect_jax/input_pipeline.py at {commit} "
+               "image_size": IMAGE_SIZE, "opencv": cv2.__version__,
+               "before": (f"the input pipeline at {commit} "
                           f"(--before_rev {args.before_rev})" if commit else None)})
   variants = list(modules)
   for policy in args.policies.split(","):
@@ -238,8 +243,9 @@ def main():
   if args.no_stages or "before" not in modules:
     return
   row = dict(base, policy="stages", load_before=bench_common.load())
-  tfds_source = ip.open_data_source(args.dataset, "train", args.data_dir, raw=False)
-  row.update(stage_breakdown(sources, modules, tfds_source, 512))
+  tfds_source = records.open_data_source(args.dataset, "train", args.data_dir, raw=False)
+  row.update(stage_breakdown(sources, modules, tfds_source,
+                             min(512, len(sources["library"]))))
   row.update(agreement(sources, modules))
   row["load_after"] = bench_common.load()
   bench_common.emit(row, args.out)

@@ -14,7 +14,8 @@ AU score histograms for threshold search, CCC of valence and arousal). Contender
                            (`DeviceStatisticsAccumulator`, one fetch at the end);
   affect_jax_with_copy     as on_device, plus the host-to-device copy of every batch;
   baseline_*               on_device / device_totals with `batch_statistics` from
-                           affect_jax/metrics.py at git revision `--baseline-rev` (the
+                           affect_jax/eval/metrics.py (affect_jax/metrics.py before
+                           the package split) at git revision `--baseline-rev` (the
                            formulation before the XLA:CPU rewrite), loaded with
                            `git show`; skipped where that fails.
 Reference: the same scores with sklearn.metrics.f1_score (masked, macro over the 8
@@ -35,7 +36,7 @@ from sklearn.metrics import f1_score
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common  # noqa: E402
-from affect_jax import metrics  # noqa: E402
+from affect_jax.eval import metrics  # noqa: E402
 
 NUM_CLASSES, NUM_AUS = 8, 12
 
@@ -69,9 +70,9 @@ def batches(data: dict, batch: int):
 
 
 def load_baseline_metrics(revision: str):
-  """affect_jax/metrics.py at `revision` as a module, or None (not a git checkout)."""
+  """The metrics module at `revision`, or None (not a git checkout)."""
   try:
-    return bench_common.module_at("affect_jax/metrics.py", revision)[0]
+    return bench_common.modules_at(["affect_jax/eval/metrics.py"], revision)[0]
   except (OSError, subprocess.CalledProcessError) as e:
     print(f"no baseline ({revision}): {e}", file=sys.stderr)
     return None

@@ -4,8 +4,9 @@ steps, every executed HLO operation's time summed by kind, one JSON line.
   taskset -c 0 python benchmarks/profile_train_step.py --batch_size 32 [--mode eval] \
       --out benchmarks/results/profile_train_step.jsonl
 
-The step is the trainer's own (`train.compile_train_step`: default config, ResNet-18,
-float32, 112x112, the implementation "auto" picks and the trainer's compile options;
+The step is the trainer's own (`step_functions.compile_train_step`: default config,
+ResNet-18, float32, 112x112, the implementation "auto" resolves to on this mesh and
+that implementation's compile options, as the trainer compiles it;
 --implementation and --dtype pick others, e.g. "xla" in bfloat16, what an accelerator
 runs, to count the operations a GPU step would launch).
 On XLA:CPU the per-operation events need `--xla_cpu_enable_xprof_traceme=true`, which
@@ -33,7 +34,7 @@ threads that called oneDNN.
 from __future__ import annotations
 
 if __name__ == "__main__":  # before JAX starts: glibc reads malloc settings at start-up
-  from affect_jax import host_memory
+  from affect_jax.cpu import host_memory
   host_memory.reexec_with_heap_reuse()
 
 import argparse
@@ -54,7 +55,9 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common  # noqa: E402
-from affect_jax import models, train  # noqa: E402
+from affect_jax import data_parallel  # noqa: E402
+from affect_jax.model import implementation, multitask  # noqa: E402
+from affect_jax.train import optimizers, step_functions, train_state  # noqa: E402
 from configs import default  # noqa: E402
 
 HLO_OP = re.compile(r'^\s*%?([\w.\-]+) = .*?metadata=\{op_name="([^"]*)"')
@@ -163,8 +166,9 @@ def main():
   parser.add_argument("--image_size", type=int, default=112)
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--mode", choices=("train", "eval"), default="train")
-  parser.add_argument("--implementation", choices=models.IMPLEMENTATIONS, default="auto")
-  parser.add_argument("--dtype", choices=tuple(train.DTYPES), default="float32")
+  parser.add_argument("--implementation", choices=implementation.IMPLEMENTATIONS,
+                      default="auto")
+  parser.add_argument("--dtype", choices=tuple(multitask.DTYPES), default="float32")
   parser.add_argument("--top", type=int, default=12, help="costliest operations listed")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
@@ -172,21 +176,24 @@ def main():
   config.input.batch_size = args.batch_size
   config.input.image_size = args.image_size
   config.model.dtype = args.dtype
-  dtype = train.DTYPES[args.dtype]
-  mesh = train.create_mesh()
-  model = train.create_model(config.model).clone(implementation=args.implementation)
-  lr_fn = train.create_learning_rate_fn(config)
-  state = train.create_train_state(config, model, mesh, lr_fn)
-  batch = train.device_batch(bench_common.synthetic_batch(
+  config.model.implementation = args.implementation
+  dtype = multitask.DTYPES[args.dtype]
+  mesh = data_parallel.create_mesh()
+  resolved = implementation.implementation_for(config.model, mesh)
+  options = implementation.compiler_options(resolved)
+  model = multitask.create_model(config.model, resolved)
+  lr_fn = optimizers.create_learning_rate_fn(config)
+  state = train_state.create_train_state(config, model, mesh, lr_fn)
+  batch = data_parallel.device_batch(bench_common.synthetic_batch(
       np.random.default_rng(0), args.batch_size, args.image_size), mesh)
   if args.mode == "train":
-    compiled = train.compile_train_step(
-        mesh, settings=train.loss_settings_from_config(config, None),
+    compiled = step_functions.compile_train_step(
+        mesh, options, settings=step_functions.loss_settings_from_config(config, None),
         learning_rate_fn=lr_fn, dtype=dtype, seed=0).lower(state, batch).compile()
     step = compiled  # (state, batch) -> (new state, metrics); it donates the state
   else:
-    compiled = train.compile_eval_step(mesh, num_expr_classes=8, dtype=dtype).lower(
-        state, batch).compile()
+    compiled = step_functions.compile_eval_step(
+        mesh, options, num_expr_classes=8, dtype=dtype).lower(state, batch).compile()
 
     def step(state, batch):  # the train step's form: the state back, results waited for
       return state, jax.block_until_ready(compiled(state, batch))
@@ -220,8 +227,7 @@ def main():
   row.update({"benchmark": "profile_train_step", "mode": args.mode,
               "batch_size": args.batch_size,
               "image_size": args.image_size, "dtype": args.dtype,
-              "implementation": models.resolve_implementation(args.implementation),
-              "compiler_options": train.step_compiler_options(mesh),
+              "implementation": resolved, "compiler_options": options,
               "jax": jax.__version__, "device": jax.devices()[0].device_kind,
               "load_before": load_before, "step_ms_untraced": round(1000 * seconds, 1),
               "op_ms_per_step": round(sum(times.values()) / args.steps / 1000, 1),

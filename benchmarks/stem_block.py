@@ -7,18 +7,20 @@ timed alone (forward + backward, float32, one core), interleaved in one run.
 Rows:
   batch_norm   BN + ReLU fwd+bwd on the stem's map (32x56x56x64) and layer1's
                (32x28x28x64): flax's nn.BatchNorm + jax.nn.relu differentiated by
-               autodiff ("flax") against models.batch_norm_train ("closed_form");
+               autodiff ("flax") against layers.batch_norm_train ("closed_form");
   stem_block   the stem (7x7/2 convolution, BN + ReLU, 3x3/2 max-pool) fwd+bwd with
                the pool as reduce_window (nn.max_pool, what "xla" runs), as separable
-               strided slices differentiated by autodiff (models.py at --before_rev,
-               9e5a2c9, loaded from git), as models.max_pool_3x3_stride_2
-               (index-routed), and as a plain stride-2 subsample (no pool: the floor).
-All compiled with the trainer's CPU compile options (train.step_compiler_options).
+               strided slices differentiated by autodiff (cpu/layers.py at
+               --before_rev, 9e5a2c9, then models.py, loaded from git), as
+               layers.max_pool_3x3_stride_2 (index-routed), and as a plain stride-2
+               subsample (no pool: the floor).
+All compiled with the "cpu" implementation's compile options, the trainer's on a CPU
+(implementation.compiler_options).
 """
 from __future__ import annotations
 
 if __name__ == "__main__":  # before JAX starts: glibc reads malloc settings at start-up
-  from affect_jax import host_memory
+  from affect_jax.cpu import host_memory
   host_memory.reexec_with_heap_reuse()
 
 import argparse
@@ -34,7 +36,8 @@ from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common  # noqa: E402
-from affect_jax import models, train  # noqa: E402
+from affect_jax.cpu import layers  # noqa: E402
+from affect_jax.model import implementation, resnet  # noqa: E402
 
 EPSILON = 1e-5
 
@@ -42,10 +45,10 @@ EPSILON = 1e-5
 def pools(before_rev: str) -> dict:
   return {
       "reduce_window": lambda y: nn.max_pool(y, (3, 3), strides=(2, 2),
-                                             padding=models.PAD_1),
-      "separable": bench_common.module_at("affect_jax/models.py",
-                                          before_rev)[0].max_pool_3x3_stride_2,
-      "index_routed": models.max_pool_3x3_stride_2,
+                                             padding=resnet.PAD_1),
+      "separable": bench_common.modules_at(["affect_jax/cpu/layers.py"],
+                                           before_rev)[0].max_pool_3x3_stride_2,
+      "index_routed": layers.max_pool_3x3_stride_2,
       "subsample_floor": lambda y: y[:, ::2, ::2],
   }
 
@@ -59,14 +62,14 @@ def flax_bn_relu(x, scale, bias):
 
 
 def closed_form_bn_relu(x, scale, bias):
-  return models.batch_norm_train(x, scale, bias, EPSILON, None, True, x.dtype)[0]
+  return layers.batch_norm_train(x, scale, bias, EPSILON, None, True, x.dtype)[0]
 
 
 BATCH_NORMS = {"flax": flax_bn_relu, "closed_form": closed_form_bn_relu}
 
 
 def stem_loss(pool, bn_relu, kernel, scale, bias, images):
-  y = lax.conv_general_dilated(images, kernel, (2, 2), models.PAD_3,
+  y = lax.conv_general_dilated(images, kernel, (2, 2), resnet.PAD_3,
                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
   return jnp.sum(pool(bn_relu(y, scale, bias)) ** 2)
 
@@ -87,11 +90,11 @@ def main():
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--rounds", type=int, default=7)
   parser.add_argument("--before_rev", default="9e5a2c9",
-                      help="git revision whose models.py has the separable max-pool")
+                      help="git revision whose CPU layers have the separable max-pool")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   rng = np.random.default_rng(0)
-  options = train.step_compiler_options(train.create_mesh())
+  options = implementation.compiler_options("cpu")
   jit = functools.partial(jax.jit, compiler_options=options)
   base = bench_common.machine()
   base.update({"benchmark": "stem_block", "batch_size": args.batch_size,

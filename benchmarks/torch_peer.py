@@ -3,10 +3,12 @@
   python benchmarks/torch_peer.py --batch_sizes 32,64 --rounds 3 --steps 2 \
       --out benchmarks/results/torch_peer.jsonl
 
-For every batch size: the JAX train and eval steps (affect_jax.train.compile_train_step /
-compile_eval_step, NHWC, float32, SGD Nesterov, the default config's losses) as the
-trainer compiles them (`jax`: on CPU with train.CPU_COMPILER_OPTIONS, XLA's own
-convolutions on Eigen instead of YNNPACK) and with XLA's default options
+For every batch size: the JAX train and eval steps (affect_jax.train.step_functions:
+compile_train_step / compile_eval_step, NHWC, float32, SGD Nesterov, the default
+config's losses) in the implementation "auto" resolves to, as the trainer compiles them
+(`jax`: with that implementation's compile options, on CPU "cpu" with
+compile_options.CPU_COMPILER_OPTIONS, XLA's own convolutions on Eigen instead of
+YNNPACK) and with XLA's default options
 (`jax_xla_defaults`; since the "cpu" implementation's convolutions run on oneDNN, the
 two differ only in the kernel gradients left to XLA; see docs/PERFORMANCE.md), and the
 PyTorch peer
@@ -20,7 +22,7 @@ not see the oneDNN FFI calls). One JSON line per batch size.
 from __future__ import annotations
 
 if __name__ == "__main__":  # before JAX starts: glibc reads malloc settings at start-up
-  from affect_jax import host_memory
+  from affect_jax.cpu import host_memory
   host_memory.reexec_with_heap_reuse()
 
 import argparse
@@ -36,7 +38,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common  # noqa: E402
 import torch_resnet  # noqa: E402
-from affect_jax import models, train  # noqa: E402
+from affect_jax import data_parallel  # noqa: E402
+from affect_jax.model import implementation, multitask  # noqa: E402
+from affect_jax.train import optimizers, step_functions, train_state  # noqa: E402
 from configs import default  # noqa: E402
 
 
@@ -81,23 +85,28 @@ def matmul_peaks(n: int = 4096, repeats: int = 3) -> dict:
 class JaxContender:
   def __init__(self, batch_numpy, batch_size, image_size, dtype="float32",
                compiler_options=None):
-    """compiler_options: None, the trainer's; {} XLA's defaults."""
+    """The default config's model in the implementation "auto" resolves to on this
+    mesh; compiler_options: None, that implementation's (the trainer's); {} XLA's
+    defaults."""
     config = default.get_config()
     config.input.batch_size = batch_size
     config.input.image_size = image_size
     config.model.dtype = dtype
-    self.mesh = train.create_mesh()
-    model = train.create_model(config.model)
-    lr_fn = train.create_learning_rate_fn(config)
-    self.state = train.create_train_state(config, model, self.mesh, lr_fn)
-    self.train_fn = train.compile_train_step(
-        self.mesh, settings=train.loss_settings_from_config(config, None),
-        learning_rate_fn=lr_fn, dtype=train.DTYPES[dtype], seed=0,
-        compiler_options=compiler_options)
-    self.eval_fn = train.compile_eval_step(self.mesh, num_expr_classes=8,
-                                           dtype=train.DTYPES[dtype],
-                                           compiler_options=compiler_options)
-    self.batch = train.device_batch(batch_numpy, self.mesh)
+    self.mesh = data_parallel.create_mesh()
+    self.implementation = implementation.implementation_for(config.model, self.mesh)
+    self.compiler_options = (implementation.compiler_options(self.implementation)
+                             if compiler_options is None else compiler_options)
+    model = multitask.create_model(config.model, self.implementation)
+    lr_fn = optimizers.create_learning_rate_fn(config)
+    self.state = train_state.create_train_state(config, model, self.mesh, lr_fn)
+    self.train_fn = step_functions.compile_train_step(
+        self.mesh, self.compiler_options,
+        settings=step_functions.loss_settings_from_config(config, None),
+        learning_rate_fn=lr_fn, dtype=multitask.DTYPES[dtype], seed=0)
+    self.eval_fn = step_functions.compile_eval_step(
+        self.mesh, self.compiler_options, num_expr_classes=8,
+        dtype=multitask.DTYPES[dtype])
+    self.batch = data_parallel.device_batch(batch_numpy, self.mesh)
     start = time.perf_counter()
     self.train_compiled = self.train_fn.lower(self.state, self.batch).compile()
     self.eval_compiled = self.eval_fn.lower(self.state, self.batch).compile()
@@ -153,7 +162,7 @@ def measure(batch_size, image_size, rounds, steps, peaks, out):
         times[f"{name}_{mode}"].append(bench_common.timed(lambda: fn(steps)) / steps)
   row = bench_common.machine()
   row.update({"benchmark": "torch_peer", "model_implementation":
-              models.resolve_implementation("auto"), "batch_size": batch_size,
+              jax_contender.implementation, "batch_size": batch_size,
               "image_size": image_size, "dtype": "float32", "rounds": rounds,
               "steps_per_round": steps, "jax": jax.__version__,
               "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
@@ -181,7 +190,7 @@ def measure(batch_size, image_size, rounds, steps, peaks, out):
     for name in ("jax", "jax_xla_defaults"):
       row[f"{mode}_ratio_{name}_over_best_torch"] = round(
           row[f"{name}_{mode}_images_per_s"] / best_torch, 3)
-  row["jax_compiler_options"] = train.step_compiler_options(jax_contender.mesh)
+  row["jax_compiler_options"] = jax_contender.compiler_options
   row["load_after"] = bench_common.load()
   bench_common.emit(row, out)
 

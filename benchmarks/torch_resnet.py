@@ -3,7 +3,7 @@
 torchvision's ResNet-18 structure (conv1 7x7/2, max-pool 3x3/2, four stages of two
 BasicBlocks, v1.5 strides, global average pool) written out without torchvision, the
 same three heads (expression logits, 12 AU logits, tanh valence-arousal) and the same
-losses as affect_jax.losses for the default config: masked cross-entropy, masked
+losses as affect_jax.train.losses for the default config: masked cross-entropy, masked
 binary cross-entropy, 1 - CCC (mean over valence and arousal, population moments).
 """
 from __future__ import annotations
@@ -90,7 +90,7 @@ def concordance(predictions, targets, mask):
 
 
 def multitask_loss(outputs, batch):
-  """CE + BCE + (1 - CCC), each masked as affect_jax.losses does."""
+  """CE + BCE + (1 - CCC), each masked as affect_jax.train.losses does."""
   expression_valid = (batch["expression_mask"] > 0).float()
   ce = F.cross_entropy(outputs["expression"], batch["expression"], reduction="none")
   expression = _safe_divide((ce * expression_valid).sum(), expression_valid.sum())

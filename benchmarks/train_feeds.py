@@ -5,16 +5,16 @@ compiled step, same run, interleaved rounds.
   python benchmarks/train_feeds.py --data_dir runs/demo/tfds --config configs/demo.py \
       --out benchmarks/results/train_feeds.jsonl
 
-For each feed: steps/s and images/s of the loop as train.train_and_evaluate runs it
+For each feed: steps/s and images/s of the loop as loop.train_and_evaluate runs it
 (get the batch, dispatch the step, read the previous step's finite flag one step late),
 the mean time blocked getting a batch, and the fraction of steps at which the device
 had already finished the previous step when the batch arrived (input-bound steps; see
-metric_writer.InputWaitMeter). Pass --worker_count to try grain worker processes.
+writers.InputWaitMeter). Pass --worker_count to try grain worker processes.
 """
 from __future__ import annotations
 
 if __name__ == "__main__":  # before JAX starts: glibc reads malloc settings at start-up
-  from affect_jax import host_memory
+  from affect_jax.cpu import host_memory
   host_memory.reexec_with_heap_reuse()
 
 import argparse
@@ -28,14 +28,14 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common  # noqa: E402
-from affect_jax import train  # noqa: E402
-from affect_jax.metric_writer import InputWaitMeter  # noqa: E402
+from affect_jax.eval.writers import InputWaitMeter  # noqa: E402
+from affect_jax.train import loop  # noqa: E402
 
 
 class FedLoop:
   """The training loop's per-step work for one feed, resumable across rounds."""
 
-  def __init__(self, trainer: train.Trainer, device_resident: bool):
+  def __init__(self, trainer: loop.Trainer, device_resident: bool):
     trainer.config.input.device_resident = device_resident
     self.trainer = trainer
     self.feed = trainer.train_feed()
@@ -80,7 +80,7 @@ def main():
   loops = {}
   for name, resident in (("host_pipeline", False), ("device_resident", True)):
     started = time.perf_counter()
-    loops[name] = FedLoop(train.Trainer(config.copy_and_resolve_references(), workdir),
+    loops[name] = FedLoop(loop.Trainer(config.copy_and_resolve_references(), workdir),
                           resident)
     print(f"{name}: ready in {time.perf_counter() - started:.1f} s", flush=True)
   load_before = bench_common.load()

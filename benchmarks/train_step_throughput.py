@@ -6,10 +6,15 @@ CPU, GPU or TPU.
       --implementations xla,cpu --device_data --out benchmarks/results/accelerator.jsonl
 
 For each (dtype, implementation, batch size): the trainer's compiled steps
-(train.compile_train_step / compile_eval_step over a Mesh of all devices) on a fixed
-synthetic batch, and with --device_data also the full step fed by
-affect_jax.device_data (a synthetic split resident on the devices, batches drawn and
-augmented on device: what a device-resident epoch costs). FLOPs per image come from
+(step_functions.compile_train_step / compile_eval_step over a Mesh of all devices) on
+a fixed synthetic batch, and with --device_data also the full step fed by
+affect_jax.data.device_resident (a synthetic split resident on the devices, batches
+drawn and augmented on device: what a device-resident epoch costs). Each step is
+compiled with its implementation's compile options on a CPU (as the trainer compiles),
+with XLA's defaults elsewhere. "auto" is resolved as the trainer resolves it; "xla" and
+"cpu" are built as asked, so that the XLA:CPU formulation can be timed on an
+accelerator too (the trainer runs it on CPUs only; there it keeps XLA's convolutions,
+its oneDNN handlers being CPU code). FLOPs per image come from
 XLA's cost analysis of the compiled train step; the peak is a large square matmul in
 the same dtype; `epoch_s_s_affwild2` is 142,000 frames / train images/s.
 One JSON line per setting.
@@ -17,7 +22,7 @@ One JSON line per setting.
 from __future__ import annotations
 
 if __name__ == "__main__":  # before JAX starts: glibc reads malloc settings at start-up
-  from affect_jax import host_memory
+  from affect_jax.cpu import host_memory
   host_memory.reexec_with_heap_reuse()
 
 import argparse
@@ -31,7 +36,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common  # noqa: E402
-from affect_jax import device_data, models, train  # noqa: E402
+from affect_jax import data_parallel  # noqa: E402
+from affect_jax.cpu import onednn_conv  # noqa: E402
+from affect_jax.data import device_resident  # noqa: E402
+from affect_jax.model import implementation, multitask  # noqa: E402
+from affect_jax.train import optimizers, step_functions, train_state  # noqa: E402
 
 S_AFFWILD2_TRAIN_FRAMES = 142_000
 
@@ -51,26 +60,44 @@ def synthetic_device_split(mesh, num_records, image_size):
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   arrays = {k: jax.device_put(v, replicated) for k, v in host.items()}
   images = arrays.pop("image")
-  return device_data.DeviceDataset(images=images, labels=arrays)
+  return device_resident.DeviceDataset(images=images, labels=arrays)
 
 
-def measure(base_config, batch_size, image_size, dtype, implementation, steps, rounds,
+def network_for(requested: str, mesh) -> str:
+  """The implementation a setting builds: "auto" resolved for `mesh` as the trainer
+  resolves it, "xla" and "cpu" as asked (on any platform)."""
+  if requested == "cpu":
+    return requested
+  platform = implementation.mesh_platform(mesh)
+  return implementation.resolve_implementation(requested, platform)
+
+
+def compiler_options_for(network: str, mesh) -> dict:
+  """The implementation's compile options on a CPU mesh, as the trainer compiles; XLA's
+  defaults on others (those of "cpu" are XLA:CPU options)."""
+  if implementation.mesh_platform(mesh) != "cpu":
+    return {}
+  return implementation.compiler_options(network)
+
+
+def measure(base_config, mesh, batch_size, image_size, dtype, network, steps, rounds,
             use_device_data, augment):
   config = base_config.copy_and_resolve_references()  # each setting edits its own
   config.input.batch_size = batch_size
   config.input.image_size = image_size
   config.model.dtype = dtype
-  mesh = train.create_mesh()
-  model = train.create_model(config.model).clone(implementation=implementation)
-  lr_fn = train.create_learning_rate_fn(config)
-  state = train.create_train_state(config, model, mesh, lr_fn)
+  model = multitask.create_model(config.model, network)
+  lr_fn = optimizers.create_learning_rate_fn(config)
+  state = train_state.create_train_state(config, model, mesh, lr_fn)
+  options = compiler_options_for(network, mesh)
   start = time.perf_counter()
-  step_fn = train.compile_train_step(
-      mesh, settings=train.loss_settings_from_config(config, None), learning_rate_fn=lr_fn,
-      dtype=train.DTYPES[dtype], seed=0)
-  eval_fn = train.compile_eval_step(mesh, num_expr_classes=8, dtype=train.DTYPES[dtype])
-  batch = train.device_batch(bench_common.synthetic_batch(np.random.default_rng(0), batch_size,
-                                             image_size), mesh)
+  step_fn = step_functions.compile_train_step(
+      mesh, options, settings=step_functions.loss_settings_from_config(config, None),
+      learning_rate_fn=lr_fn, dtype=multitask.DTYPES[dtype], seed=0)
+  eval_fn = step_functions.compile_eval_step(mesh, options, num_expr_classes=8,
+                                             dtype=multitask.DTYPES[dtype])
+  batch = data_parallel.device_batch(bench_common.synthetic_batch(
+      np.random.default_rng(0), batch_size, image_size), mesh)
   train_compiled = step_fn.lower(state, batch).compile()
   eval_compiled = eval_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
@@ -89,8 +116,8 @@ def measure(base_config, batch_size, image_size, dtype, implementation, steps, r
   runs = {"train": run_train, "eval": run_eval}
   if use_device_data:
     split = synthetic_device_split(mesh, max(4 * batch_size, 4096), image_size)
-    draw = device_data.compile_draw_batch(mesh, global_batch_size=batch_size, seed=0,
-                                          augment=augment)
+    draw = device_resident.compile_draw_batch(mesh, global_batch_size=batch_size,
+                                              seed=0, augment=augment)
     counter = [0]
 
     def run_device_data_train():
@@ -107,7 +134,7 @@ def measure(base_config, batch_size, image_size, dtype, implementation, steps, r
   for round_index in range(rounds):
     for name in (list(runs) if round_index % 2 == 0 else list(runs)[::-1]):
       times[name].append(bench_common.timed(runs[name]) / steps)
-  result = {"compile_s": round(compile_s, 1)}
+  result = {"compiler_options": options, "compile_s": round(compile_s, 1)}
   flops = bench_common.xla_cost(train_compiled)
   eval_flops = bench_common.xla_cost(eval_compiled)
   result["xla_train_gflop_per_image"] = flops and round(flops / batch_size / 1e9, 4)
@@ -143,11 +170,15 @@ def main():
                       help="0: 8192 on accelerators, 2048 on CPU")
   parser.add_argument("--out", default=None)
   args = bench_common.parse_args(parser)
+  mesh = data_parallel.create_mesh()
+  if implementation.mesh_platform(mesh) != "cpu":  # before anything loads them
+    os.environ[onednn_conv.DISABLE_VARIABLE] = "0"  # CPU code: "cpu" keeps XLA's convs
   base_config = bench_common.load_config(args.config)
   matmul_n = args.matmul_n or (2048 if jax.default_backend() == "cpu" else 8192)
   for dtype in args.dtypes.split(","):
-    peak = matmul_peak_tflops(train.DTYPES[dtype], matmul_n)
-    for implementation in args.implementations.split(","):
+    peak = matmul_peak_tflops(multitask.DTYPES[dtype], matmul_n)
+    for requested in args.implementations.split(","):
+      network = network_for(requested, mesh)
       for image_size in map(int, args.image_sizes.split(",")):
         for batch_size in map(int, args.batch_sizes.split(",")):
           row = bench_common.machine()
@@ -156,10 +187,10 @@ def main():
                       "devices": jax.device_count(), "jax": jax.__version__,
                       "backend": jax.default_backend(), "batch_size": batch_size,
                       "config": args.config, "image_size": image_size, "dtype": dtype,
-                      "implementation": models.resolve_implementation(implementation),
+                      "implementation": network,
                       "matmul_n": matmul_n, "matmul_peak_tflops": round(peak, 2),
                       "load_before": bench_common.load()})
-          row.update(measure(base_config, batch_size, image_size, dtype, implementation,
+          row.update(measure(base_config, mesh, batch_size, image_size, dtype, network,
                              args.steps, args.rounds, args.device_data, args.augment))
           row["train_utilisation_of_matmul_peak"] = row.get("train_tflops") and round(
               row["train_tflops"] / peak, 3)

@@ -1,13 +1,18 @@
-# Sourced by the scripts in this folder: creates .venv on first use and installs the
-# project with its test extras (torch 2.13.0 CPU is a test-only reference).
+# Sourced by the scripts in this folder with the extras they need (`source setup_env.sh
+# cpu` or `test`): creates .venv on first use and installs the project with those extras.
+# Each set of extras has its own marker, so a .venv set up for one script gets what
+# another needs when that one first runs (torch 2.13.0 CPU comes with `test` only: a
+# test reference, never a runtime need).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+extras="${1:?extras to install, e.g. cpu or test}"
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
+marker=".venv/.installed-${extras//,/-}"
+if [ ! -f "$marker" ] || [ pyproject.toml -nt "$marker" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[test]'
-  touch .venv/.installed
+  .venv/bin/python -m pip install -q -e ".[${extras}]"
+  touch "$marker"
 fi
 export PATH="$PWD/.venv/bin:$PATH"

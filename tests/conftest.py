@@ -44,3 +44,29 @@ def built_union(synthetic_release, tmp_path_factory):
 def read_json(path):
   with open(path) as f:
     return json.load(f)
+
+
+# The uninterrupted run of test_train's resume test; test_predict restores the same
+# checkpoints, so each implementation trains once per session.
+UNINTERRUPTED_RUN = {"num_train_steps": 60, "checkpoint_every_steps": 4,
+                     "eval_every_steps": 30, "log_every_steps": 10}
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(built_union, tmp_path_factory):
+  """`run(implementation, dtype)`: (config, workdir) of the tiny config trained for
+  UNINTERRUPTED_RUN's steps with that model.implementation and model.dtype."""
+  from affect_jax.train import loop
+  from tests.test_train import tiny_config
+  runs = {}
+
+  def run(implementation: str, dtype: str = "float32"):
+    if (implementation, dtype) not in runs:
+      config = tiny_config(built_union[1], **UNINTERRUPTED_RUN, **{
+          "model.implementation": implementation, "model.dtype": dtype})
+      workdir = str(tmp_path_factory.mktemp(f"uninterrupted_{implementation}_{dtype}"))
+      loop.train_and_evaluate(config, workdir)
+      runs[implementation, dtype] = config, workdir
+    return runs[implementation, dtype]
+
+  return run

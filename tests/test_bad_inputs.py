@@ -5,11 +5,12 @@ import os
 import shutil
 
 import jax
-import numpy as np
 import pytest
 from PIL import Image
 
-from affect_jax import checkpoints, config_checks, train
+from affect_jax import config_checks
+from affect_jax.train import checkpoints
+from affect_jax.train import loop
 from configs import tiny
 from tfds_affwild2 import annotations, build, layout, release, synthetic
 from tfds_affwild2.annotations import AnnotationError
@@ -153,15 +154,15 @@ def test_impossible_batch_sizes_and_class_mismatch(built_union):
   config.dataset.data_dir = data_dir
   config.input.batch_size = 12  # 8 devices
   with pytest.raises(ValueError, match="multiple of the number of devices"):
-    train.Trainer(config, "/tmp/unused")
+    loop.Trainer(config, "/tmp/unused")
   config.input.batch_size = 8
   config.model.num_expr_classes = 7  # the union dataset has 8 classes
   with pytest.raises(ValueError, match="8 expression classes"):
-    train.Trainer(config, "/tmp/unused")
+    loop.Trainer(config, "/tmp/unused")
   config.model.num_expr_classes = 8
   config.dataset.name = "affwild2/mtl"  # not built in this data_dir
   with pytest.raises(FileNotFoundError, match="tfds_affwild2.build"):
-    train.Trainer(config, "/tmp/unused")
+    loop.Trainer(config, "/tmp/unused")
 
 
 def test_checkpoints_missing_partial_and_of_another_shape(built_union, tmp_path):
@@ -170,18 +171,18 @@ def test_checkpoints_missing_partial_and_of_another_shape(built_union, tmp_path)
   config.dataset.data_dir = data_dir
   workdir = str(tmp_path / "run")
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
-    train.restore_for_eval(train.Trainer(config, workdir))
-  trainer = train.Trainer(config, workdir, devices=jax.devices()[:1])
+    loop.Trainer(config, workdir).restore_for_eval()
+  trainer = loop.Trainer(config, workdir, devices=jax.devices()[:1])
   state = trainer.new_state()
   checkpoints.save_checkpoint(trainer.manager, 3, state, force=True)
   trainer.manager.wait_until_finished()
   # A save killed half-way leaves a temporary folder: it is never taken for a checkpoint.
   os.makedirs(os.path.join(workdir, "checkpoints", "9.orbax-checkpoint-tmp-123", "state"))
-  fresh = train.Trainer(config, workdir, devices=jax.devices()[:1])
+  fresh = loop.Trainer(config, workdir, devices=jax.devices()[:1])
   assert fresh.manager.latest_step() == 3
-  assert int(train.restore_for_eval(fresh).step) == 0
+  assert int(fresh.restore_for_eval().step) == 0
   wider = tiny.get_config()
   wider.dataset.data_dir = data_dir
   wider.model.num_filters = 16
   with pytest.raises(ValueError, match="does not fit this model"):
-    train.restore_for_eval(train.Trainer(wider, workdir, devices=jax.devices()[:1]))
+    loop.Trainer(wider, workdir, devices=jax.devices()[:1]).restore_for_eval()

@@ -13,7 +13,9 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 import tfds_affwild2  # noqa: F401  (registers the builder)
-from affect_jax import input_pipeline as ip
+from affect_jax.data import augment
+from affect_jax.data import pipeline
+from affect_jax.data import records
 from tfds_affwild2 import build
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,13 +73,13 @@ def _indices(iterator, num_batches):
 
 
 def train_source(built_union):
-  return ip.open_data_source("affwild2/union", "train", built_union[1])
+  return records.open_data_source("affwild2/union", "train", built_union[1])
 
 
 def test_order_is_reproducible_and_reshuffled_each_epoch(built_union):
   source = train_source(built_union)
-  make = lambda seed: ip.as_iterator(ip.train_dataset(  # noqa: E731
-      source, global_batch_size=8, seed=seed, augment=ip.AugmentConfig()))
+  make = lambda seed: pipeline.as_iterator(pipeline.train_dataset(  # noqa: E731
+      source, global_batch_size=8, seed=seed, augment=augment.AugmentConfig()))
   epoch_batches = len(source) // 8
   first = _indices(make(0), 2 * epoch_batches)
   assert first == _indices(make(0), 2 * epoch_batches)
@@ -90,13 +92,15 @@ def test_order_is_reproducible_and_reshuffled_each_epoch(built_union):
 
 WORKER_SCRIPT = """
 import sys
-from affect_jax import input_pipeline as ip
+from affect_jax.data import augment
+from affect_jax.data import pipeline
+from affect_jax.data import records
 
 def main():
-  source = ip.open_data_source("affwild2/union", "train", sys.argv[1])
-  ds = ip.train_dataset(source, global_batch_size=4, seed=0,
-                        augment=ip.AugmentConfig.from_policy("basic"))
-  iterator = ip.as_iterator(ds, worker_count=2)
+  source = records.open_data_source("affwild2/union", "train", sys.argv[1])
+  ds = pipeline.train_dataset(source, global_batch_size=4, seed=0,
+                        augment=augment.AugmentConfig.from_policy("basic"))
+  iterator = pipeline.as_iterator(ds, worker_count=2)
   print("batch", next(iterator)["image"].shape)
   iterator.close()
 
@@ -124,14 +128,14 @@ def test_worker_processes_start_in_a_program_that_never_parsed_absl_flags(
 def test_resume_from_saved_state_continues_with_identical_batches(built_union,
                                                                   worker_count):
   source = train_source(built_union)
-  ds = ip.train_dataset(source, global_batch_size=4, seed=5,
-                        augment=ip.AugmentConfig.from_policy("strong"))
-  reference = ip.as_iterator(ds, worker_count)
+  ds = pipeline.train_dataset(source, global_batch_size=4, seed=5,
+                        augment=augment.AugmentConfig.from_policy("strong"))
+  reference = pipeline.as_iterator(ds, worker_count)
   for _ in range(3):
     next(reference)
   state = reference.get_state()
   expected = [next(reference) for _ in range(3)]
-  resumed = ip.as_iterator(ds, worker_count)
+  resumed = pipeline.as_iterator(ds, worker_count)
   resumed.set_state(state)
   for want in expected:
     got = next(resumed)
@@ -145,34 +149,34 @@ def test_resume_from_saved_state_continues_with_identical_batches(built_union,
 def test_processes_split_each_global_batch_and_cover_each_record_once(built_union):
   source = train_source(built_union)
   steps = len(source) // 8  # one epoch of global batches of 8
-  single = _indices(ip.as_iterator(ip.train_dataset(
-      source, global_batch_size=8, seed=0, augment=ip.AugmentConfig.from_policy(
+  single = _indices(pipeline.as_iterator(pipeline.train_dataset(
+      source, global_batch_size=8, seed=0, augment=augment.AugmentConfig.from_policy(
           "strong"))), steps)
   shares = []
   for process in range(2):
-    ds = ip.train_dataset(source, global_batch_size=8, seed=0,
-                          augment=ip.AugmentConfig.from_policy("strong"),
+    ds = pipeline.train_dataset(source, global_batch_size=8, seed=0,
+                          augment=augment.AugmentConfig.from_policy("strong"),
                           process_index=process, process_count=2)
-    shares.append(_indices(ip.as_iterator(ds), steps))
+    shares.append(_indices(pipeline.as_iterator(ds), steps))
   # The two processes' rows, side by side, are exactly the one-process global batches.
   assert [a + b for a, b in zip(*shares)] == single
   seen = collections.Counter(sum(single, []))
   assert set(seen.values()) == {1} and len(seen) == steps * 8
-  ds0 = ip.train_dataset(source, global_batch_size=8, seed=0,
-                         augment=ip.AugmentConfig.from_policy("strong"))
-  ds1 = ip.train_dataset(source, global_batch_size=8, seed=0,
-                         augment=ip.AugmentConfig.from_policy("strong"),
+  ds0 = pipeline.train_dataset(source, global_batch_size=8, seed=0,
+                         augment=augment.AugmentConfig.from_policy("strong"))
+  ds1 = pipeline.train_dataset(source, global_batch_size=8, seed=0,
+                         augment=augment.AugmentConfig.from_policy("strong"),
                          process_index=1, process_count=2)
   np.testing.assert_array_equal(ds0[0]["image"][4:], ds1[0]["image"])  # same augmentation
   with pytest.raises(ValueError, match="not divisible"):
-    ip.train_dataset(source, global_batch_size=9, seed=0, augment=ip.AugmentConfig(),
+    pipeline.train_dataset(source, global_batch_size=9, seed=0, augment=augment.AugmentConfig(),
                      process_count=2)
 
 
 def test_eval_pads_with_masked_examples_and_keeps_images_unaugmented(built_union):
-  source = ip.open_data_source("affwild2/union", "validation", built_union[1])
-  batches = list(ip.eval_dataset(source, local_batch_size=16))
-  assert len(batches) == ip.eval_num_batches(len(source), 16, 1)
+  source = records.open_data_source("affwild2/union", "validation", built_union[1])
+  batches = list(pipeline.eval_dataset(source, local_batch_size=16))
+  assert len(batches) == pipeline.eval_num_batches(len(source), 16, 1)
   indices = np.concatenate([b["record_index"] for b in batches])
   assert sorted(indices[indices >= 0].tolist()) == list(range(len(source)))
   padding = indices < 0
@@ -188,17 +192,17 @@ def test_augmentation_policies():
   rng = np.random.default_rng(0)
   pixels = rng.integers(0, 255, (112, 112, 3), np.uint8)
   image = pixels
-  np.testing.assert_array_equal(ip.augment_image(image, rng, ip.AugmentConfig()), pixels)
-  flip_only = ip.AugmentConfig(flip=True)
-  outcomes = {ip.augment_image(image, np.random.default_rng(s), flip_only).tobytes()
+  np.testing.assert_array_equal(augment.augment_image(image, rng, augment.AugmentConfig()), pixels)
+  flip_only = augment.AugmentConfig(flip=True)
+  outcomes = {augment.augment_image(image, np.random.default_rng(s), flip_only).tobytes()
               for s in range(8)}
   assert outcomes == {pixels.tobytes(), pixels[:, ::-1].tobytes()}
-  strong = ip.augment_image(image, np.random.default_rng(1),
-                            ip.AugmentConfig.from_policy("strong"))
+  strong = augment.augment_image(image, np.random.default_rng(1),
+                            augment.AugmentConfig.from_policy("strong"))
   assert strong.shape == (112, 112, 3) and strong.dtype == np.uint8
   assert not np.array_equal(strong, pixels)
   with pytest.raises(ValueError, match="unknown augmentation policy"):
-    ip.AugmentConfig.from_policy("extreme")
+    augment.AugmentConfig.from_policy("extreme")
 
 
 def test_crop_keeps_content_where_it_was_and_jitter_keeps_grey_grey():
@@ -207,43 +211,43 @@ def test_crop_keeps_content_where_it_was_and_jitter_keeps_grey_grey():
   rng = np.random.default_rng(3)
   pixels = rng.integers(0, 255, (112, 112, 3), np.uint8)
   centred_flip = (112.0, 112.0, 56.0, 56.0, 0.0, True)  # `_crop_draws`' tuple
-  np.testing.assert_array_equal(ip._crop_resize_flip(pixels, centred_flip, 112),
+  np.testing.assert_array_equal(augment.crop_resize_flip(pixels, centred_flip, 112),
                                 pixels[:, ::-1])
-  np.testing.assert_array_equal(ip._warp(pixels, ip._crop_map(centred_flip, 112)),
+  np.testing.assert_array_equal(augment.warp(pixels, augment.crop_map(centred_flip, 112)),
                                 pixels[:, ::-1])
   grey = np.full((112, 112, 3), 100, np.uint8)
-  jittered = ip._jitter_colours(grey, ip._colour_draws(np.random.default_rng(0),
-                                                      ip.AugmentConfig(brightness=0.3,
+  jittered = augment.jitter_colours(grey, augment.colour_draws(np.random.default_rng(0),
+                                                      augment.AugmentConfig(brightness=0.3,
                                                                        contrast=0.3,
                                                                        saturation=0.3)))
   assert np.all(jittered == jittered[0, 0, 0])  # grey stays grey, only its level moves
   bright = np.full((4, 4, 3), 200, np.uint8)
-  brighter = cv2.transform(bright, ip._colour_matrix((1.5, 1.0, 1.0), bright))
+  brighter = cv2.transform(bright, augment.colour_matrix((1.5, 1.0, 1.0), bright))
   assert np.all(brighter == 255)  # saturates instead of wrapping around
 
 
 def test_normalize_images_uses_imagenet_statistics():
   images = np.stack([np.full((2, 2, 3), v, np.uint8) for v in (0, 255)])
-  out = ip.normalize_images(images)
-  np.testing.assert_allclose(out[0, 0, 0], -ip.MEAN_RGB / ip.STDDEV_RGB, rtol=1e-6)
-  np.testing.assert_allclose(out[1, 0, 0], (255 - ip.MEAN_RGB) / ip.STDDEV_RGB,
+  out = pipeline.normalize_images(images)
+  np.testing.assert_allclose(out[0, 0, 0], -pipeline.MEAN_RGB / pipeline.STDDEV_RGB, rtol=1e-6)
+  np.testing.assert_allclose(out[1, 0, 0], (255 - pipeline.MEAN_RGB) / pipeline.STDDEV_RGB,
                              rtol=1e-6)
 
 
 def test_task_balanced_sampling_oversamples_rare_task_labels(built_union):
   source = train_source(built_union)
-  masks = ip.label_masks(source)
-  weights = ip.task_balanced_weights(masks)
+  masks = pipeline.label_masks(source)
+  weights = pipeline.task_balanced_weights(masks)
   fraction = masks.mean(0)
   rare, common = int(np.argmin(fraction)), int(np.argmax(fraction))
   assert fraction[rare] < fraction[common]
-  ds = ip.train_dataset(source, global_batch_size=8, seed=0, augment=ip.AugmentConfig(),
+  ds = pipeline.train_dataset(source, global_batch_size=8, seed=0, augment=augment.AugmentConfig(),
                         task_balanced=True)
-  drawn = np.concatenate(_indices(ip.as_iterator(ds), 3 * len(source) // 8))
+  drawn = np.concatenate(_indices(pipeline.as_iterator(ds), 3 * len(source) // 8))
   drawn_fraction = masks[drawn].mean(0)
   assert drawn_fraction[rare] > fraction[rare]  # the rare task is seen more often
   # Same seed, same draws; resumable from the position alone.
-  again = np.concatenate(_indices(ip.as_iterator(ds), 3 * len(source) // 8))
+  again = np.concatenate(_indices(pipeline.as_iterator(ds), 3 * len(source) // 8))
   np.testing.assert_array_equal(drawn, again)
   assert weights.min() >= 0 and np.isclose(weights.sum(), 1)
   assert np.all(weights[~masks.any(1)] == 0)
@@ -272,17 +276,17 @@ def test_a_build_that_spills_to_disk_needs_no_tensorflow(synthetic_release, buil
 def test_randaugment_ops_change_images_and_keep_them_uint8():
   rng = np.random.default_rng(5)
   pixels = rng.integers(0, 255, (112, 112, 3), np.uint8)
-  for name, op in ip.RANDAUGMENT_OPS.items():
+  for name, op in augment.RANDAUGMENT_OPS.items():
     out = op(pixels, 0.8)
     assert out.shape == pixels.shape and out.dtype == np.uint8, name
     assert not np.array_equal(out, pixels), name
-  np.testing.assert_array_equal(ip.RANDAUGMENT_OPS["posterize"](pixels, 0.5),
+  np.testing.assert_array_equal(augment.RANDAUGMENT_OPS["posterize"](pixels, 0.5),
                                 pixels & 0b11111100)
-  solarized = ip.RANDAUGMENT_OPS["solarize"](pixels, 1.0)
+  solarized = augment.RANDAUGMENT_OPS["solarize"](pixels, 1.0)
   np.testing.assert_array_equal(solarized[pixels >= 128], 255 - pixels[pixels >= 128])
-  cfg = ip.AugmentConfig.from_policy("randaugment")
-  draws = {ip.augment_image(pixels, np.random.default_rng(s), cfg).tobytes()
+  cfg = augment.AugmentConfig.from_policy("randaugment")
+  draws = {augment.augment_image(pixels, np.random.default_rng(s), cfg).tobytes()
            for s in range(6)}
   assert len(draws) == 6  # each seed draws its own ops and magnitudes' signs
-  np.testing.assert_array_equal(ip.augment_image(pixels, np.random.default_rng(1), cfg),
-                                ip.augment_image(pixels, np.random.default_rng(1), cfg))
+  np.testing.assert_array_equal(augment.augment_image(pixels, np.random.default_rng(1), cfg),
+                                augment.augment_image(pixels, np.random.default_rng(1), cfg))

@@ -2,7 +2,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from affect_jax import checkpoints
+from affect_jax.train import checkpoints
 
 
 def test_keeps_the_latest_and_the_best(tmp_path):

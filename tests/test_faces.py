@@ -12,7 +12,13 @@ from PIL import Image
 import dlib  # noqa: F401  (the test extra installs dlib-bin)
 from skimage import data as skimage_data
 
-from affect_jax import checkpoints, faces, train  # noqa: E402
+from affect_jax.train import checkpoints# noqa: E402
+from affect_jax.inference import faces
+from affect_jax import data_parallel
+from affect_jax.model import multitask
+from affect_jax.train import optimizers
+from affect_jax.train import run_config
+from affect_jax.train import train_state
 from tests.test_train import tiny_config  # noqa: E402
 
 
@@ -37,11 +43,11 @@ def untrained_run(tmp_path_factory):
   """A checkpoint of the tiny model at initialisation: the plumbing needs no training."""
   workdir = str(tmp_path_factory.mktemp("run"))
   config = tiny_config(None)
-  trainer_mesh = train.create_mesh()
-  model = train.create_model(config.model)
-  state = train.create_train_state(config, model, trainer_mesh,
-                                   train.create_learning_rate_fn(config))
-  train.check_and_write_config(config, workdir)
+  trainer_mesh = data_parallel.create_mesh()
+  model = multitask.create_model(config.model)
+  state = train_state.create_train_state(config, model, trainer_mesh,
+                                   optimizers.create_learning_rate_fn(config))
+  run_config.check_and_write_config(config, workdir)
   manager = checkpoints.create_checkpoint_manager(workdir, asynchronous=False)
   checkpoints.save_checkpoint(manager, 1, state, metrics={"p_mtl": 0.0})
   manager.wait_until_finished()

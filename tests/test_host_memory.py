@@ -1,11 +1,11 @@
-"""The entry points' re-execution with glibc malloc settings (affect_jax/host_memory.py)."""
+"""The entry points' re-execution with glibc malloc settings (affect_jax/cpu/host_memory.py)."""
 import json
 import os
 import platform
 import subprocess
 import sys
 
-from affect_jax import host_memory
+from affect_jax.cpu import host_memory
 
 # Re-executes itself, then reports the settings glibc started with, what a child
 # process inherits, and the page faults per execution of an XLA:CPU program with large
@@ -14,7 +14,7 @@ MODULE = """
 import json, os, resource, subprocess, sys
 started_with = os.environ.get("GLIBC_TUNABLES", "")  # what glibc read, after the exec
 if __name__ == "__main__":
-  from affect_jax import host_memory
+  from affect_jax.cpu import host_memory
   host_memory.reexec_with_heap_reuse()
   applied = host_memory.applied_tunables()
 import jax, jax.numpy as jnp

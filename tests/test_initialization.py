@@ -8,7 +8,13 @@ import orbax.checkpoint as ocp
 import pytest
 from safetensors.numpy import save_file
 
-from affect_jax import checkpoints, initialization, pretrained, train
+from affect_jax.train import checkpoints
+from affect_jax.train import init_from
+from affect_jax.model import pretrained
+from affect_jax import data_parallel
+from affect_jax.model import implementation, multitask
+from affect_jax.train import optimizers
+from affect_jax.train import train_state
 from configs import tiny
 
 
@@ -35,10 +41,11 @@ def random_state_dict(rng, **layout):
 
 
 def make_state(config):
-  mesh = train.create_mesh(jax.devices()[:1])
-  model = train.create_model(config.model)
-  return train.create_train_state(config, model, mesh,
-                                  train.create_learning_rate_fn(config))
+  mesh = data_parallel.create_mesh(jax.devices()[:1])
+  model = multitask.create_model(config.model,
+                                 implementation.implementation_for(config.model, mesh))
+  return train_state.create_train_state(config, model, mesh,
+                                  optimizers.create_learning_rate_fn(config))
 
 
 def test_converted_safetensors_weights_start_the_backbone(tmp_path):
@@ -54,7 +61,7 @@ def test_converted_safetensors_weights_start_the_backbone(tmp_path):
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(converted, variables)
   state = make_state(small_config())
-  started, copied = initialization.warm_start(state, converted, "backbone")
+  started, copied = init_from.warm_start(state, converted, "backbone")
   assert copied == ["backbone"]
   np.testing.assert_array_equal(
       started.params["model"]["backbone"]["conv1"]["kernel"],
@@ -69,9 +76,9 @@ def test_convert_command_reads_safetensors_with_full_resnet18_names(tmp_path):
   state_dict = random_state_dict(np.random.default_rng(1))
   state_dict["fc.weight"] = np.zeros((1000, 512), np.float32)
   save_file(state_dict, str(tmp_path / "r18.safetensors"))
-  assert initialization.main(["--input", str(tmp_path / "r18.safetensors"),
+  assert init_from.main(["--input", str(tmp_path / "r18.safetensors"),
                               "--output", str(tmp_path / "out")]) == 0
-  loaded = initialization.load_init_variables(str(tmp_path / "out"))
+  loaded = init_from.load_init_variables(str(tmp_path / "out"))
   np.testing.assert_array_equal(loaded["params"]["backbone"]["layer4_1"]["conv2"]["kernel"],
                                 state_dict["layer4.1.conv2.weight"].transpose(2, 3, 1, 0))
 
@@ -84,7 +91,7 @@ def test_partial_restore_from_an_earlier_run(tmp_path):
   checkpoints.save_checkpoint(manager, 7, source)
   manager.wait_until_finished()
   target = make_state(small_config(num_expr_classes=7))  # another EXPR head size
-  started, copied = initialization.warm_start(target, str(tmp_path), "backbone+heads")
+  started, copied = init_from.warm_start(target, str(tmp_path), "backbone+heads")
   assert copied == ["au_head", "backbone", "va_head"]
   model, source_model = started.params["model"], source.params["model"]
   for part in ("backbone", "au_head", "va_head"):
@@ -92,13 +99,13 @@ def test_partial_restore_from_an_earlier_run(tmp_path):
       np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(model["expression_head"]["output"]["kernel"],
                                 target.params["model"]["expression_head"]["output"]["kernel"])
-  only_backbone, copied = initialization.warm_start(target, str(tmp_path), "backbone")
+  only_backbone, copied = init_from.warm_start(target, str(tmp_path), "backbone")
   assert copied == ["backbone"]
   with pytest.raises(ValueError, match="init_from.parts"):
-    initialization.warm_start(target, str(tmp_path), "everything")
+    init_from.warm_start(target, str(tmp_path), "everything")
   wider = make_state(small_config(num_filters=16))
   with pytest.raises(ValueError, match="has shape"):
-    initialization.warm_start(wider, str(tmp_path), "backbone")
+    init_from.warm_start(wider, str(tmp_path), "backbone")
 
 
 def _params():
@@ -107,7 +114,7 @@ def _params():
 
 
 def _updates(config, steps):
-  tx = train.create_optimizer(config, lambda step: 0.1)
+  tx = optimizers.create_optimizer(config, lambda step: 0.1)
   params = _params()
   opt_state = tx.init(params)
   grads = jax.tree.map(jnp.ones_like, params)
@@ -143,12 +150,12 @@ def test_learning_rate_schedules_and_optimizers():
   config.num_train_steps = 100
   config.optimizer.learning_rate = 0.2
   config.optimizer.warmup_steps = 10
-  cosine = train.create_learning_rate_fn(config)
+  cosine = optimizers.create_learning_rate_fn(config)
   assert float(cosine(0)) == 0.0 and float(cosine(10)) == pytest.approx(0.2)
   assert float(cosine(55)) == pytest.approx(0.1, rel=1e-3)  # half-way down the cosine
   assert float(cosine(100)) == pytest.approx(0.0, abs=1e-7)
   config.optimizer.schedule = "constant"
-  constant = train.create_learning_rate_fn(config)
+  constant = optimizers.create_learning_rate_fn(config)
   assert float(constant(5)) == pytest.approx(0.1) and float(constant(90)) == \
       pytest.approx(0.2)
   for name in ("sgd", "adamw"):
@@ -158,11 +165,11 @@ def test_learning_rate_schedules_and_optimizers():
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(history))
   config.optimizer.name = "lion"
   with pytest.raises(ValueError, match="optimizer.name"):
-    train.create_optimizer(config, constant)
+    optimizers.create_optimizer(config, constant)
 
 
 def test_weight_decay_skips_batch_norm_and_biases():
-  mask = train.decay_mask({"model": {"backbone": {
+  mask = optimizers.decay_mask({"model": {"backbone": {
       "conv1": {"kernel": 1}, "bn1": {"scale": 1, "bias": 1}},
       "au_head": {"output": {"kernel": 1, "bias": 1}}}, "loss": {"au": 1}})
   assert mask["model"]["backbone"] == {"conv1": {"kernel": True},

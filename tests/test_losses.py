@@ -3,7 +3,6 @@
 References follow the formulas the docstrings promise (the PyTorch conventions for
 weighted cross-entropy and pos_weight BCE); where torch is installed it is checked too.
 """
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-from affect_jax import losses
+from affect_jax.train import losses
 
 NUM_CLASSES = 8
 NUM_AUS = 12

@@ -7,13 +7,12 @@ devices.
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 from sklearn.metrics import accuracy_score, f1_score
 
-from affect_jax import metrics
+from affect_jax.eval import metrics
 
 NUM_CLASSES = 8
 NUM_AUS = 12
@@ -287,8 +286,8 @@ def test_best_au_thresholds_match_brute_force_search():
   assert np.mean(best_f1) > np.mean(f1_at_half) + 0.01  # the search does find gains
 
 
-@pytest.mark.parametrize("num_frames", [metrics._EXACT_FLOAT32_SUM_FRAMES,
-                                        metrics._EXACT_FLOAT32_SUM_FRAMES + 1, 40_000])
+@pytest.mark.parametrize("num_frames", [metrics.EXACT_FLOAT32_SUM_FRAMES,
+                                        metrics.EXACT_FLOAT32_SUM_FRAMES + 1, 40_000])
 def test_integer_statistics_exact_past_float32_integers(num_frames):
   # Values near +-1 make the VA integer terms ~32^2 per frame: up to 16,384 frames
   # (summed in float32) the sums stay below 2^24; at 40,000 frames (summed as int32)
@@ -319,7 +318,7 @@ def test_integer_statistics_exact_past_float32_integers(num_frames):
   expected_va = np.stack([np.full(2, va_mask.sum())] + [
       terms.sum(0) for terms in (units_x, units_y, units_x * units_x, units_y * units_y,
                                  units_x * units_y)])
-  if num_frames > 2 * metrics._EXACT_FLOAT32_SUM_FRAMES:
+  if num_frames > 2 * metrics.EXACT_FLOAT32_SUM_FRAMES:
     assert expected_va[3:].min() > 2 ** 24  # past float32's integers
   np.testing.assert_array_equal(statistics["va_int"], expected_va)
 

@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-from affect_jax import models
+from affect_jax.cpu import layers
+from affect_jax.model import multitask
+from affect_jax.model import resnet
 
 # torchvision's resnet18 / resnet34 have 11,689,512 / 21,797,672 parameters, of which
 # fc (512 * 1000 + 1000) has 513,000.
 TORCHVISION_PARAMS_WITHOUT_FC = {"resnet18": 11_176_512, "resnet34": 21_284_672}
 
-TinyNet = functools.partial(models.MultiTaskNet, stage_sizes=(1, 1, 1, 1), num_filters=8)
+TinyNet = functools.partial(multitask.MultiTaskNet, stage_sizes=(1, 1, 1, 1), num_filters=8)
 
 
 def _rng(seed=0):
@@ -58,15 +60,15 @@ def _count(tree):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize("name, backbone", [("resnet18", models.ResNet18),
-                                            ("resnet34", models.ResNet34)])
+@pytest.mark.parametrize("name, backbone", [("resnet18", resnet.ResNet18),
+                                            ("resnet34", resnet.ResNet34)])
 def test_backbone_has_torchvision_parameter_count(name, backbone):
   variables = _abstract_variables(backbone())
   assert _count(variables["params"]) == TORCHVISION_PARAMS_WITHOUT_FC[name]
 
 
 def test_parameter_tree_uses_torchvision_module_names():
-  variables = _abstract_variables(models.MultiTaskNet())
+  variables = _abstract_variables(multitask.MultiTaskNet())
   backbone = variables["params"]["backbone"]
   assert set(backbone) == {"conv1", "bn1"} | {f"layer{s}_{b}" for s in range(1, 5)
                                               for b in range(2)}
@@ -85,7 +87,7 @@ def test_parameter_tree_uses_torchvision_module_names():
                                    ("expression", "au", "va")])
 @pytest.mark.parametrize("num_expr_classes", [7, 8])
 def test_outputs_exist_only_for_enabled_tasks(tasks, num_expr_classes):
-  model = models.MultiTaskNet(tasks=tasks, num_expr_classes=num_expr_classes)
+  model = multitask.MultiTaskNet(tasks=tasks, num_expr_classes=num_expr_classes)
   images = jnp.zeros((3, 112, 112, 3))
   variables = _abstract_variables(model)
   outputs = jax.eval_shape(
@@ -98,11 +100,11 @@ def test_outputs_exist_only_for_enabled_tasks(tasks, num_expr_classes):
 
 def test_unknown_task_is_refused():
   with pytest.raises(ValueError, match="subset"):
-    _abstract_variables(models.MultiTaskNet(tasks=("expr",)))
+    _abstract_variables(multitask.MultiTaskNet(tasks=("expr",)))
 
 
 def test_mlp_head_has_hidden_and_output_layers():
-  variables = _abstract_variables(models.MultiTaskNet(tasks=("au",), head_hidden_dim=256))
+  variables = _abstract_variables(multitask.MultiTaskNet(tasks=("au",), head_hidden_dim=256))
   head = variables["params"]["au_head"]
   assert head["hidden"]["kernel"].shape == (512, 256)
   assert head["output"]["kernel"].shape == (256, 12)
@@ -140,7 +142,7 @@ def test_eval_uses_running_statistics_and_train_updates_them(tiny_variables):
 def test_bfloat16_compute_keeps_float32_params_statistics_and_outputs(tiny_variables):
   images, variables = _images(), tiny_variables
   model_f32, model_bf16 = TinyNet(), TinyNet(dtype=jnp.bfloat16)
-  initial = _abstract_variables(models.MultiTaskNet(dtype=jnp.bfloat16, head_hidden_dim=16))
+  initial = _abstract_variables(multitask.MultiTaskNet(dtype=jnp.bfloat16, head_hidden_dim=16))
   assert {x.dtype for x in jax.tree.leaves(initial)} == {jnp.dtype(jnp.float32)}
 
   outputs, updates = _apply(model_bf16, variables, images, train=True,
@@ -181,7 +183,7 @@ def test_zero_init_last_bn_zeroes_only_the_last_gamma_of_each_block(tiny_variabl
 
 
 def test_conv_init_is_kaiming_normal_fan_out():
-  kernel = models.conv_kernel_init(_rng(), (3, 3, 256, 256))
+  kernel = resnet.conv_kernel_init(_rng(), (3, 3, 256, 256))
   expected_std = np.sqrt(2.0 / (3 * 3 * 256))
   assert abs(float(jnp.std(kernel)) / expected_std - 1.0) < 0.02
   assert float(jnp.max(jnp.abs(kernel))) > 3.5 * expected_std  # Not truncated at 2 std.
@@ -273,7 +275,7 @@ def _relu_input_margin(model, variables, images):
 
   stem = output(backbone["bn1"])
   margins = [np.abs(stem).min()]
-  previous = nn.max_pool(jax.nn.relu(stem), (3, 3), strides=(2, 2), padding=models.PAD_1)
+  previous = nn.max_pool(jax.nn.relu(stem), (3, 3), strides=(2, 2), padding=resnet.PAD_1)
   for name in sorted(k for k in backbone if k.startswith("layer")):
     block = backbone[name]
     residual = output(block["downsample_bn"]) if "downsample_bn" in block else previous
@@ -312,15 +314,15 @@ def test_max_pool_equals_xla_in_values_and_gradients(size):
     return jnp.sum(pool(jax.nn.relu(x)) * g)
 
   def xla_pool(x):
-    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=models.PAD_1)
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=resnet.PAD_1)
 
   # continuous values (no positive ties) with half of them zeroed by the ReLU
   x = _images(batch=2, size=size, seed=5) - 0.5
-  np.testing.assert_array_equal(models.max_pool_3x3_stride_2(x), xla_pool(x))
+  np.testing.assert_array_equal(layers.max_pool_3x3_stride_2(x), xla_pool(x))
   for inputs in (x, jnp.round(x * 4)):  # rounded: ties among zeros and positives
-    np.testing.assert_array_equal(models.max_pool_3x3_stride_2(inputs), xla_pool(inputs))
+    np.testing.assert_array_equal(layers.max_pool_3x3_stride_2(inputs), xla_pool(inputs))
   want = jax.grad(functools.partial(loss, xla_pool))(x)
-  got = jax.grad(functools.partial(loss, models.max_pool_3x3_stride_2))(x)
+  got = jax.grad(functools.partial(loss, layers.max_pool_3x3_stride_2))(x)
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
@@ -348,7 +350,7 @@ def test_train_batch_norm_equals_flax_in_outputs_statistics_and_gradients(relu):
   g = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
   variables = _bn_variables(rng, 16)
   flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
-  fused = models.TrainBatchNorm(momentum=0.9, epsilon=1e-5, relu=relu)
+  fused = layers.TrainBatchNorm(momentum=0.9, epsilon=1e-5, relu=relu)
   (want_loss, (want_y, want_stats)), want_grads = _bn_loss_and_grads(
       flax_bn, jax.nn.relu if relu else (lambda y: y), variables, x, g)
   (got_loss, (got_y, got_stats)), got_grads = _bn_loss_and_grads(
@@ -369,7 +371,7 @@ def test_train_batch_norm_matches_flax_on_bfloat16_inputs(dtype):
   x = jnp.asarray(rng.normal(0.5, 2.0, size=(4, 3, 3, 8)), jnp.bfloat16)
   g = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
   variables = _bn_variables(rng, 8)
-  fused = models.TrainBatchNorm(momentum=0.9, dtype=dtype, relu=True)
+  fused = layers.TrainBatchNorm(momentum=0.9, dtype=dtype, relu=True)
   flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9, dtype=dtype)
   (_, (y, stats)), (grads, grad_x) = _bn_loss_and_grads(
       fused, lambda y: y, variables, x, g)
@@ -415,7 +417,7 @@ def test_train_batch_norm_over_devices_equals_flax(relu, synchronised):
         in_specs=(P(), P("data"), P("data")),
         out_specs=((P(), stats_spec), (P(), P("data")))))
 
-  fused = models.TrainBatchNorm(momentum=0.9, relu=relu, axis_name=axis_name)
+  fused = layers.TrainBatchNorm(momentum=0.9, relu=relu, axis_name=axis_name)
   # Without synchronisation each device has its own running averages: compare them
   # per device (stacked along the mapped axis).
   stats_spec = P() if synchronised else P("data")
@@ -437,11 +439,11 @@ def test_max_pool_gives_tied_windows_gradient_to_the_first_maximum_as_torch():
   rng = np.random.default_rng(10)
   x = np.round(rng.normal(size=(2, 9, 10, 3)) * 2).astype(np.float32)  # many ties
   g = rng.normal(size=(2, 5, 5, 3)).astype(np.float32)
-  got = jax.grad(lambda x: jnp.sum(models.max_pool_3x3_stride_2(x) * g))(jnp.asarray(x))
+  got = jax.grad(lambda x: jnp.sum(layers.max_pool_3x3_stride_2(x) * g))(jnp.asarray(x))
   x_torch = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
   pooled = torch.nn.functional.max_pool2d(x_torch, 3, stride=2, padding=1)
   (pooled * torch.tensor(g.transpose(0, 3, 1, 2))).sum().backward()
-  np.testing.assert_array_equal(models.max_pool_3x3_stride_2(jnp.asarray(x)),
+  np.testing.assert_array_equal(layers.max_pool_3x3_stride_2(jnp.asarray(x)),
                                 pooled.detach().numpy().transpose(0, 2, 3, 1))
   np.testing.assert_allclose(got, x_torch.grad.numpy().transpose(0, 2, 3, 1),
                              rtol=1e-6, atol=1e-6)
@@ -451,8 +453,8 @@ def test_max_pool_propagates_nan_as_torch():
   # A diverging run must not be hidden: a NaN anywhere in a window is its maximum.
   x = np.zeros((1, 6, 6, 1), np.float32)
   x[0, 2, 3, 0] = np.nan  # not the first tap of any window containing it
-  pooled = np.asarray(models.max_pool_3x3_stride_2(jnp.asarray(x)))
+  pooled = np.asarray(layers.max_pool_3x3_stride_2(jnp.asarray(x)))
   want = np.asarray(nn.max_pool(jnp.asarray(x), (3, 3), strides=(2, 2),
-                                padding=models.PAD_1))
+                                padding=resnet.PAD_1))
   np.testing.assert_array_equal(np.isnan(pooled), np.isnan(want))
   assert np.isnan(pooled).sum() == 2

@@ -1,4 +1,4 @@
-"""oneDNN convolutions (affect_jax/onednn_conv.py) against a float64 NumPy reference."""
+"""oneDNN convolutions (affect_jax/cpu/onednn_conv.py) against a float64 NumPy reference."""
 import os
 import platform
 import subprocess
@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from affect_jax import models, onednn_conv
+from affect_jax.model import resnet
+from affect_jax.cpu import layers, onednn_conv
 
 # (input NHWC, kernel HWIO, strides, padding): ResNet-18's kinds of convolution at
 # small sizes, plus odd sizes, asymmetric strides and paddings, and a 1x1.
@@ -73,7 +74,7 @@ def test_forward_and_gradients_match_float64_reference(x_shape, kernel_shape, st
   rng = np.random.default_rng(sum(x_shape) + sum(kernel_shape))
   x = rng.standard_normal(x_shape).astype(np.float32)
   kernel = rng.standard_normal(kernel_shape).astype(np.float32)
-  out_hw = onednn_conv._output_hw(x_shape, kernel_shape, strides, padding)
+  out_hw = onednn_conv.output_hw(x_shape, kernel_shape, strides, padding)
   dy = rng.standard_normal((x_shape[0], *out_hw, kernel_shape[3])).astype(np.float32)
   y_ref, dx_ref, dkernel_ref = reference_conv_and_grads(x, kernel, strides, padding, dy)
 
@@ -93,7 +94,7 @@ def test_mismatched_shapes_are_refused_not_read_out_of_bounds():
     onednn_conv.conv2d(x, jnp.ones((9, 9, 8, 4), jnp.float32), (1, 1), ((0, 0), (0, 0)))
   # The handler checks too: a result shape that does not fit the operands.
   with pytest.raises(Exception, match="output size does not match"):
-    onednn_conv._call("affect_onednn_conv_forward", (2, 5, 5, 4), x,
+    onednn_conv.ffi_conv("affect_onednn_conv_forward", (2, 5, 5, 4), x,
                       jnp.ones((3, 3, 8, 4), jnp.float32), (1, 1), ((1, 1), (1, 1)),
                       like=x).block_until_ready()
 
@@ -111,7 +112,7 @@ def test_cpu_resnet_gives_the_same_outputs_and_gradients_with_and_without_onednn
     monkeypatch):
   """CpuConv goes to oneDNN for float32 (not 1x1 strided) convolutions; with oneDNN
   unavailable it keeps XLA's. Both must compute the same network."""
-  net = models.ResNet(stage_sizes=(1, 1), num_filters=8, implementation="cpu")
+  net = resnet.ResNet(stage_sizes=(1, 1), num_filters=8, layers=layers.CPU_LAYERS)
   images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
   variables = net.init(jax.random.key(0), images, train=False)
 
@@ -150,7 +151,7 @@ def test_concurrent_first_builds_share_one_library(tmp_path):
   """Two processes building into an empty cache at once (pytest workers, pod hosts)
   both get the same, complete, loadable library (the lock saves the second build; the
   atomic rename alone keeps the file whole)."""
-  script = ("import ctypes, sys; from affect_jax import onednn_conv as o; "
+  script = ("import ctypes, sys; from affect_jax.cpu import onednn_conv as o; "
             "p = o.build_library(o.find_dnnl_library()); ctypes.CDLL(str(p)); print(p)")
   env_cache = {"AFFECT_JAX_CACHE": str(tmp_path)}
   processes = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,

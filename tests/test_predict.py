@@ -1,5 +1,5 @@
-"""Prediction from a checkpoint: equal to the eval pass, tuned AU thresholds, temporal
-smoothing, the CSV and the ABAW submissions of a test list, bad inputs."""
+"""Prediction from a checkpoint: equal to the eval pass (for each implementation), tuned
+AU thresholds, temporal smoothing, the CSV and the ABAW submissions of a test list, bad inputs."""
 import csv
 import json
 import os
@@ -12,7 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from affect_jax import predict, submission, train
+from affect_jax.inference import frame_table
+from affect_jax.inference import predict
+from affect_jax.inference import restore
+from affect_jax.inference import sources
+from affect_jax.inference import tuning
+from affect_jax.inference import submission
+from affect_jax.eval import evaluation
+from affect_jax.train import loop
+from affect_jax.train import step_functions
 from tfds_affwild2 import annotations, synthetic
 from tests.test_train import REPO, tiny_config
 
@@ -26,7 +34,7 @@ def trained_run(built_union, synthetic_release, tmp_path_factory):
   config = tiny_config(data_dir, num_train_steps=STEPS, eval_every_steps=STEPS,
                        checkpoint_every_steps=STEPS, log_every_steps=STEPS)
   workdir = str(tmp_path_factory.mktemp("run"))
-  train.train_and_evaluate(config, workdir)
+  loop.train_and_evaluate(config, workdir)
   root, _ = synthetic_release
   image_roots = [os.path.join(root, r) for r in synthetic.LAYOUTS["abaw6"].image_roots]
   return config, workdir, root, image_roots
@@ -35,9 +43,9 @@ def trained_run(built_union, synthetic_release, tmp_path_factory):
 @pytest.fixture(scope="module")
 def validation_table(trained_run):
   config, workdir, _, _ = trained_run
-  predictor = predict.restore_predictor(config, workdir)
-  data = predict.open_source("tfds:validation", config).data
-  return predictor.step, predict.predict_frames(predictor, data)
+  predictor = restore.restore_predictor(config, workdir)
+  data = sources.open_source("tfds:validation", config).data
+  return predictor.step, frame_table.predict_frames(predictor, data)
 
 
 def softmax(x):
@@ -45,13 +53,17 @@ def softmax(x):
   return e / e.sum(-1, keepdims=True)
 
 
-def test_restored_predictions_equal_the_eval_pass(trained_run, validation_table):
-  config, workdir, _, _ = trained_run
-  step, table = validation_table
-  assert step == STEPS
-  trainer = train.Trainer(config, workdir)
-  scores, collected = trainer.evaluate(train.restore_for_eval(trainer),
-                                       collect_outputs=True)
+@pytest.mark.parametrize("implementation", ["cpu", "xla"])
+def test_restored_predictions_equal_the_eval_pass(uninterrupted_run, implementation):
+  config, workdir = uninterrupted_run(implementation)
+  predictor = restore.restore_predictor(config, workdir)
+  table = frame_table.predict_frames(
+      predictor, sources.open_source("tfds:validation", config).data)
+  trainer = loop.Trainer(config, workdir)
+  assert trainer.implementation == implementation
+  state = trainer.restore_for_eval()
+  assert predictor.step == int(state.step) > 0  # the same checkpoint (the best)
+  scores, collected = trainer.evaluate(state, collect_outputs=True)
   assert len(table) == len(collected["record_index"]) == 46
   rows = np.argsort(table.record_index)
   order = np.argsort(collected["record_index"])
@@ -64,13 +76,13 @@ def test_restored_predictions_equal_the_eval_pass(trained_run, validation_table)
   np.testing.assert_allclose(table.va[rows], collected["pred_va"][order], atol=1e-6)
   for key in LABEL_KEYS_TO_COMPARE:
     np.testing.assert_array_equal(table.labels[key][rows], collected[key][order])
-  table_scores = predict.table_scores(table, 8)
+  table_scores = frame_table.table_scores(table, 8)
   for key in ("p_va", "expr_f1", "au_f1", "au_f1_best_thresholds", "p_mtl"):
     assert table_scores[key] == pytest.approx(scores[key], abs=1e-6), key
   # The checkpoint was written from 8 devices; restored onto 1 it predicts the same.
-  one_device = predict.restore_predictor(config, workdir, devices=jax.devices()[:1])
-  single = predict.predict_frames(
-      one_device, predict.open_source("tfds:validation", config).data)
+  one_device = restore.restore_predictor(config, workdir, devices=jax.devices()[:1])
+  single = frame_table.predict_frames(
+      one_device, sources.open_source("tfds:validation", config).data)
   np.testing.assert_array_equal(single.record_index, table.record_index)
   np.testing.assert_allclose(single.au, table.au, atol=1e-5)
   np.testing.assert_allclose(single.va, table.va, atol=1e-5)
@@ -81,31 +93,31 @@ LABEL_KEYS_TO_COMPARE = ("expression_mask", "au", "au_mask", "va_mask")
 
 def test_tuned_thresholds_keep_or_improve_validation_au_f1(trained_run):
   config, workdir, _, _ = trained_run
-  report = predict.run_tuning(config, workdir, smooth_windows=(1, 5))
+  report = tuning.run_tuning(config, workdir, smooth_windows=(1, 5))
   tuned = report["au_thresholds"]
   assert tuned["au_f1_tuned"] >= tuned["au_f1_default"]
   # Also scored on videos they were not tuned on (validation has several videos).
   assert 0.0 <= tuned["au_f1_tuned_held_out"] <= 1.0
   assert all(t >= d - 1e-12 for t, d in zip(tuned["au_f1_per_au_tuned"],
                                             tuned["au_f1_per_au_default"]))
-  with open(os.path.join(workdir, predict.THRESHOLDS_FILE)) as f:
+  with open(os.path.join(workdir, tuning.THRESHOLDS_FILE)) as f:
     saved = json.load(f)
   assert saved["step"] == STEPS and saved["thresholds"] == tuned["thresholds"]
   # The device eval step, deciding AUs with the saved thresholds, scores the same F1.
-  trainer = train.Trainer(config, workdir)
-  eval_fn = train.compile_eval_step(trainer.mesh, num_expr_classes=8,
+  trainer = loop.Trainer(config, workdir)
+  eval_fn = step_functions.compile_eval_step(trainer.mesh, num_expr_classes=8,
                                     dtype=jnp.float32,
                                     au_thresholds=jnp.asarray(saved["thresholds"],
                                                               jnp.float32))
   ds, num_batches = trainer.eval_data()
-  scores, _ = train.evaluate(eval_fn, train.restore_for_eval(trainer), ds, num_batches,
+  scores, _ = evaluation.evaluate(eval_fn, trainer.restore_for_eval(), ds, num_batches,
                              trainer.mesh)
   assert scores["au_f1"] == pytest.approx(tuned["au_f1_tuned"], abs=1e-9)
-  thresholds, origin = predict.au_thresholds_for(workdir, STEPS, 1)
+  thresholds, origin = tuning.au_thresholds_for(workdir, STEPS, 1)
   np.testing.assert_array_equal(thresholds, np.float32(saved["thresholds"]))
-  assert origin.endswith(predict.THRESHOLDS_FILE)
+  assert origin.endswith(tuning.THRESHOLDS_FILE)
   # Thresholds of another checkpoint are not used.
-  assert "another step" in predict.au_thresholds_for(workdir, STEPS + 1, 1)[1]
+  assert "another step" in tuning.au_thresholds_for(workdir, STEPS + 1, 1)[1]
   assert set(report["smoothing"]) == {"1", "5"}
 
 
@@ -119,10 +131,10 @@ def brute_force_smoothing(values, video, frame, window):
 
 def test_smoothing_keeps_frames_and_window_one_is_the_identity(validation_table):
   _, table = validation_table
-  same = predict.smooth_table(table, 1, smooth_au=True)
+  same = frame_table.smooth_table(table, 1, smooth_au=True)
   for name in ("expression", "au", "va"):
     np.testing.assert_array_equal(getattr(same, name), getattr(table, name))
-  smoothed = predict.smooth_table(table, 5, smooth_au=True)
+  smoothed = frame_table.smooth_table(table, 5, smooth_au=True)
   assert len(smoothed) == len(table)
   np.testing.assert_array_equal(smoothed.frame, table.frame)
   np.testing.assert_array_equal(smoothed.video, table.video)
@@ -136,10 +148,10 @@ def test_smoothing_keeps_frames_and_window_one_is_the_identity(validation_table)
   video = np.array(["a", "a", "a", "a", "b"])
   frame = np.array([1, 3, 10, 20, 2])
   np.testing.assert_allclose(
-      predict.centred_moving_average(values, video, frame, 5)[:, 0],
+      frame_table.centred_moving_average(values, video, frame, 5)[:, 0],
       [1.5, 1.5, 4.0, 8.0, 16.0])
   with pytest.raises(ValueError, match="positive odd number"):
-    predict.centred_moving_average(values, video, frame, 4)
+    frame_table.centred_moving_average(values, video, frame, 4)
 
 
 def read_csv(path):
@@ -210,30 +222,30 @@ def test_folder_source_and_bad_inputs(trained_run, tmp_path):
   with pytest.raises(Exception, match=f"{broken}: cannot read the image"):
     predict.run_prediction(config, workdir, f"folder:{folder}", str(tmp_path / "out2"))
   with pytest.raises(ValueError, match="expected tfds:SPLIT, folder:PATH or list:PATH"):
-    predict.open_source("images:/x", config)
+    sources.open_source("images:/x", config)
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    predict.open_source(f"folder:{tmp_path}/missing", config)
+    sources.open_source(f"folder:{tmp_path}/missing", config)
   with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
-    predict.restore_predictor(config, str(tmp_path))
+    restore.restore_predictor(config, str(tmp_path))
   listing = tmp_path / "list.txt"
   listing.write_text("image\nno_such_video\n")
   with pytest.raises(annotations.AnnotationError, match=f"{listing}:2: video "
                      "'no_such_video' has no folder"):
-    predict.open_source(f"list:{listing}", config, image_roots)
+    sources.open_source(f"list:{listing}", config, image_roots)
 
 
 def test_command_line(trained_run, tmp_path):
   config, workdir, root, image_roots = trained_run
   list_path = os.path.join(root, synthetic.TEST_LIST)
   out = str(tmp_path / "out")
-  command = [sys.executable, "-m", "affect_jax.predict", "--workdir", workdir,
+  command = [sys.executable, "-m", "affect_jax.inference.predict", "--workdir", workdir,
              f"--source=list:{list_path}", "--out", out, "--formats=mtl",
              f"--data_dir={config.dataset.data_dir}"]
   command += [f"--image_root={r}" for r in image_roots]
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]
   assert json.loads(result.stdout)["frames"] > 0
-  validate = [sys.executable, "-m", "affect_jax.submission", "validate",
+  validate = [sys.executable, "-m", "affect_jax.inference.submission", "validate",
               os.path.join(out, "submission", "mtl"), "--format", "mtl", "--test_list",
               list_path] + [f"--image_root={r}" for r in image_roots]
   result = subprocess.run(validate, cwd=REPO, capture_output=True, text=True,

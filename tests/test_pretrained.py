@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from affect_jax import models, pretrained
+from affect_jax.model import multitask
+from affect_jax.model import resnet
+from affect_jax.model import pretrained
 
 import torch  # the test extra installs the CPU build
 from safetensors import numpy as safetensors_numpy
@@ -118,8 +120,8 @@ def _torch_features(model, images_nchw):
 def _flax_backbone(variables, images_nhwc, train):
   """ResNet-18 features and, in training, the updated batch statistics."""
   if train:
-    return models.ResNet18().apply(variables, images_nhwc, train=True, mutable=["batch_stats"])
-  return models.ResNet18().apply(variables, images_nhwc, train=False), None
+    return resnet.ResNet18().apply(variables, images_nhwc, train=True, mutable=["batch_stats"])
+  return resnet.ResNet18().apply(variables, images_nhwc, train=False), None
 
 
 def _flax_features(variables, images_nchw, train=False):
@@ -149,7 +151,7 @@ def test_pickled_objects_are_refused(tmp_path):
 
 def test_conversion_maps_every_backbone_tensor(numpy_state_dict):
   imported = pretrained.torchvision_state_dict_to_flax(numpy_state_dict)
-  expected = jax.eval_shape(functools.partial(models.ResNet18().init, train=False),
+  expected = jax.eval_shape(functools.partial(resnet.ResNet18().init, train=False),
                             jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   assert jax.tree.map(np.shape, imported) == jax.tree.map(lambda x: x.shape, expected)
   np.testing.assert_array_equal(imported["params"]["layer2_0"]["downsample_conv"]["kernel"],
@@ -198,7 +200,7 @@ def test_train_mode_features_and_running_statistics_match_torch(torch_model, num
 
 
 def test_merge_backbone_replaces_backbone_and_keeps_heads(numpy_state_dict):
-  model = models.MultiTaskNet(tasks=("expression", "va"))
+  model = multitask.MultiTaskNet(tasks=("expression", "va"))
   shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                           jnp.zeros((1, 32, 32, 3)))
   # Any values do; arange makes every leaf distinct from the import.
@@ -223,7 +225,7 @@ def test_merge_backbone_replaces_backbone_and_keeps_heads(numpy_state_dict):
 
 
 def test_merge_backbone_checks_shapes(numpy_state_dict):
-  small = models.MultiTaskNet(num_filters=32)
+  small = multitask.MultiTaskNet(num_filters=32)
   variables = jax.eval_shape(functools.partial(small.init, train=False), jax.random.key(0),
                              jnp.zeros((1, 32, 32, 3)))
   imported = pretrained.torchvision_state_dict_to_flax(numpy_state_dict)

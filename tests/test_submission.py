@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from affect_jax import submission
+from affect_jax.inference import submission
 from tfds_affwild2 import annotations, synthetic
 from tfds_affwild2.annotations import AnnotationError
 

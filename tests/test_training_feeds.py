@@ -9,8 +9,15 @@ import jax
 import numpy as np
 import pytest
 
-from affect_jax import checkpoints, config_checks, device_data, train
-from affect_jax.metric_writer import InputWaitMeter
+from affect_jax import config_checks
+from affect_jax.train import checkpoints
+from affect_jax.data import device_resident
+from affect_jax import data_parallel
+from affect_jax.train import feeds
+from affect_jax.train import loop
+from affect_jax.cpu import compile_options
+from affect_jax.model import implementation
+from affect_jax.eval.writers import InputWaitMeter
 from tests.test_reliability import _stop_at
 from tests.test_train import restored_params, tiny_config
 
@@ -24,33 +31,33 @@ def test_device_resident_run_trains_on_drawn_batches_and_resumes_exactly(
   config = tiny_config(data_dir, **SHORT_RUN, **{"input.device_resident": True})
   reference_dir, resumed_dir = str(tmp_path / "reference"), str(tmp_path / "resumed")
   drawn_steps = []
-  draw = device_data.compile_draw_batch
+  draw = device_resident.compile_draw_batch
 
   def recording_draw(*args, **kwargs):
     fn = draw(*args, **kwargs)
     return lambda dataset, step: (drawn_steps.append(int(step)), fn(dataset, step))[1]
 
   with monkeypatch.context() as patch:
-    patch.setattr(device_data, "compile_draw_batch", recording_draw)
-    patch.setattr(train.HostFeed, "__init__", _must_not_be_used)
-    reference = train.train_and_evaluate(config, reference_dir)
+    patch.setattr(device_resident, "compile_draw_batch", recording_draw)
+    patch.setattr(feeds.HostFeed, "__init__", _must_not_be_used)
+    reference = loop.train_and_evaluate(config, reference_dir)
     assert drawn_steps == [0, 1, 2, 3, 4, 5]
     _stop_at(patch, 3)
-    stopped = train.train_and_evaluate(config, resumed_dir)
+    stopped = loop.train_and_evaluate(config, resumed_dir)
   assert int(stopped.step) == 3
   # no data position in the checkpoint: the step is the position
   assert not os.path.exists(os.path.join(resumed_dir, "checkpoints", "3",
                                          checkpoints.DATA))
   drawn_steps.clear()
   with monkeypatch.context() as patch:
-    patch.setattr(device_data, "compile_draw_batch", recording_draw)
-    train.train_and_evaluate(config, resumed_dir)
+    patch.setattr(device_resident, "compile_draw_batch", recording_draw)
+    loop.train_and_evaluate(config, resumed_dir)
   assert drawn_steps == [3, 4, 5]
   for a, b in zip(jax.tree.leaves(jax.device_get(reference.params)),
                   jax.tree.leaves(restored_params(config, resumed_dir, 6))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   # the updates were real: the parameters moved from their initial values
-  initial = train.Trainer(config, str(tmp_path / "fresh")).new_state().params
+  initial = loop.Trainer(config, str(tmp_path / "fresh")).new_state().params
   moved = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(
       jax.tree.leaves(jax.device_get(initial)),
       jax.tree.leaves(jax.device_get(reference.params)))]
@@ -70,7 +77,7 @@ def test_device_resident_refuses_what_it_cannot_do(overrides, message):
   with pytest.raises(ValueError, match=message):
     config_checks.validate_config(config)
   with pytest.raises(ValueError, match="host pipeline"):
-    device_data.compile_draw_batch(train.create_mesh(jax.devices()[:1]),
+    device_resident.compile_draw_batch(data_parallel.create_mesh(jax.devices()[:1]),
                                    global_batch_size=8, seed=0, augment="randaugment")
 
 
@@ -104,23 +111,25 @@ def test_a_slow_input_pipeline_is_reported_as_input_bound(built_union, tmp_path,
                                     "log_every_steps": 100,
                                     "checkpoint_every_steps": 100,
                                     "eval_every_steps": 100})
-  next_batch = train.HostFeed.next_batch
+  next_batch = feeds.HostFeed.next_batch
 
   def slow_next_batch(self, step):
     time.sleep(0.25)
     return next_batch(self, step)
 
-  monkeypatch.setattr(train.HostFeed, "next_batch", slow_next_batch)
-  caplog.set_level(logging.INFO, logger=train.log.name)
-  train.train_and_evaluate(config, str(tmp_path / "slow"),
-                           train.Trainer(config, str(tmp_path / "slow")))
+  monkeypatch.setattr(feeds.HostFeed, "next_batch", slow_next_batch)
+  caplog.set_level(logging.INFO, logger=loop.log.name)
+  loop.train_and_evaluate(config, str(tmp_path / "slow"),
+                           loop.Trainer(config, str(tmp_path / "slow")))
   wait_ms, bound_percent = _final_input_line(caplog.records)
   assert wait_ms >= 250
   assert bound_percent >= 80  # the tiny step takes milliseconds: the device idles
 
 
 def test_cpu_steps_get_the_compile_options_a_jaxlib_accepts(monkeypatch):
-  mesh = train.create_mesh(jax.devices()[:2])
-  assert train.step_compiler_options(mesh) == train.CPU_COMPILER_OPTIONS
-  monkeypatch.setattr(train, "CPU_COMPILER_OPTIONS", {"xla_no_such_option": "1"})
-  assert train.step_compiler_options(mesh) == {}  # probed, refused, left out
+  assert implementation.compiler_options("xla") == {}  # XLA's defaults off the CPU path
+  assert (implementation.compiler_options("cpu")
+          == compile_options.CPU_COMPILER_OPTIONS)
+  monkeypatch.setattr(compile_options, "CPU_COMPILER_OPTIONS",
+                      {"xla_no_such_option": "1"})
+  assert implementation.compiler_options("cpu") == {}  # probed, refused, left out

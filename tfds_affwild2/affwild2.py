@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from tfds_affwild2 import annotations, layout as layout_lib, release
+from tfds_affwild2 import annotations, release
+from tfds_affwild2 import layout as layout_lib
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ EXPRESSION_NAMES_8 = ("Neutral", "Anger", "Disgust", "Fear", "Happiness", "Sadne
 EXPRESSION_NAMES_7 = EXPRESSION_NAMES_8[:7]
 VA_NAMES = ("valence", "arousal")
 TASKS = ("expr", "au", "va")
+IMAGE_SIZE = 112  # side of the cropped_aligned faces
 
 VA_INVALID = -5.0
 EXPR_INVALID = -1

@@ -1,19 +1,21 @@
 """Builds the `affwild2` TFDS dataset from a release folder (TFDS's `tfds build` needs
 apache_beam; this command does not).
 
-  python -m tfds_affwild2.build --manual_dir RELEASE --data_dir DATA --config union
+  affect-jax build --manual_dir RELEASE --data_dir DATA --config union
+  (or python -m tfds_affwild2.build ...)
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
 import resource
 import sys
 import time
+from typing import Sequence
 
 import tensorflow_datasets as tfds
+from absl import flags
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from tfds_affwild2 import affwild2, tfds_without_tf
@@ -65,23 +67,30 @@ def format_summary(summary: dict) -> str:
   return "\n".join(rows)
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--manual_dir", required=True, help="the unpacked ABAW release")
-  parser.add_argument("--data_dir", required=True, help="where TFDS datasets live")
-  parser.add_argument("--config", default="union",
-                      choices=[c.name for c in affwild2.BUILDER_CONFIGS])
-  parser.add_argument("--layout", default=None,
-                      help="JSON overriding detected parts of the release layout, e.g. "
-                           '\'{"image_roots": ["faces"]}\' (paths relative to manual_dir)')
-  parser.add_argument("--fix_mismatched_images", action="store_true",
-                      help="convert images that are not 112x112 RGB JPEG instead of "
-                           "stopping with an error")
-  parser.add_argument("--memory_buffer_mb", type=int, default=DEFAULT_MEMORY_BUFFER_MB,
-                      help="examples held in memory before spilling to disk: bounds "
-                           "the build's memory whatever the release's size")
-  args = parser.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues) -> None:
+  flags.DEFINE_string("manual_dir", None, "The unpacked ABAW release.",
+                      flag_values=flag_values)
+  flags.DEFINE_string("data_dir", None, "Where TFDS datasets live.",
+                      flag_values=flag_values)
+  flags.DEFINE_enum("config", "union", [c.name for c in affwild2.BUILDER_CONFIGS],
+                    "The dataset's builder config.", flag_values=flag_values)
+  flags.DEFINE_string("layout", None, "JSON overriding detected parts of the release "
+                      'layout, e.g. \'{"image_roots": ["faces"]}\' (paths relative to '
+                      "manual_dir).", flag_values=flag_values)
+  flags.DEFINE_bool("fix_mismatched_images", False, "Convert images that are not "
+                    "112x112 RGB JPEG instead of stopping with an error.",
+                    flag_values=flag_values)
+  flags.DEFINE_integer("memory_buffer_mb", DEFAULT_MEMORY_BUFFER_MB, "Examples held in "
+                       "memory before spilling to disk: bounds the build's memory "
+                       "whatever the release's size.", flag_values=flag_values)
+  flags.mark_flags_as_required(["manual_dir", "data_dir"], flag_values=flag_values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  # The project's one command line (absl flags, no JAX); the builder itself imports
+  # nothing from affect_jax.
+  from affect_jax import cli  # pylint: disable=g-import-not-at-top
+  args, _ = cli.parse_flags(argv, define_flags, __doc__)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   start = time.perf_counter()
   builder = build_dataset(args.manual_dir, args.data_dir, args.config,

@@ -19,11 +19,11 @@ import numpy as np
 from PIL import Image
 
 from tfds_affwild2 import annotations
-from tfds_affwild2.annotations import AnnotationError, FrameLabel, TASKS
+from tfds_affwild2.annotations import TASKS, AnnotationError, FrameLabel
 from tfds_affwild2.layout import ReleaseLayout
 
 log = logging.getLogger(__name__)
-IMAGE_SIZE = 112
+IMAGE_SIZE = annotations.IMAGE_SIZE
 NO_LABEL = FrameLabel(False, None)
 
 

@@ -1,7 +1,8 @@
 """Writes a synthetic Aff-Wild2 release in the real ABAW on-disk layout.
 
-    python -m tfds_affwild2.synthetic --out DIR --seed 0 --generation abaw6 \\
-        --mtl-format abaw4 --num-videos 12 --frames-per-video 60
+    affect-jax synthetic --out DIR --seed 0 --generation abaw6 \\
+        --mtl_format abaw4 --num_videos 12 --frames_per_video 60
+    (or python -m tfds_affwild2.synthetic ...)
 
 Each video is one procedural person (synthetic_faces) living through a sequence of
 expression segments; the expression drives the action units by their FACS/EMFACS
@@ -12,15 +13,16 @@ quirks of the real data: videos annotated for only some tasks, invalid lines (-1
 videos split into _left/_right, and (ABAW6) two image roots. ground_truth.json states
 what a correct reader must count; its schema is documented on `generate_release`.
 """
-import argparse
 import contextlib
 import dataclasses
 import json
 import pathlib
 import sys
 import time
+from typing import Sequence
 
 import numpy as np
+from absl import flags
 
 from tfds_affwild2 import synthetic_faces
 
@@ -491,17 +493,33 @@ def generate_release(out_dir, *, seed: int = 0, generation: str = "abaw6",
     return truth
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="new or empty folder to write into")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--generation", choices=sorted(LAYOUTS), default="abaw6")
-    parser.add_argument("--mtl-format", choices=[*sorted(MTL_FILES), "none"], default="abaw4",
-                        help="s-Aff-Wild2 MTL files to write; 'none' writes none")
-    parser.add_argument("--num-videos", type=int, default=12)
-    parser.add_argument("--frames-per-video", type=int, default=60)
-    parser.add_argument("--jpeg-quality", type=int, default=90)
-    args = parser.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues) -> None:
+    flags.DEFINE_string("out", None, "A new or empty folder to write into.",
+                        flag_values=flag_values)
+    flags.DEFINE_integer("seed", 0, "Everything random derives from it.",
+                         flag_values=flag_values)
+    flags.DEFINE_enum("generation", "abaw6", sorted(LAYOUTS), "The release layout's "
+                      "challenge generation.", flag_values=flag_values)
+    flags.DEFINE_enum("mtl_format", "abaw4", [*sorted(MTL_FILES), "none"],
+                      "s-Aff-Wild2 MTL files to write; 'none' writes none.",
+                      flag_values=flag_values)
+    flags.DEFINE_integer("num_videos", 12, "Videos in the release.",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("frames_per_video", 60, "Frames of each video.",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality of the face images.",
+                         flag_values=flag_values)
+    for name in ("mtl_format", "num_videos", "frames_per_video", "jpeg_quality"):
+        # The spellings with dashes that scripts already use.
+        flags.DEFINE_alias(name.replace("_", "-"), name, flag_values=flag_values)
+    flags.mark_flag_as_required("out", flag_values=flag_values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # The project's one command line (absl flags, no JAX); the generator itself imports
+    # nothing from affect_jax.
+    from affect_jax import cli  # pylint: disable=g-import-not-at-top
+    args, _ = cli.parse_flags(argv, define_flags, __doc__)
 
     def report(images, seconds):
         print(f"  {images} images, {images / seconds:.0f} images/s", flush=True)
@@ -514,14 +532,16 @@ def main(argv=None):
             num_videos=args.num_videos, frames_per_video=args.frames_per_video,
             jpeg_quality=args.jpeg_quality, progress=report)
     except (ValueError, FileExistsError) as error:
-        parser.error(str(error))
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(cli.USAGE_ERROR) from None
     seconds = time.perf_counter() - start
     splits = truth["splits"]
     images = sum(splits[s]["images"] for s in ("train", "validation", "test"))
     print(f"wrote {args.generation} release to {args.out}: videos train {splits['train']['videos']}"
           f" / validation {splits['validation']['videos']} / test {splits['test']['videos']},"
           f" {images} images in {seconds:.1f} s ({images / seconds:.0f} images/s)")
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())

@@ -3,6 +3,8 @@ per-batch sufficient statistics summed on the device into exact scores, and opti
 every frame's outputs and labels gathered for reports and predictions."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -11,7 +13,9 @@ from jax.sharding import Mesh
 from affect_jax.data import pipeline
 from affect_jax.data_parallel import device_batch
 from affect_jax.eval import metrics
-from affect_jax.train.train_state import TrainState
+
+if TYPE_CHECKING:  # evaluation imports nothing from training
+  from affect_jax.train.train_state import TrainState
 
 
 def evaluate(eval_fn, state: TrainState, dataset, num_batches: int, mesh: Mesh, *,

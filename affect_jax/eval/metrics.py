@@ -49,7 +49,7 @@ _VA_COARSE_SCALE = 32.0
 _VA_COARSE_LIMIT = 1.0
 # Per-frame integer terms are at most 32^2 = 2^10: float32 sums of up to 2^14 frames
 # never leave the range (2^24) where every integer is exact, whatever the order.
-_EXACT_FLOAT32_SUM_FRAMES = 2 ** 24 // 2 ** 10
+EXACT_FLOAT32_SUM_FRAMES = 2 ** 24 // 2 ** 10
 
 # The rebuilt VA sums carry float32 rounding of the remainder terms, about 1e-9 of the
 # second moments; a CCC denominator below this fraction of them is the rounding noise of
@@ -96,7 +96,7 @@ def va_statistics(predictions, labels, mask) -> dict[str, jax.Array]:
   summed along the frames; XLA:CPU sums such rows several times faster than the
   columns of narrow [B, 2] arrays. The integer terms (|term| <= 32^2) are summed in
   float32, which is exact while |partial sums| <= 2^24, i.e. for batches of up to
-  `_EXACT_FLOAT32_SUM_FRAMES` frames (and 10% faster than int32 sums here); larger
+  `EXACT_FLOAT32_SUM_FRAMES` frames (and 10% faster than int32 sums here); larger
   batches sum them as int32.
   """
   valid = mask > 0
@@ -109,7 +109,7 @@ def va_statistics(predictions, labels, mask) -> dict[str, jax.Array]:
   integer_terms = jnp.concatenate(
       [jnp.broadcast_to(valid[None, :], x.shape).astype(jnp.float32), units_x, units_y,
        units_x * units_x, units_y * units_y, units_x * units_y])
-  if x.shape[1] <= _EXACT_FLOAT32_SUM_FRAMES:
+  if x.shape[1] <= EXACT_FLOAT32_SUM_FRAMES:
     integer_sums = jnp.sum(integer_terms, axis=1).astype(jnp.int32)
   else:
     integer_sums = jnp.sum(integer_terms.astype(jnp.int32), axis=1)

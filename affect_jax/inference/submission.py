@@ -15,24 +15,35 @@ predict from) takes the previous predicted frame's values; frames before the fir
 prediction of a video take the first one.
 
 Everything here is pure Python and NumPy: writers take decisions already made (VA
-values, a class index, 0/1 AUs); `affect_jax.predict` makes them from a model.
+values, a class index, 0/1 AUs); `affect-jax predict` makes them from a model. What a
+submission must cover (test lists, frame counts) is affect_jax.inference.abaw_lists'.
+The validate command:
 
-  python -m affect_jax.submission validate --format mtl --test_list test_set.txt \
-      --image_root cropped_aligned SUBMISSION_DIR
+  affect-jax validate SUBMISSION_DIR --format mtl --test_list test_set.txt \\
+      --image_root cropped_aligned
+  (or python -m affect_jax.inference.submission validate SUBMISSION_DIR ...)
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
 import sys
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
+from absl import flags
 
+from affect_jax import cli
+from affect_jax.inference.abaw_lists import (
+  TestEntry,
+  face_frames_of,
+  listed_images,
+  read_frame_counts,
+  read_test_list,
+  video_lengths,
+)
 from tfds_affwild2 import annotations
-from tfds_affwild2.annotations import AU_NAMES, AnnotationError
+from tfds_affwild2.annotations import AU_NAMES
 
 FORMATS = ("per_video", "mtl", "image_location")
 TASKS = ("va", "expr", "au")
@@ -40,8 +51,6 @@ TASK_LABEL = {"va": "VA", "expr": "EXPR", "au": "AU"}  # folder / file names
 MTL_FILE = "MTL.txt"
 MTL_HEADER = ",".join(annotations.MTL_HEADER)
 IMAGE_COLUMN = "image_location"
-# Header words of test lists (they are skipped, as the TFDS builder does).
-LIST_HEADER_WORDS = ("image", "image_location", "video", "name")
 
 
 # ----------------------------------------------------------------------------------
@@ -108,85 +117,6 @@ def predictions_at(video: str, predictions: Mapping[str, VideoPredictions],
   return VideoPredictions(np.asarray(frames, np.int64), va=_rows_of(known.va, rows),
                           expression=_rows_of(known.expression, rows),
                           aus=_rows_of(known.aus, rows))
-
-
-# ----------------------------------------------------------------------------------
-# Test lists and what a submission must cover.
-# ----------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class TestEntry:
-  """One line of a test list: a whole video (frame None) or one image."""
-  line_number: int
-  video: str
-  frame: int | None = None
-  image_name: str | None = None  # as listed, e.g. "00001.jpg"
-
-
-def read_test_list(path) -> list[TestEntry]:
-  """Lines are video names or `video/frame.jpg` (first comma field); headers and
-  blank lines are skipped. Bad lines raise AnnotationError naming file and line."""
-  entries = []
-  with open(path, encoding="utf-8-sig") as f:
-    for line_number, line in enumerate(f, start=1):
-      entry = line.strip().split(",")[0].strip()
-      if not entry or entry.lower() in LIST_HEADER_WORDS:
-        continue
-      if "/" in entry or "\\" in entry:
-        video, name = annotations.check_relative_image_path(path, line_number, entry)
-        frame = annotations.frame_number(path, line_number, name)
-        entries.append(TestEntry(line_number, video, frame, name))
-      else:
-        entries.append(TestEntry(line_number, entry))
-  if not entries:
-    raise AnnotationError(path, 1, "the test list names no video and no image")
-  return entries
-
-
-def read_frame_counts(path) -> dict[str, int]:
-  """Frames per video (of the video file, not only face images): a JSON object or
-  `video,frames` CSV lines (a header line is skipped)."""
-  if str(path).endswith(".json"):
-    with open(path) as f:
-      return {str(k): int(v) for k, v in json.load(f).items()}
-  counts = {}
-  with open(path, encoding="utf-8-sig") as f:
-    for line_number, line in enumerate(f, start=1):
-      fields = [x.strip() for x in line.split(",")]
-      if not line.strip() or (line_number == 1 and not fields[-1].isdigit()):
-        continue
-      if len(fields) != 2 or not fields[1].isdigit():
-        raise AnnotationError(path, line_number, f"expected 'video,frames', got "
-                              f"{line.strip()!r}")
-      counts[fields[0]] = int(fields[1])
-  return counts
-
-
-def listed_images(entries: Iterable[TestEntry],
-                  face_frames: Mapping[str, Sequence[int]]) -> list[tuple[str, int]]:
-  """(video, frame) of every image a per-image submission must have, in list order:
-  listed images as they are, listed videos as all their face images."""
-  images = []
-  for entry in entries:
-    if entry.frame is not None:
-      images.append((entry.video, entry.frame))
-    else:
-      images.extend((entry.video, f) for f in sorted(face_frames.get(entry.video, ())))
-  return images
-
-
-def video_lengths(entries: Iterable[TestEntry], face_frames: Mapping[str, Sequence[int]],
-                  frame_counts: Mapping[str, int] | None = None) -> dict[str, int]:
-  """Frames each per-video file must have: the video's frame count when known, else
-  its last frame with a face image (or the last listed frame)."""
-  lengths: dict[str, int] = {}
-  for entry in entries:
-    last = max([*face_frames.get(entry.video, ()), entry.frame or 0])
-    lengths[entry.video] = max(lengths.get(entry.video, 0), last)
-  if frame_counts:
-    lengths.update({v: frame_counts[v] for v in lengths if v in frame_counts})
-  return lengths
 
 
 def image_location(video: str, frame: int) -> str:
@@ -407,7 +337,8 @@ def _validate_image_rows(path, lines, images, row_tasks, num_expr_classes,
                             f"e.g. {', '.join(missing[:5])}"))
 
 
-def validate_submission(path: str, format: str, test_list, *,  # noqa: A002
+def validate_submission(path: str, format: str,  # noqa: A002
+                        test_list: str | os.PathLike | Sequence[TestEntry], *,
                         image_roots: Sequence[str] = (),
                         frame_counts: Mapping[str, int] | None = None,
                         num_expr_classes: int = 8,
@@ -443,52 +374,65 @@ def validate_submission(path: str, format: str, test_list, *,  # noqa: A002
   return problems
 
 
-def face_frames_of(entries: Sequence[TestEntry],
-                   image_roots: Sequence[str]) -> dict[str, list[int]]:
-  """Frames with a face image of each listed video, found in the image roots."""
-  videos = sorted({e.video for e in entries})
-  if not image_roots:
-    if any(e.frame is None for e in entries):
-      raise ValueError("the test list names whole videos: give the image roots "
-                       "(cropped_aligned folders) to know their frames")
-    return {}
-  from tfds_affwild2 import release  # pylint: disable=g-import-not-at-top
-  index = release.ImageIndex(list(image_roots))
-  return {video: sorted(index.frames(video)) for video in videos}
+VALIDATE_DOC = """affect-jax validate: checks a submission folder against a test list
+and prints every problem as path:line: what (exit status 1 when there is one).
+
+  affect-jax validate SUBMISSION_DIR --format mtl --test_list test_set.txt \\
+      --image_root cropped_aligned
+
+Video entries of a test list need the image roots (to know the video's face frames);
+per-video files have one line per frame up to --frame_counts' count when given, else
+up to the last frame with a face image.
+"""
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-      description="Checks ABAW submission files against a test list.")
-  commands = parser.add_subparsers(dest="command", required=True)
-  validate = commands.add_parser("validate", help="check a submission folder")
-  validate.add_argument("path", help="the submission folder")
-  validate.add_argument("--format", required=True, choices=FORMATS)
-  validate.add_argument("--test_list", required=True)
-  validate.add_argument("--image_root", action="append", default=[],
-                        help="cropped_aligned folder (repeat for several)")
-  validate.add_argument("--frame_counts", default=None,
-                        help="frames per video (JSON or 'video,frames' CSV)")
-  validate.add_argument("--num_expr_classes", type=int, default=8, choices=(7, 8))
-  validate.add_argument("--tasks", default=",".join(TASKS),
-                        help="per_video / image_location: tasks to check")
-  validate.add_argument("--max_shown", type=int, default=100)
-  args = parser.parse_args(argv)
+def define_validate_flags(flag_values: flags.FlagValues) -> None:
+  flags.DEFINE_enum("format", None, FORMATS, "The submission's format.",
+                    flag_values=flag_values)
+  flags.DEFINE_string("test_list", None, "The ABAW test list.", flag_values=flag_values)
+  flags.DEFINE_multi_string("image_root", [], "A cropped_aligned folder (repeat for "
+                            "several).", flag_values=flag_values)
+  flags.DEFINE_string("frame_counts", None, "Frames per video (JSON or 'video,frames' "
+                      "CSV).", flag_values=flag_values)
+  flags.DEFINE_integer("num_expr_classes", 8, "Expression classes (7: ABAW2).",
+                       lower_bound=7, upper_bound=8, flag_values=flag_values)
+  flags.DEFINE_list("tasks", list(TASKS), "per_video / image_location: the tasks to "
+                    "check.", flag_values=flag_values)
+  flags.DEFINE_integer("max_shown", 100, "Problems printed at most.",
+                       flag_values=flag_values)
+  flags.mark_flags_as_required(["format", "test_list"], flag_values=flag_values)
+
+
+def validate_main(argv: Sequence[str] | None = None) -> int:
+  """`affect-jax validate SUBMISSION_DIR ...`: 0 when valid, 1 with problems, 2 when the
+  check cannot run."""
+  args, (path,) = cli.parse_flags(argv, define_validate_flags, VALIDATE_DOC,
+                                  positional=("SUBMISSION_DIR",))
   try:
     problems = validate_submission(
-        args.path, args.format, args.test_list, image_roots=args.image_root,
+        path, args.format, args.test_list, image_roots=args.image_root,
         frame_counts=read_frame_counts(args.frame_counts) if args.frame_counts else None,
-        num_expr_classes=args.num_expr_classes, tasks=args.tasks.split(","))
+        num_expr_classes=args.num_expr_classes, tasks=args.tasks)
   except (ValueError, OSError) as error:
     print(f"error: {error}", file=sys.stderr)
-    return 2
+    return cli.USAGE_ERROR
   for problem in problems[:args.max_shown]:
     print(problem)
   if len(problems) > args.max_shown:
     print(f"... and {len(problems) - args.max_shown} more problems")
-  print(f"{args.format} submission {args.path}: "
+  print(f"{args.format} submission {path}: "
         f"{'OK' if not problems else f'{len(problems)} problems'}")
   return 1 if problems else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """`python -m affect_jax.inference.submission validate SUBMISSION_DIR ...`."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv[:1] != ["validate"] and not cli.wants_help(argv):
+    print("usage: python -m affect_jax.inference.submission validate SUBMISSION_DIR "
+          "[flags]  (the same as affect-jax validate)", file=sys.stderr)
+    return cli.USAGE_ERROR
+  return validate_main(argv[1:] if argv[:1] == ["validate"] else argv)
 
 
 if __name__ == "__main__":

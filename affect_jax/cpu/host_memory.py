@@ -20,6 +20,10 @@ libraries and systems, or where JAX_PLATFORMS names accelerators only.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import logging
 import os
 import platform
 import sys
@@ -81,5 +85,27 @@ def reexec_with_heap_reuse() -> None:
   try:
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
   except OSError as error:
-    print(f"affect_jax.host_memory: could not re-execute with malloc settings ({error});"
+    print(f"affect_jax.cpu.host_memory: could not re-execute with malloc settings ({error});"
           " going on with glibc's defaults", file=sys.stderr)
+
+
+# mallopt parameters (glibc's malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+M_ARENA_MAX = -8
+
+
+@functools.cache
+def reuse_freed_memory() -> bool:
+  """The same malloc settings set in this process through mallopt (no re-execution):
+  one arena, no mmap, no trimming (a threshold of -1 is SIZE_MAX to glibc). Once per
+  process; False where the C library is not glibc or AFFECT_JAX_HEAP_REUSE=0."""
+  if (os.environ.get(SWITCH, "1") == "0" or platform.system() != "Linux"
+      or platform.libc_ver()[0] != "glibc"):
+    return False
+  libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+  applied = all(libc.mallopt(param, value) == 1 for param, value in (
+      (M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)))
+  logging.getLogger(__name__).info("glibc malloc: freed memory kept for reuse (%s)",
+                                   "applied" if applied else "refused")
+  return applied

@@ -9,7 +9,7 @@ differentiable through a ``custom_vjp``.
 
 The handlers are compiled on first use with the machine's C++ compiler against the
 headers of oneDNN's C API shipped in ``native/onednn/include`` and the ``libdnnl.so.3``
-of the ``onednn-cpu-gomp`` wheel (a dependency on Linux x86-64), and cached under
+of the ``onednn-cpu-gomp`` wheel (the `cpu` extra, Linux x86-64), and cached under
 ``$AFFECT_JAX_CACHE`` (default ``~/.cache/affect_jax``), keyed by the sources, the
 jaxlib version and the library's path and version. Where that cannot be done (another
 platform, no compiler, no wheel, a library of another version than the headers') or
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from affect_jax.mesh_types import as_varying_like
+from affect_jax.cpu.varying import as_varying_like
 
 NATIVE_DIR = Path(__file__).parent / "native"
 SOURCE = NATIVE_DIR / "onednn_conv.cc"
@@ -73,7 +73,8 @@ def find_dnnl_library() -> Path:
     files = importlib.metadata.files(LIBRARY_DISTRIBUTION) or []
   except importlib.metadata.PackageNotFoundError as error:
     raise FileNotFoundError(
-        f"the {LIBRARY_DISTRIBUTION} package is not installed") from error
+        f"the {LIBRARY_DISTRIBUTION} package is not installed: pip install "
+        "'affect-jax[cpu]'") from error
   for file in files:
     if file.name == LIBRARY_NAME:
       return Path(file.locate()).resolve()
@@ -195,19 +196,18 @@ def _check_shapes(x, kernel, strides, padding) -> None:
   if x.shape[3] != kernel.shape[2]:
     raise ValueError(f"input channels {x.shape[3]} differ from the kernel's input "
                      f"features {kernel.shape[2]} (shapes {x.shape}, {kernel.shape})")
-  out_hw = _output_hw(x.shape, kernel.shape, strides, padding)
+  out_hw = output_hw(x.shape, kernel.shape, strides, padding)
   if min(out_hw) < 1 or min(strides) < 1 or min(min(p) for p in padding) < 0:
     raise ValueError(f"no output for input {x.shape}, kernel {kernel.shape}, strides "
                      f"{strides} and padding {padding}")
 
 
 def supports(x, kernel) -> bool:
-  """Whether conv2d can take these operands: float32 NHWC / HWIO, oneDNN built, and
-  JAX's default backend the CPU (the handlers exist for the CPU only: the "cpu"
-  implementation traced for a GPU keeps XLA's convolutions)."""
+  """Whether conv2d can take these operands: float32 NHWC / HWIO and oneDNN built. The
+  handlers exist for the CPU only; the "cpu" implementation, their one user, is chosen
+  for CPU meshes only (affect_jax.model.implementation)."""
   return (x.ndim == 4 and kernel.ndim == 4 and x.dtype == jnp.float32
-          and kernel.dtype == jnp.float32 and jax.default_backend() == "cpu"
-          and available())
+          and kernel.dtype == jnp.float32 and available())
 
 
 def _attributes(strides, padding) -> dict:
@@ -217,12 +217,12 @@ def _attributes(strides, padding) -> dict:
           "pad_left": np.int64(left), "pad_right": np.int64(right)}
 
 
-def _output_hw(x_shape, kernel_shape, strides, padding) -> tuple[int, int]:
+def output_hw(x_shape, kernel_shape, strides, padding) -> tuple[int, int]:
   return tuple((x_shape[1 + axis] + sum(padding[axis]) - kernel_shape[axis])
                // strides[axis] + 1 for axis in range(2))
 
 
-def _call(target, result_shape, first, second, strides, padding, like):
+def ffi_conv(target, result_shape, first, second, strides, padding, like):
   status = load()  # registers the handlers on first use
   if not status.available:
     raise RuntimeError(f"oneDNN convolutions are unavailable: {status.reason}")
@@ -236,7 +236,7 @@ def _call(target, result_shape, first, second, strides, padding, like):
 def conv2d(x, kernel, strides: tuple[int, int], padding: tuple[tuple[int, int], ...]):
   """lax.conv_general_dilated(x, kernel, strides, padding, ("NHWC", "HWIO", "NHWC"))
   on oneDNN, float32. Inside jax.shard_map the kernel must be typed varying like x
-  (mesh_types.as_varying_like), as for any custom_vjp taking a replicated parameter.
+  (affect_jax.cpu.varying.as_varying_like), as for any custom_vjp taking a replicated parameter.
   Reverse mode only (jax.grad, jax.vjp): a custom_vjp has no forward-mode rule.
   Kernel gradients of maps of at most XLA_KERNEL_GRAD_MAX_OUTPUT_PIXELS output pixels
   are XLA's own: faster there than oneDNN's, whose are faster on larger maps."""
@@ -245,8 +245,8 @@ def conv2d(x, kernel, strides: tuple[int, int], padding: tuple[tuple[int, int], 
 
 def _forward(x, kernel, strides, padding):
   _check_shapes(x, kernel, strides, padding)  # here: jax.grad calls _conv2d_fwd only
-  out_h, out_w = _output_hw(x.shape, kernel.shape, strides, padding)
-  return _call("affect_onednn_conv_forward",
+  out_h, out_w = output_hw(x.shape, kernel.shape, strides, padding)
+  return ffi_conv("affect_onednn_conv_forward",
                (x.shape[0], out_h, out_w, kernel.shape[3]), x, kernel, strides, padding,
                like=x)
 
@@ -257,14 +257,14 @@ def _conv2d_fwd(x, kernel, strides, padding):
 
 def _conv2d_bwd(strides, padding, residuals, dy):
   x, kernel = residuals
-  dx = _call("affect_onednn_conv_input_grad", x.shape, dy, kernel, strides, padding,
+  dx = ffi_conv("affect_onednn_conv_input_grad", x.shape, dy, kernel, strides, padding,
              like=dy)
   if dy.shape[1] * dy.shape[2] <= XLA_KERNEL_GRAD_MAX_OUTPUT_PIXELS:
     dkernel = jax.vjp(lambda k: lax.conv_general_dilated(
         x, k, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")),
                       kernel)[1](dy)[0]
   else:
-    dkernel = _call("affect_onednn_conv_kernel_grad", kernel.shape, x, dy, strides,
+    dkernel = ffi_conv("affect_onednn_conv_kernel_grad", kernel.shape, x, dy, strides,
                     padding, like=dy)
   return dx, dkernel
 

@@ -1,30 +1,19 @@
-"""ResNet backbone with torchvision's exact structure, and the multi-task affect network.
+"""The ResNet's layers in the forms XLA:CPU runs fastest: the "cpu" implementation.
 
-The backbone reproduces torchvision's ``resnet18`` (ResNet v1.5: the stride of a
-downsampling block sits on its first 3x3 conv) layer for layer, so that torchvision
-or timm weights can be imported without any change in numerics (see
-``affect_jax.pretrained``). Inputs are NHWC floats.
+Same parameters, statistics and results (up to float rounding) as flax's layers, which
+the "xla" implementation uses (tests/test_models.py compares outputs, BN updates and
+whole-network gradients to ~1e-5); docs/PERFORMANCE.md has the measurements behind each
+form:
 
-Parameter tree of ``ResNet`` and its torchvision ``state_dict`` counterpart (``fc`` has
-no counterpart: the backbone ends at global average pooling)::
-
-    conv1/kernel                      conv1.weight                 (OIHW -> HWIO)
-    bn1/{scale,bias}                  bn1.{weight,bias}
-    bn1/{mean,var}   (batch_stats)    bn1.{running_mean,running_var}
-    layer{s}_{b}/conv1, bn1,          layer{s}.{b}.conv1, bn1,
-                 conv2, bn2             .conv2, bn2
-    layer{s}_{b}/downsample_conv      layer{s}.{b}.downsample.0    (first block of
-    layer{s}_{b}/downsample_bn        layer{s}.{b}.downsample.1     layers 2-4 only)
-
-``MultiTaskNet`` nests the backbone under ``backbone`` and adds ``expression_head``,
-``au_head`` and ``va_head`` (each ``TaskHead``: an optional ``hidden`` Dense layer and
-an ``output`` Dense layer). ``pretrained.backbone_layout`` spells the mapping out key
-by key.
+- ``CpuConv``: strided 1x1 shortcuts as matmuls, oneDNN convolutions through XLA FFI
+  (``onednn_conv``), im2col matmuls on tiny maps;
+- ``TrainBatchNorm``: training BN with a closed-form backward pass and a fused ReLU;
+- ``max_pool_3x3_stride_2``: the stem's max-pool with a gradient routed by the index its
+  forward pass found.
 """
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -32,46 +21,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from affect_jax import onednn_conv
-from affect_jax.mesh_types import as_varying_like
-
-TASKS = ("expression", "au", "va")
-NUM_ACTION_UNITS = 12
-
-# torchvision initialises convs with kaiming_normal_(mode="fan_out",
-# nonlinearity="relu"): an untruncated normal with variance 2 / fan_out.
-conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-# torch pads the 3x3 convs and the stem pooling by 1 on every side. Flax's "SAME" pads
-# (0, 1) for stride 2 on even sizes, which shifts every window by one pixel.
-PAD_1 = ((1, 1), (1, 1))
-PAD_3 = ((3, 3), (3, 3))
-
-# Implementations of the same network (same parameters, same results up to float
-# rounding): "xla" writes it with flax's Conv and max_pool, the form for GPU/TPU; "cpu"
-# replaces what XLA:CPU runs slowly (convolutions on oneDNN, strided 1x1 shortcuts as
-# matmuls; when training, BN with a closed-form backward pass and the stem's max-pool
-# with an index-routed gradient; docs/PERFORMANCE.md has the measurements), and is what
-# "auto" picks when JAX's default backend is the CPU. Outputs, BN updates and
-# whole-network gradients agree to ~1e-5 (tests/test_models.py). An earlier custom_vjp
-# max-pool (2026-11-25) compared the recomputed input with the output in its backward
-# pass and dropped the gradient of windows that XLA recomputed with other rounding; the
-# present one routes by the index its forward pass found.
-IMPLEMENTATIONS = ("auto", "xla", "cpu")
-
-
-def resolve_implementation(implementation: str) -> str:
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, "
-                     f"got {implementation!r}")
-  if implementation == "auto":
-    return "cpu" if jax.default_backend() == "cpu" else "xla"
-  return implementation
-
-
-# ----------------------------------------------------------------------------------
-# XLA:CPU formulations.
-# ----------------------------------------------------------------------------------
+from affect_jax.cpu import onednn_conv
+from affect_jax.cpu.varying import as_varying_like
+from affect_jax.model.resnet import PAD_1, Layers, conv_kernel_init
 
 
 def _window_taps(padded, window, strides, out_hw):
@@ -132,9 +84,8 @@ def max_pool_3x3_stride_2(x):
   backward is nine masked, interior-padded copies of the output gradient summed in one
   fusion: the stem block's fwd+bwd 299 -> 146 ms (benchmarks/stem_block.py). The index
   comes from the same values as the forward's maximum, so no recomputation with other
-  rounding can lose a window's gradient (the bug of an earlier form that compared the
-  recomputed input with the output). Ties go to the first maximal tap and a NaN
-  propagates, as in torch."""
+  rounding can lose a window's gradient (which comparing a recomputed input with the
+  output would). Ties go to the first maximal tap and a NaN propagates, as in torch."""
   return _max_pool_with_argmax(x)[0]
 
 
@@ -184,8 +135,7 @@ def _patches_conv(x, kernel, strides, padding):
 
 SMALL_OUTPUT_PIXELS = 16
 # Below this many output pixels im2col beats oneDNN too, whose per-call kernel reorder
-# dominates there: 3x3, 512 channels, batch 32, fwd+bwd: 2x2 maps 24.2 ms im2col
-# against 31.0 oneDNN; 4x4 maps 111 against 87 (2026-11-25, one core).
+# dominates there (docs/PERFORMANCE.md: 2x2 maps faster with im2col, 4x4 with oneDNN).
 TINY_OUTPUT_PIXELS = 4
 
 
@@ -196,7 +146,7 @@ class CpuConv(nn.Module):
   - 1x1 with stride (the downsample shortcuts): a strided slice and a matmul; XLA:CPU's
     kernel gradient of a strided 1x1 convolution is 1.6-6x slower than the matmul's;
   - anything else in float32 with more than TINY_OUTPUT_PIXELS output pixels: oneDNN
-    through an XLA FFI call (affect_jax.onednn_conv; kernel gradients of maps of at
+    through an XLA FFI call (affect_jax.cpu.onednn_conv; kernel gradients of maps of at
     most 64 pixels stay on XLA), 1.1-2x faster than XLA:CPU's convolutions on most
     layers here, when it could be built;
   - otherwise (bfloat16, no oneDNN, or tiny maps), outputs of at most
@@ -346,157 +296,5 @@ class TrainBatchNorm(nn.Module):
     return y
 
 
-def _norm_relu(norm, name: str, x):
-  """norm(name=name) then a ReLU, fused into one op when norm makes a TrainBatchNorm."""
-  if getattr(norm, "func", None) is TrainBatchNorm:
-    return norm(name=name, relu=True)(x)
-  return nn.relu(norm(name=name)(x))
-
-
-class BasicBlock(nn.Module):
-  """torchvision's BasicBlock: two 3x3 convs and a residual, 1x1 conv when shapes change."""
-
-  filters: int
-  conv: Any
-  norm: Any
-  strides: int = 1
-  zero_init_last_bn: bool = False
-
-  @nn.compact
-  def __call__(self, x):
-    residual = x
-    y = self.conv(self.filters, (3, 3), strides=self.strides, padding=PAD_1, name="conv1")(x)
-    y = _norm_relu(self.norm, "bn1", y)
-    y = self.conv(self.filters, (3, 3), padding=PAD_1, name="conv2")(y)
-    last_scale_init = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
-    y = self.norm(name="bn2", scale_init=last_scale_init)(y)
-    # Same condition as torchvision (stride != 1 or channels change).
-    if residual.shape != y.shape:
-      residual = self.conv(self.filters, (1, 1), strides=self.strides, padding="VALID",
-                           name="downsample_conv")(residual)
-      residual = self.norm(name="downsample_bn")(residual)
-    return nn.relu(residual + y)
-
-
-class ResNet(nn.Module):
-  """ResNet backbone without classifier: NHWC images -> [B, 8 * num_filters] float32.
-
-  Attributes:
-    stage_sizes: blocks per stage, (2, 2, 2, 2) for ResNet-18.
-    num_filters: channels of the stem and of the first stage.
-    dtype: compute dtype (e.g. jnp.bfloat16); params, BN statistics and the pooled
-      output stay float32.
-    bn_axis_name: mapped axis over which BN batch statistics are averaged in training
-      (the data axis of ``jax.shard_map``); None for statistics of the local batch.
-    bn_momentum: Flax convention (weight of the old value): 0.9 == torch momentum 0.1.
-    bn_epsilon: 1e-5 as torch.
-    zero_init_last_bn: start each block's last BN gamma at 0 (off, as torchvision).
-    implementation: "auto", "xla" or "cpu" (see IMPLEMENTATIONS); parameters and
-      results do not depend on it.
-  """
-
-  stage_sizes: Sequence[int]
-  num_filters: int = 64
-  dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
-  bn_momentum: float = 0.9
-  bn_epsilon: float = 1e-5
-  zero_init_last_bn: bool = False
-  implementation: str = "auto"
-
-  @nn.compact
-  def __call__(self, images, *, train: bool):
-    cpu = resolve_implementation(self.implementation) == "cpu"
-    conv = functools.partial(CpuConv if cpu else nn.Conv, use_bias=False,
-                             dtype=self.dtype, param_dtype=jnp.float32,
-                             kernel_init=conv_kernel_init)
-    # Training BN with a closed-form backward pass on CPU (eval BN is an affine map).
-    norm = functools.partial(TrainBatchNorm if cpu and train else nn.BatchNorm,
-                             momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                             dtype=self.dtype, param_dtype=jnp.float32,
-                             axis_name=self.bn_axis_name)
-    if not (cpu and train):
-      norm = functools.partial(norm, use_running_average=not train)
-    x = jnp.asarray(images, self.dtype)
-    x = conv(self.num_filters, (7, 7), strides=2, padding=PAD_3, name="conv1")(x)
-    x = _norm_relu(norm, "bn1", x)
-    if cpu and train:  # its forward alone is slower than reduce_window's: eval keeps that
-      x = max_pool_3x3_stride_2(x)
-    else:
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=PAD_1)  # -inf padding, as torch
-    for stage, num_blocks in enumerate(self.stage_sizes):
-      for block in range(num_blocks):
-        strides = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(self.num_filters * 2**stage, conv=conv, norm=norm, strides=strides,
-                       zero_init_last_bn=self.zero_init_last_bn,
-                       name=f"layer{stage + 1}_{block}")(x)
-    # Pool in float32: the mean over many bf16 values would lose precision.
-    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-
-
-ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2))
-ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))
-
-
-class TaskHead(nn.Module):
-  """Linear head, or a one-hidden-layer ReLU MLP when hidden_dim > 0; float32 throughout.
-
-  Heads are small, so computing them in float32 costs nothing under bf16 and keeps the
-  logits exact. Flax's Dense init (LeCun normal, zero bias) is kept: torchvision's fc
-  init is never imported.
-  """
-
-  num_outputs: int
-  hidden_dim: int = 0
-
-  @nn.compact
-  def __call__(self, features):
-    x = features
-    if self.hidden_dim > 0:
-      x = nn.relu(nn.Dense(self.hidden_dim, dtype=jnp.float32, name="hidden")(x))
-    return nn.Dense(self.num_outputs, dtype=jnp.float32, name="output")(x)
-
-
-class MultiTaskNet(nn.Module):
-  """Shared ResNet backbone -> pooled feature -> dropout -> one head per enabled task.
-
-  ``__call__(images, train=..., return_features=False)`` returns a dict with, for the
-  enabled tasks only: ``expression`` [B, num_expr_classes] logits, ``au`` [B, 12]
-  logits, ``va`` [B, 2] in [-1, 1] (tanh); plus ``features`` [B, 512] (the pooled
-  backbone output, before dropout) when ``return_features``. All float32. Dropout
-  (train only) draws from the 'dropout' rng stream.
-  """
-
-  tasks: tuple[str, ...] = TASKS
-  num_expr_classes: int = 8
-  head_hidden_dim: int = 0
-  dropout_rate: float = 0.0
-  stage_sizes: Sequence[int] = (2, 2, 2, 2)
-  num_filters: int = 64
-  dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
-  bn_momentum: float = 0.9
-  zero_init_last_bn: bool = False
-  implementation: str = "auto"
-
-  @nn.compact
-  def __call__(self, images, *, train: bool, return_features: bool = False):
-    unknown = set(self.tasks) - set(TASKS)
-    if unknown or not self.tasks:
-      raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {self.tasks}")
-    features = ResNet(stage_sizes=self.stage_sizes, num_filters=self.num_filters,
-                      dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                      bn_momentum=self.bn_momentum,
-                      zero_init_last_bn=self.zero_init_last_bn,
-                      implementation=self.implementation, name="backbone")(
-                          images, train=train)
-    head_input = nn.Dropout(self.dropout_rate, deterministic=not train)(features)
-    num_outputs = {"expression": self.num_expr_classes, "au": NUM_ACTION_UNITS, "va": 2}
-    outputs = {task: TaskHead(num_outputs[task], self.head_hidden_dim,
-                              name=f"{task}_head")(head_input)
-               for task in TASKS if task in self.tasks}
-    if "va" in outputs:
-      outputs["va"] = jnp.tanh(outputs["va"])
-    if return_features:
-      outputs["features"] = features
-    return outputs
+CPU_LAYERS = Layers(conv=CpuConv, train_norm=TrainBatchNorm, train_norm_fuses_relu=True,
+                    train_max_pool=max_pool_3x3_stride_2)

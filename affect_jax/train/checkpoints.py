@@ -14,6 +14,9 @@ import grain
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from affect_jax.model import implementation, multitask
+from affect_jax.train import optimizers, train_state
+
 STATE = "state"
 DATA = "data"
 
@@ -68,3 +71,38 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract_state
     raise ValueError(f"checkpoint {manager.directory}/{step} does not fit this model "
                      f"(it was written by another model or config): {e}") from None
   return restored[STATE]
+
+
+def checkpoint_step(manager, folder: str, step: int | None = None) -> int:
+  """`step` when given (and present), else the best checkpoint's, else the latest's."""
+  chosen = step or manager.best_step() or manager.latest_step()
+  if chosen is None:
+    raise FileNotFoundError(f"no checkpoint in {folder}")
+  if chosen not in manager.all_steps():
+    raise FileNotFoundError(f"no checkpoint of step {chosen} in {folder} (steps: "
+                            f"{sorted(manager.all_steps())})")
+  return int(chosen)
+
+
+def restore_for_eval(config, workdir: str, mesh, step: int | None = None,
+                     current=None):
+  """The TrainState of checkpoint `step` (default: the best, else the latest) of the run
+  in `workdir`, replicated over `mesh`; `current` is returned as it is when it already
+  is that step."""
+  folder = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"no checkpoint folder {folder}")
+  manager = create_checkpoint_manager(
+      workdir, keep=config.checkpoint.keep,
+      best_metric=config.checkpoint.best_metric or None, asynchronous=False)
+  try:
+    step = checkpoint_step(manager, folder, step)
+    if current is not None and int(current.step) == step:
+      return current
+    model = multitask.create_model(config.model,
+                                   implementation.implementation_for(config.model, mesh))
+    abstract = train_state.abstract_train_state(
+        config, model, mesh, optimizers.create_learning_rate_fn(config))
+    return restore_checkpoint(manager, step, abstract)
+  finally:
+    manager.close()

@@ -17,13 +17,13 @@ of it, so a run resumes exactly from the step alone (no iterator state). Each ep
 visits every record at most once (exactly once when the batch size divides the split;
 otherwise a different remainder of fewer than one batch is left out each epoch).
 
-Augmentation follows the host pipeline's policies (`input_pipeline.AugmentConfig`):
+Augmentation follows the host pipeline's policies (`augment.AugmentConfig`):
 one bilinear warp for random resized crop + rotation + horizontal flip (the same affine
 parametrisation as the host's OpenCV warp, reflect-101 border), then brightness,
 contrast and saturation jitter; random draws come from jax.random, so the images are
 not bit-identical to the host pipeline's, only identically distributed. Images leave
 `augment_on_device` as float32 pixel values in [0, 255]; the train step normalises
-them as it does uint8 batches (`input_pipeline.normalize_images`).
+them as it does uint8 batches (`pipeline.normalize_images`).
 """
 from __future__ import annotations
 
@@ -35,13 +35,16 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from affect_jax import input_pipeline
+from affect_jax import vocabulary
+from affect_jax.data import pipeline
+from affect_jax.data.augment import AugmentConfig
+from affect_jax.data_parallel import AXIS
 
-AXIS = "data"  # the mesh axis of affect_jax.train
 GREY_WEIGHTS = (0.299, 0.587, 0.114)
-LABEL_KEYS = input_pipeline.LABEL_KEYS + ("record_index",)
+LABEL_KEYS = vocabulary.LABEL_KEYS + ("record_index",)
 
 
 @flax.struct.dataclass
@@ -49,7 +52,7 @@ class DeviceDataset:
   """A decoded split on the devices (a pytree: pass it to jitted functions).
 
   images: uint8 [N, H, W, 3], replicated on every device of the mesh.
-  labels: the training labels of `input_pipeline.record_to_example` (float masks, 0
+  labels: the training labels of `records.record_to_example` (float masks, 0
     fillers under masks) and `record_index`, each [N, ...], replicated.
   """
   images: jax.Array
@@ -60,7 +63,7 @@ class DeviceDataset:
     return self.images.shape[0]
 
 
-def split_nbytes(num_records: int, image_size: int = input_pipeline.IMAGE_SIZE) -> int:
+def split_nbytes(num_records: int, image_size: int = vocabulary.IMAGE_SIZE) -> int:
   """Device bytes of a split's uint8 images (labels add ~80 bytes per record)."""
   return num_records * image_size * image_size * 3
 
@@ -82,7 +85,7 @@ def _write_chunk(images, chunk, start):
   return jax.lax.dynamic_update_slice(images, chunk, (start, 0, 0, 0))
 
 
-def load_split_to_device(source, mesh: Mesh, *, image_size: int = input_pipeline.IMAGE_SIZE,
+def load_split_to_device(source, mesh: Mesh, *, image_size: int = vocabulary.IMAGE_SIZE,
                          chunk_size: int = 4096, max_fraction_of_device_memory: float = 0.5
                          ) -> DeviceDataset:
   """Decodes every record of `source` (a TFDS data source of `affwild2`, or any
@@ -111,7 +114,7 @@ def load_split_to_device(source, mesh: Mesh, *, image_size: int = input_pipeline
     pixels = np.empty((stop - start, image_size, image_size, 3), np.uint8)
     for row, index in enumerate(range(start, stop)):
       record = source[index]
-      example = input_pipeline.load_example(record, index, input_pipeline.AugmentConfig(),
+      example = pipeline.load_example(record, index, AugmentConfig(),
                                             None, image_size)
       pixels[row] = example["image"]
       for key in LABEL_KEYS:
@@ -153,8 +156,8 @@ def device_batch_indices(step, num_records: int, global_batch_size: int, seed: i
 # ----------------------------------------------------------------------------------
 
 
-def _policy(augment) -> input_pipeline.AugmentConfig:
-  cfg = (input_pipeline.AugmentConfig.from_policy(augment) if isinstance(augment, str)
+def _policy(augment) -> AugmentConfig:
+  cfg = (AugmentConfig.from_policy(augment) if isinstance(augment, str)
          else augment)
   if cfg.randaugment_ops:
     raise ValueError("RandAugment-like operations run on the host pipeline only; "
@@ -162,9 +165,9 @@ def _policy(augment) -> input_pipeline.AugmentConfig:
   return cfg
 
 
-def _affine_matrix(key, size: int, cfg: input_pipeline.AugmentConfig) -> jax.Array:
+def _affine_matrix(key, size: int, cfg: AugmentConfig) -> jax.Array:
   """[2, 3] output->input map in pixel-centre coordinates; the parametrisation of
-  input_pipeline._crop_draws and _crop_rows (random resized crop, rotation, flip)."""
+  augment.crop_draws and _crop_rows (random resized crop, rotation, flip)."""
   keys = jax.random.split(key, 6)
   area = size * size * jax.random.uniform(keys[0], (), minval=cfg.crop_scale[0],
                                           maxval=cfg.crop_scale[1])
@@ -222,7 +225,7 @@ def _grey(pixels):
           + GREY_WEIGHTS[2] * pixels[..., 2])
 
 
-def _jitter_colours(keys, pixels, grey, cfg: input_pipeline.AugmentConfig):
+def _jitter_colours(keys, pixels, grey, cfg: AugmentConfig):
   """Brightness, contrast (towards the image's mean grey level), saturation (towards
   each pixel's grey level) of a batch [B, H, W, 3] whose grey levels [B, H, W, 1] are
   given, one factor of each per image, saturated to [0, 255] after each step as the
@@ -252,11 +255,11 @@ def _jitter_colours(keys, pixels, grey, cfg: input_pipeline.AugmentConfig):
   return pixels
 
 
-def _has_geometry(cfg: input_pipeline.AugmentConfig) -> bool:
+def _has_geometry(cfg: AugmentConfig) -> bool:
   return bool(cfg.flip or cfg.rotation_degrees or cfg.crop_scale != (1.0, 1.0))
 
 
-def _has_colour(cfg: input_pipeline.AugmentConfig) -> bool:
+def _has_colour(cfg: AugmentConfig) -> bool:
   return bool(cfg.brightness or cfg.contrast or cfg.saturation)
 
 

@@ -1,8 +1,9 @@
 """Affect of the faces in any image or video: detect, align to 112x112, predict per
-frame with a trained run, write a CSV and plots.
+frame with a trained run, write a CSV and plots (the faces command).
 
-  python -m affect_jax.faces --workdir runs/mtl --input clip.gif --input photo.jpg \
+  affect-jax faces --workdir runs/mtl --input clip.gif --input photo.jpg \\
       --out OUT [--smooth_window 5] [--align | --noalign]
+  (or python -m affect_jax.inference.faces ...)
 
 Faces are found by dlib's HOG frontal face detector, which ships inside the `dlib-bin`
 wheel (nothing is downloaded at run time). In a frame with several faces the largest is
@@ -22,27 +23,29 @@ detection, widened by a margin and resized to 112x112, without turning it; `--al
 (`always`) requires the package, `--noalign` (`never`) always cuts the square.
 
 Outputs: `OUT/cropped_aligned/<name>/<frame>.jpg` (the crops), `OUT/faces.csv` (the box
-of each frame), `OUT/predictions.csv` (as affect_jax.predict writes it), and per input
+of each frame), `OUT/predictions.csv` (as `affect-jax predict` writes it), and per input
 `OUT/<name>.png` (valence/arousal over time, expression timeline, AU heat map).
-Images and animations (GIF, APNG, multi-page TIFF, WebP) are read with Pillow; other
-videos (mp4, avi, ...) with imageio, which needs `imageio-ffmpeg` for them.
+Inputs are read by affect_jax.inference.media_frames (Pillow, imageio for videos).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import importlib.util
-import itertools
 import json
 import logging
 import os
 import sys
 import warnings
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageSequence, UnidentifiedImageError
+from absl import flags
+from PIL import Image
+
+from affect_jax import cli, cli_logging
+from affect_jax.inference.affect_plots import plot_affect
+from affect_jax.inference.media_frames import read_frames
 
 log = logging.getLogger(__name__)
 
@@ -84,42 +87,6 @@ class FaceBox:
   @property
   def area(self) -> int:
     return max(0, self.right - self.left) * max(0, self.bottom - self.top)
-
-
-def read_frames(path: str) -> Iterator[np.ndarray]:
-  """RGB uint8 frames of an image, an animation or a video, one at a time."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: no such file")
-  try:
-    with Image.open(path) as image:
-      for frame in ImageSequence.Iterator(image):
-        yield np.asarray(frame.convert("RGB"))
-    return
-  except UnidentifiedImageError:
-    pass  # not an image: perhaps a video
-  except (OSError, ValueError, SyntaxError) as error:
-    raise ValueError(f"{path}: cannot read the image: {error}") from None
-  yield from _video_frames(path)
-
-
-def _video_frames(path: str) -> Iterator[np.ndarray]:
-  try:
-    import imageio.v3 as iio  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise ValueError(f"{path}: not an image Pillow can read; reading videos needs "
-                     "imageio (pip install imageio imageio-ffmpeg)") from None
-  try:
-    frames = iio.imiter(path)
-    with warnings.catch_warnings():  # imageio's plugin search warns of its deprecations
-      warnings.simplefilter("ignore", DeprecationWarning)
-      first = next(frames, None)
-    for frame in itertools.chain([] if first is None else [first], frames):
-      frame = np.asarray(frame)
-      if frame.ndim == 2:
-        frame = np.repeat(frame[..., None], 3, axis=-1)
-      yield np.ascontiguousarray(frame[..., :3]).astype(np.uint8)
-  except Exception as error:  # pylint: disable=broad-except  # plugins raise anything
-    raise ValueError(f"{path}: cannot read as an image or a video: {error}") from None
 
 
 def create_detector():
@@ -358,64 +325,6 @@ def write_faces_csv(path: str, found: Sequence[MediaFaces]) -> str:
   return path
 
 
-def timeline(values: np.ndarray, frames: np.ndarray, num_frames: int) -> np.ndarray:
-  """Rows of values per frame 1..num_frames, NaN where a frame has no face."""
-  result = np.full((num_frames,) + values.shape[1:], np.nan)
-  result[np.asarray(frames) - 1] = values
-  return result
-
-
-def plot_affect(path: str, title: str, table, rows: np.ndarray, num_frames: int
-                ) -> str:
-  """VA over time, expression probabilities and AU probabilities as heat maps."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from affect_jax import predict  # pylint: disable=g-import-not-at-top
-  from tfds_affwild2 import annotations  # pylint: disable=g-import-not-at-top
-  frames = table.frame[rows]
-  panels = [name for name in ("va", "expression", "au")
-            if getattr(table, name) is not None]
-  # Constrained layout keeps the panels' time axes aligned beside the colour bar.
-  fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.6 * len(panels)),
-                           sharex=True, squeeze=False, layout="constrained")
-  x = np.arange(1, num_frames + 1)
-  extent = (0.5, num_frames + 0.5)
-  for ax, panel in zip(axes[:, 0], panels):
-    if panel == "va":
-      va = timeline(table.va[rows], frames, num_frames)
-      ax.plot(x, va[:, 0], label="valence", marker="." if num_frames < 50 else None)
-      ax.plot(x, va[:, 1], label="arousal", marker="." if num_frames < 50 else None)
-      ax.set(ylim=(-1.05, 1.05), ylabel="VA")
-      ax.axhline(0, color="grey", lw=0.5)
-      ax.legend(loc="upper right", fontsize=8)
-    elif panel == "expression":
-      probabilities = timeline(table.expression[rows], frames, num_frames)
-      names = predict.expression_names(probabilities.shape[1])
-      ax.imshow(probabilities.T, aspect="auto", cmap="magma", vmin=0, vmax=1,
-                interpolation="nearest", extent=(*extent, len(names) - 0.5, -0.5))
-      predicted = np.where(np.isnan(probabilities[:, 0]), np.nan,
-                           np.argmax(np.nan_to_num(probabilities, nan=-1), 1))
-      ax.plot(x, predicted, "w.", ms=3)  # the predicted class of each frame
-      ax.set(yticks=range(len(names)), ylabel="expression")
-      ax.set_yticklabels(names, fontsize=7)
-    else:
-      probabilities = timeline(table.au[rows], frames, num_frames)
-      image = ax.imshow(probabilities.T, aspect="auto", cmap="magma", vmin=0, vmax=1,
-                        interpolation="nearest",
-                        extent=(*extent, len(annotations.AU_NAMES) - 0.5, -0.5))
-      ax.set(yticks=range(len(annotations.AU_NAMES)), ylabel="AU probability")
-      ax.set_yticklabels(annotations.AU_NAMES, fontsize=7)
-      fig.colorbar(image, ax=axes[:, 0].tolist(), pad=0.01, fraction=0.03,
-                   label="probability")
-  axes[-1, 0].set_xlabel("frame")
-  axes[-1, 0].set_xlim(*extent)
-  fig.suptitle(title)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
-
-
 def analyse_media(workdir: str, inputs: Sequence[str], out_dir: str, *, config=None,
                   step: int | None = None, smooth_window: int = 1,
                   use_tuned_thresholds: bool = True, min_score: float = MIN_SCORE,
@@ -424,29 +333,35 @@ def analyse_media(workdir: str, inputs: Sequence[str], out_dir: str, *, config=N
   one plot per input; returns a summary (also written as OUT/summary.json). `align`:
   "auto" aligns faces where the landmark model is installed, "always" requires it,
   "never" cuts squares."""
-  from affect_jax import predict  # pylint: disable=g-import-not-at-top
+  from affect_jax.inference import (
+    frame_table,
+    outputs,
+    restore,
+    sources,
+    tuning,  # pylint: disable=g-import-not-at-top
+  )
   if not inputs:
     raise ValueError("no input image or video given")
-  predict.check_window(smooth_window)
-  config = predict.load_config(workdir, config)
+  frame_table.check_window(smooth_window)
+  config = restore.load_config(workdir, config)
   detector = create_detector()
   landmarks_predictor = create_landmark_predictor(align)
   crops_root = os.path.join(out_dir, "cropped_aligned")
   found = [extract_faces(path, name, crops_root, detector, min_score,
                          landmarks_predictor)
            for path, name in zip(inputs, unique_names(inputs))]
-  predictor = predict.restore_predictor(config, workdir, step, devices)
+  predictor = restore.restore_predictor(config, workdir, step, devices)
   # Items from what was found now, not a listing: crops of an earlier run in the same
   # --out are not predicted again.
-  items = [predict.ImageItem(media.name, frame, crop_path(crops_root, media.name, frame),
+  items = [sources.ImageItem(media.name, frame, crop_path(crops_root, media.name, frame),
                              media.path)
            for media in found for frame in sorted(media.boxes)]
-  data = predict.ImageFiles(items, config.input.image_size, crops_root)
-  table = predict.predict_frames(predictor, data).sorted_by_video_and_frame()
-  thresholds, origin = predict.au_thresholds_for(workdir, predictor.step, 1,
+  data = sources.ImageFiles(items, config.input.image_size, crops_root)
+  table = frame_table.predict_frames(predictor, data).sorted_by_video_and_frame()
+  thresholds, origin = tuning.au_thresholds_for(workdir, predictor.step, 1,
                                                  use_tuned_thresholds)
-  table = predict.smooth_table(table, smooth_window)
-  predict.write_predictions_csv(os.path.join(out_dir, "predictions.csv"), table,
+  table = frame_table.smooth_table(table, smooth_window)
+  outputs.write_predictions_csv(os.path.join(out_dir, "predictions.csv"), table,
                                 thresholds)
   write_faces_csv(os.path.join(out_dir, "faces.csv"), found)
   summary = {"step": predictor.step, "au_thresholds_from": origin,
@@ -466,34 +381,52 @@ def analyse_media(workdir: str, inputs: Sequence[str], out_dir: str, *, config=N
   return summary
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--workdir", required=True, help="the training run's folder")
-  parser.add_argument("--input", action="append", required=True,
-                      help="an image or video (repeat for several)")
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--step", type=int, default=None)
-  parser.add_argument("--smooth_window", type=int, default=1)
-  parser.add_argument("--min_score", type=float, default=MIN_SCORE)
-  parser.add_argument("--no_tuned_au_thresholds", action="store_true")
-  parser.add_argument("--align", nargs="?", const="always", default="auto",
-                      choices=ALIGN_CHOICES,
-                      help="align faces by their landmarks: auto (the default) where "
-                      f"{LANDMARK_MODEL_PACKAGE} is installed; --align alone: always")
-  parser.add_argument("--noalign", dest="align", action="store_const", const="never",
-                      help="cut a square around each face instead of aligning it")
-  args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  from affect_jax import cli_logging  # pylint: disable=g-import-not-at-top
-  cli_logging.quiet_library_logs()
+def define_flags(flag_values: flags.FlagValues) -> None:
+  flags.DEFINE_string("workdir", None, "The training run's folder.",
+                      flag_values=flag_values)
+  flags.DEFINE_multi_string("input", None, "An image or video (repeat for several).",
+                            flag_values=flag_values)
+  flags.DEFINE_string("out", None, "Output folder.", flag_values=flag_values)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: best, else latest).",
+                       flag_values=flag_values)
+  flags.DEFINE_integer("smooth_window", 1, "Centred moving average over this many "
+                       "frames per input (odd; 1: none).", flag_values=flag_values)
+  flags.DEFINE_float("min_score", MIN_SCORE, "Detections scoring below this are "
+                     "ignored.", flag_values=flag_values)
+  flags.DEFINE_bool("tuned_au_thresholds", True, "Use <workdir>/au_thresholds.json "
+                    "when it was tuned for this checkpoint.", flag_values=flag_values)
+  flags.DEFINE_enum("align", "auto", ALIGN_CHOICES, "Align faces by their landmarks: "
+                    f"auto where {LANDMARK_MODEL_PACKAGE} is installed; --align alone: "
+                    "always; --noalign: never (a square around each face).",
+                    flag_values=flag_values)
+  flags.mark_flags_as_required(["workdir", "input", "out"], flag_values=flag_values)
+
+
+def expand_align_shorthands(argv: Sequence[str]) -> list[str]:
+  """`--align` without a value is `--align=always` and `--noalign` `--align=never`
+  (absl's enum flags take a value)."""
+  expanded = []
+  for i, arg in enumerate(argv):
+    if arg == "--noalign":
+      arg = "--align=never"
+    elif arg == "--align" and (i + 1 == len(argv) or argv[i + 1] not in ALIGN_CHOICES):
+      arg = "--align=always"
+    expanded.append(arg)
+  return expanded
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = expand_align_shorthands(sys.argv[1:] if argv is None else argv)
+  args, _ = cli.parse_flags(argv, define_flags, __doc__)
+  cli_logging.start_console_logging()
   try:
     summary = analyse_media(args.workdir, args.input, args.out, step=args.step,
                             smooth_window=args.smooth_window,
-                            use_tuned_thresholds=not args.no_tuned_au_thresholds,
+                            use_tuned_thresholds=args.tuned_au_thresholds,
                             min_score=args.min_score, align=args.align)
   except (ValueError, FileNotFoundError, ImportError) as error:
     print(f"error: {error}", file=sys.stderr)
-    return 2
+    return cli.USAGE_ERROR
   print(json.dumps(summary, indent=2))
   return 0
 

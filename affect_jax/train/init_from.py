@@ -1,8 +1,10 @@
 """Warm starts: a run's first state from an earlier run's checkpoint or from converted
 pretrained weights (ImageNet / face ResNet-18), backbone only or backbone + heads.
 
-  python -m affect_jax.initialization --input resnet18.pth --output weights/imagenet
-  ... --config.init_from.path=weights/imagenet   (or a training workdir)
+  affect-jax convert --input resnet18.pth --output weights/imagenet
+  affect-jax train ... --config.init_from.path=weights/imagenet   (or a training workdir)
+
+(`python -m affect_jax.train.init_from ...` runs the convert command too.)
 
 A converted file is an Orbax checkpoint holding {'params': {'backbone': ...},
 'batch_stats': {'backbone': ...}}, the same tree as a model's variables; a training
@@ -10,16 +12,18 @@ workdir's checkpoint holds the whole TrainState. Both load without the source's 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from typing import Sequence
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import flags
 from flax import traverse_util
 
-from affect_jax import pretrained
+from affect_jax import cli
+from affect_jax.model import pretrained
 
 BACKBONE = "backbone"
 PARTS = ("backbone", "backbone+heads")
@@ -56,7 +60,7 @@ def load_init_variables(path: str, step: int | None = None) -> dict:
     return {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}
   if not os.path.isdir(path):
     raise FileNotFoundError(f"init_from: {path} is neither a training workdir nor "
-                            "converted weights (python -m affect_jax.initialization)")
+                            "converted weights (python -m affect_jax.train.init_from)")
   return _read_raw(path)
 
 
@@ -101,13 +105,24 @@ def warm_start(state, path: str, parts: str = "backbone", step: int | None = Non
   return state.replace(params=params, batch_stats=batch_stats), copied
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description="Convert a torchvision .pth or timm "
-                                   ".safetensors ResNet-18 into weights a run can start "
-                                   "from (--config.init_from.path=OUTPUT).")
-  parser.add_argument("--input", required=True)
-  parser.add_argument("--output", required=True)
-  args = parser.parse_args(argv)
+CONVERT_DOC = """affect-jax convert: a torchvision .pth or timm .safetensors ResNet-18 ->
+weights a run can start from (--config.init_from.path=OUTPUT).
+
+  affect-jax convert --input resnet18.pth --output weights/imagenet
+"""
+
+
+def define_flags(flag_values: flags.FlagValues) -> None:
+  flags.DEFINE_string("input", None, "A torchvision state_dict (.pth, read with "
+                      "weights_only=True) or a timm .safetensors file.",
+                      flag_values=flag_values)
+  flags.DEFINE_string("output", None, "The folder of the converted weights.",
+                      flag_values=flag_values)
+  flags.mark_flags_as_required(["input", "output"], flag_values=flag_values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args, _ = cli.parse_flags(argv, define_flags, CONVERT_DOC)
   variables = convert_pretrained(args.input, args.output)
   count = sum(np.size(x) for x in jax.tree.leaves(variables["params"]))
   print(f"wrote {count:,} backbone parameters to {os.path.abspath(args.output)}")

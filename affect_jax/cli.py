@@ -1,0 +1,164 @@
+"""The `affect-jax` command line: `affect-jax <command> [flags]`, one module per command.
+
+  affect-jax --help                   the commands
+  affect-jax <command> --help         a command's flags
+  python -m affect_jax <command> ...  the same without the console script
+
+Every command reads absl flags, and the commands that take a config read it with
+ml_collections' config_flags (`--config configs/default.py --config.model.dtype=bfloat16`).
+Each parse fills a FlagValues of its own, not absl's global FLAGS: command modules
+import side by side and a command can run twice in one process (tests, notebooks). The
+dispatcher imports a command's module only when that command runs, so listing the
+commands imports no JAX. A new command is one entry in COMMANDS pointing at a function
+`main(argv) -> exit status` that parses with `parse_flags`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import sys
+import textwrap
+from typing import Callable, Sequence
+
+from absl import flags
+
+PROGRAM = "affect-jax"
+HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull")
+USAGE_ERROR = 2  # the exit status of a command line that cannot be parsed
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+  target: str  # "module:function", function(argv without the program) -> exit status
+  summary: str
+
+
+COMMANDS = {
+  "train": Command("affect_jax.main:train_main",
+                   "train a model (resumes from the workdir's latest checkpoint)"),
+  "eval": Command("affect_jax.main:eval_main", "evaluate a checkpoint of a run"),
+  "predict": Command("affect_jax.inference.predict:predict_main",
+                     "per-frame predictions of a split, a folder or an ABAW test "
+                     "list, and submission files"),
+  "tune": Command("affect_jax.inference.predict:tune_main",
+                  "tune per-AU thresholds and compare smoothing windows on a "
+                  "labelled split"),
+  "faces": Command("affect_jax.inference.faces:main",
+                   "detect, align and predict the faces of photos and videos"),
+  "validate": Command("affect_jax.inference.submission:validate_main",
+                      "check ABAW submission files against a test list"),
+  "study": Command("affect_jax.study.runner:main",
+                   "train a grid of variants and write the report comparing them"),
+  "build": Command("tfds_affwild2.build:main",
+                   "build the affwild2 TFDS dataset from an ABAW release folder"),
+  "synthetic": Command("tfds_affwild2.synthetic:main",
+                       "write a synthetic release in the ABAW layout"),
+  "convert": Command("affect_jax.train.init_from:main",
+                     "convert torchvision / timm ResNet-18 weights for warm starts"),
+  "demo": Command("affect_jax.demo:main", "synthetic release -> dataset -> training "
+                  "-> evaluation -> report, on a CPU in minutes"),
+}
+
+
+def command_list() -> str:
+  width = max(map(len, COMMANDS))
+  return "commands:\n" + "\n".join(f"  {name:<{width}}  {command.summary}"
+                                   for name, command in COMMANDS.items())
+
+
+def usage() -> str:
+  return (f"usage: {PROGRAM} <command> [flags]   ({PROGRAM} <command> --help: its "
+          f"flags)\n\n{command_list()}")
+
+
+def run_command(name: str, argv: Sequence[str]) -> int:
+  """Imports the command's module and runs its function on argv."""
+  module_name, function = COMMANDS[name].target.split(":")
+  status = getattr(importlib.import_module(module_name), function)(list(argv))
+  return int(status or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """`affect-jax <command> [flags]`: the console script and `python -m affect_jax`."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] in HELP_FLAGS:
+    print(usage(), file=sys.stdout if argv else sys.stderr)
+    return 0 if argv else USAGE_ERROR
+  if argv[0] not in COMMANDS:
+    print(f"{PROGRAM}: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+    return USAGE_ERROR
+  return run_command(argv[0], argv[1:])
+
+
+# ----------------------------------------------------------------------------------
+# Parsing one command's flags.
+# ----------------------------------------------------------------------------------
+
+
+def wants_help(argv: Sequence[str]) -> bool:
+  arguments = list(argv)
+  if "--" in arguments:  # what follows is positional, whatever it looks like
+    arguments = arguments[:arguments.index("--")]
+  return any(arg in HELP_FLAGS for arg in arguments)
+
+
+def describe_flag(flag) -> str:
+  if flag.boolean:
+    name = f"--[no]{flag.name}"
+  else:
+    name = f"--{flag.name}"
+  default = flag.default
+  if isinstance(default, bool):
+    default = str(default).lower()
+  elif isinstance(default, (list, tuple)):
+    default = ",".join(map(str, default))
+  shown = "" if default in (None, "") else f" (default: {default})"
+  # absl appends its own "; repeat this option ..." to a multi flag's help.
+  text = flag.help.replace(".;", ";")
+  return textwrap.fill(f"{name}: {text}{shown}", width=88,
+                       initial_indent="  ", subsequent_indent="      ")
+
+
+def help_text(doc: str, flag_values: flags.FlagValues) -> str:
+  listed = [describe_flag(flag_values[name]) for name in flag_values
+            if not name.startswith("config.")  # --config.x overrides: the config's own
+            and not flag_values[name].help.startswith("Alias for --")]
+  return f"{textwrap.dedent(doc).strip()}\n\nflags:\n" + "\n".join(listed)
+
+
+def parse_flags(argv: Sequence[str] | None,
+                define_flags: Callable[[flags.FlagValues], None], doc: str, *,
+                config: str | None = None, config_required: bool = False,
+                positional: Sequence[str] = ()) -> tuple[flags.FlagValues, list[str]]:
+  """One command's flags from argv (without the program's name; default sys.argv[1:]):
+  its FlagValues and its positional arguments, named by `positional` (their count is
+  checked). `config`, the help of a `--config FILE` flag (ml_collections config_flags,
+  `--config.x=value` overrides, locked). `--help` prints `doc` and the flags and exits
+  with status 0; a command line that does not parse exits with status 2 after saying
+  why."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  argv = list(sys.argv[1:] if argv is None else argv)
+  flag_values = flags.FlagValues()
+  define_flags(flag_values)
+  if config is not None:
+    # config_flags finds the `--config.x` overrides in the argv it is given, not sys.argv.
+    config_flags.DEFINE_config_file("config", None, config, flag_values=flag_values,
+                                    lock_config=True, sys_argv=["", *argv])
+    if config_required:
+      flags.mark_flag_as_required("config", flag_values=flag_values)
+  if wants_help(argv):
+    print(help_text(doc, flag_values))
+    raise SystemExit(0)
+  try:
+    rest = flag_values(["", *argv])[1:]
+    if len(rest) != len(positional):
+      expected = " ".join(positional) or "no positional argument"
+      raise flags.Error(f"expected {expected}, got {rest or 'none'}")
+  except (flags.Error, OSError) as error:  # an unknown flag or value, a missing file
+    print(f"error: {error}\n(--help lists the flags)", file=sys.stderr)
+    raise SystemExit(USAGE_ERROR) from None
+  except (KeyError, AttributeError) as error:  # config_flags: --config.x of no field x
+    field = str(error).strip("\"'")
+    print(f"error: the config has no field {field!r}", file=sys.stderr)
+    raise SystemExit(USAGE_ERROR) from None
+  return flag_values, rest

@@ -1,0 +1,253 @@
+"""Per-frame predictions from a run's checkpoint, and the ABAW deliverables: the predict
+and tune commands.
+
+  # predict a TFDS split, a cropped_aligned-style folder, or an ABAW test list
+  affect-jax predict --workdir runs/mtl --source tfds:validation --out OUT
+  affect-jax predict --workdir runs/mtl --source folder:/data/cropped_aligned --out OUT
+  affect-jax predict --workdir runs/mtl --source list:/data/test_set.txt \\
+      --image_root /data/cropped_aligned --image_root /data/cropped_aligned_new_50_vids \\
+      --formats mtl,image_location,per_video --out OUT
+  # tune per-AU thresholds on validation (writes runs/mtl/au_thresholds.json, which
+  # later predictions use) and measure temporal smoothing windows
+  affect-jax tune --workdir runs/mtl --smooth_windows 1,5,9,15
+
+`python -m affect_jax.inference.predict [--mode tune] ...` runs the same commands.
+The config is the run's own `<workdir>/config.json` unless `--config FILE` is given
+(then `--config.x=...` overrides work as in `affect-jax train`). The checkpoint is the
+best one (else the latest) unless `--step`; it is restored onto the devices present
+now, whatever number of devices wrote it.
+
+Outputs under --out: `predictions.csv` (one row per face frame, sorted by video and
+frame), `summary.json` (step, thresholds, smoothing, counts, and, for a labelled TFDS
+split, the scores before/after thresholds and smoothing) and `submission/<format>/`.
+Predictions are held in host memory (smoothing needs each video's frames together, and
+TFDS stores records shuffled): about 300 bytes a frame with labels or image paths,
+300 MB for a million frames."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Sequence
+
+import jax
+import numpy as np
+from absl import flags
+
+from affect_jax import cli, cli_logging
+from affect_jax.inference import abaw_lists, submission
+from affect_jax.inference.frame_table import (
+  FrameTable,
+  check_window,
+  predict_frames,
+  smooth_table,
+  table_scores,
+)
+from affect_jax.inference.outputs import (
+  plot_videos,
+  write_predictions_csv,
+  write_submissions,
+)
+from affect_jax.inference.restore import load_config, restore_predictor
+from affect_jax.inference.sources import open_source
+from affect_jax.inference.tuning import (
+  au_thresholds_for,
+  format_tuning_report,
+  run_tuning,
+)
+
+log = logging.getLogger(__name__)
+
+PREDICT_DOC = """affect-jax predict: per-frame predictions of a run's checkpoint for a TFDS
+split, a cropped_aligned-style folder or an ABAW test list; CSV, plots, summary and
+submission files under --out.
+
+  affect-jax predict --workdir runs/mtl --source tfds:validation --out OUT
+  affect-jax predict --workdir runs/mtl --source list:/data/test_set.txt \\
+      --image_root /data/cropped_aligned --formats mtl,image_location,per_video --out OUT
+
+The config is the run's config.json unless --config FILE (with --config.x=value
+overrides); the checkpoint the best, else the latest, unless --step.
+"""
+TUNE_DOC = """affect-jax tune: per-AU decision thresholds tuned on a labelled split
+(written to <workdir>/au_thresholds.json, which predict then uses) and the scores of
+temporal smoothing windows.
+
+  affect-jax tune --workdir runs/mtl --smooth_windows 1,5,9,15 [--split validation]
+"""
+CONFIG_HELP = ("Config file (default: the run's config.json); --config.x=value "
+               "overrides a field.")
+
+
+def labelled_scores(table: FrameTable, smoothed: FrameTable, num_expr_classes: int,
+                    thresholds) -> dict:
+  """Scores before and after the AU thresholds and the smoothing, for the summary."""
+  pick = lambda s: {k: v for k, v in s.items() if isinstance(v, float)}  # noqa: E731
+  return {"raw": pick(table_scores(table, num_expr_classes)),
+          "thresholds": pick(table_scores(table, num_expr_classes, thresholds)),
+          "thresholds_and_smoothing": pick(table_scores(smoothed, num_expr_classes,
+                                                        thresholds))}
+
+
+def run_prediction(config, workdir: str, source: str, out_dir: str, *,
+                   step: int | None = None, image_roots: Sequence[str] = (),
+                   use_tuned_thresholds: bool = True, smooth_window: int = 1,
+                   smooth_au: bool = False, formats: Sequence[str] = (),
+                   frame_counts: dict | None = None, devices=None,
+                   batch_size: int | None = None, plot_video_count: int = 4) -> dict:
+  """Predicts every face frame of `source`, writes the CSV, the submissions, plots of
+  the first `plot_video_count` videos and summary.json into out_dir; returns the
+  summary."""
+  check_window(smooth_window)  # before minutes of prediction, not after
+  unknown = [f for f in formats if f not in submission.FORMATS]
+  if unknown:
+    raise ValueError(f"unknown submission formats {unknown}; expected some of "
+                     f"{submission.FORMATS}")
+  if "mtl" in formats and set(config.model.tasks) != {"expression", "au", "va"}:
+    raise ValueError(f"the mtl submission needs all three tasks; the model has "
+                     f"{', '.join(config.model.tasks)}")
+  opened = open_source(source, config, image_roots)
+  predictor = restore_predictor(config, workdir, step, devices, batch_size)
+  table = predict_frames(predictor, opened.data,
+                         config.input.worker_count).sorted_by_video_and_frame()
+  au_window = smooth_window if smooth_au else 1
+  thresholds, threshold_origin = au_thresholds_for(workdir, predictor.step, au_window,
+                                                   use_tuned_thresholds)
+  smoothed = smooth_table(table, smooth_window, smooth_au)
+  summary = {"workdir": workdir, "step": predictor.step, "source": source,
+             "frames": len(table), "videos": len(set(table.video.tolist())),
+             "smooth_window": smooth_window, "smooth_au": smooth_au,
+             "au_thresholds": thresholds.tolist(), "au_thresholds_from": threshold_origin}
+  if jax.process_index() != 0:
+    return summary
+  os.makedirs(out_dir, exist_ok=True)
+  summary["predictions_csv"] = write_predictions_csv(
+      os.path.join(out_dir, "predictions.csv"), smoothed, thresholds)
+  if opened.data.has_labels and any(np.any(table.labels[k] > 0) for k in (
+      "expression_mask", "au_mask", "va_mask")):  # a test split has records, no labels
+    summary["scores"] = labelled_scores(table, smoothed, predictor.num_expr_classes,
+                                        thresholds)
+  summary["plots"] = plot_videos(out_dir, smoothed, plot_video_count)
+  if formats:
+    summary["submission"] = write_submissions(
+        os.path.join(out_dir, "submission"), formats, smoothed, thresholds, opened,
+        predictor.num_expr_classes, frame_counts)
+  with open(os.path.join(out_dir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary
+
+
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """The flags of both commands: which run, checkpoint and data."""
+  flags.DEFINE_string("workdir", None, "The training run's folder.",
+                      flag_values=flag_values)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: best, else latest).",
+                       flag_values=flag_values)
+  flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: the config's).",
+                      flag_values=flag_values)
+  flags.DEFINE_integer("smooth_window", 1, "Centred moving average over this many "
+                       "frames per video (odd; 1: none).", flag_values=flag_values)
+  flags.DEFINE_bool("smooth_au", False, "Smooth AU probabilities too.",
+                    flag_values=flag_values)
+  flags.DEFINE_integer("batch_size", None, "Global batch (default: the config's eval "
+                       "batch, rounded up to a multiple of the device count).",
+                       flag_values=flag_values)
+  flags.mark_flag_as_required("workdir", flag_values=flag_values)
+
+
+def define_predict_flags(flag_values: flags.FlagValues) -> None:
+  define_flags(flag_values)
+  flags.DEFINE_string("source", None, "tfds:SPLIT, folder:PATH or list:PATH.",
+                      flag_values=flag_values)
+  flags.DEFINE_string("out", None, "Output folder.", flag_values=flag_values)
+  flags.DEFINE_multi_string("image_root", [], "With list:PATH: a cropped_aligned "
+                            "folder (repeat for several).", flag_values=flag_values)
+  flags.DEFINE_bool("tuned_au_thresholds", True, "Use <workdir>/au_thresholds.json "
+                    "when it was tuned for this checkpoint.", flag_values=flag_values)
+  flags.DEFINE_list("formats", [], f"Submission formats, some of {submission.FORMATS}.",
+                    flag_values=flag_values)
+  flags.DEFINE_string("frame_counts", None, "Frames per video for per_video files "
+                      "(JSON or 'video,frames' CSV; default: the last face frame).",
+                      flag_values=flag_values)
+  flags.DEFINE_integer("plot_videos", 4, "Plot affect over time for this many videos.",
+                       flag_values=flag_values)
+
+
+def define_tuning_flags(flag_values: flags.FlagValues) -> None:
+  """tune's own flags."""
+  flags.DEFINE_string("split", None, "The labelled split to tune on (default: the "
+                      "config's eval split).", flag_values=flag_values)
+  flags.DEFINE_list("smooth_windows", ["1", "3", "5", "9", "15"],
+                    "Smoothing windows to score.", flag_values=flag_values)
+
+
+def define_tune_flags(flag_values: flags.FlagValues) -> None:
+  define_flags(flag_values)
+  define_tuning_flags(flag_values)
+
+
+def define_mode_flags(flag_values: flags.FlagValues) -> None:
+  define_predict_flags(flag_values)
+  define_tuning_flags(flag_values)
+  flags.DEFINE_enum("mode", "predict", ["predict", "tune"], "predict: per-frame "
+                    "predictions of --source; tune: AU thresholds and smoothing on a "
+                    "labelled split.", flag_values=flag_values)
+
+
+def tune(flag_values: flags.FlagValues) -> int:
+  config = load_config(flag_values.workdir, flag_values.config, flag_values.data_dir)
+  report = run_tuning(config, flag_values.workdir, split=flag_values.split,
+                      step=flag_values.step,
+                      smooth_windows=[int(w) for w in flag_values.smooth_windows],
+                      smooth_au=flag_values.smooth_au,
+                      au_smoothing_window=(flag_values.smooth_window
+                                           if flag_values.smooth_au else 1),
+                      batch_size=flag_values.batch_size)
+  print(format_tuning_report(report))
+  return 0
+
+
+def predict(flag_values: flags.FlagValues) -> int:
+  if not flag_values.source or not flag_values.out:
+    print("error: predict needs --source and --out", file=sys.stderr)
+    return cli.USAGE_ERROR
+  config = load_config(flag_values.workdir, flag_values.config, flag_values.data_dir)
+  frame_counts = (abaw_lists.read_frame_counts(flag_values.frame_counts)
+                  if flag_values.frame_counts else None)
+  summary = run_prediction(
+      config, flag_values.workdir, flag_values.source, flag_values.out,
+      step=flag_values.step, image_roots=flag_values.image_root,
+      use_tuned_thresholds=flag_values.tuned_au_thresholds,
+      smooth_window=flag_values.smooth_window, smooth_au=flag_values.smooth_au,
+      formats=flag_values.formats, frame_counts=frame_counts,
+      batch_size=flag_values.batch_size, plot_video_count=flag_values.plot_videos)
+  print(json.dumps({k: v for k, v in summary.items() if k != "au_thresholds"},
+                   indent=2))
+  return 0
+
+
+def predict_main(argv: Sequence[str] | None = None) -> int:
+  flag_values, _ = cli.parse_flags(argv, define_predict_flags, PREDICT_DOC,
+                                   config=CONFIG_HELP)
+  cli_logging.start_console_logging()
+  return predict(flag_values)
+
+
+def tune_main(argv: Sequence[str] | None = None) -> int:
+  flag_values, _ = cli.parse_flags(argv, define_tune_flags, TUNE_DOC,
+                                   config=CONFIG_HELP)
+  cli_logging.start_console_logging()
+  return tune(flag_values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """`python -m affect_jax.inference.predict [--mode tune] ...`."""
+  flag_values, _ = cli.parse_flags(argv, define_mode_flags, __doc__,
+                                   config=CONFIG_HELP)
+  cli_logging.start_console_logging()
+  return tune(flag_values) if flag_values.mode == "tune" else predict(flag_values)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
