@@ -38,11 +38,9 @@ COMMANDS = {
                    "train a model (resumes from the workdir's latest checkpoint)"),
   "eval": Command("affect_jax.main:eval_main", "evaluate a checkpoint of a run"),
   "predict": Command("affect_jax.inference.predict:predict_main",
-                     "per-frame predictions of a split, a folder or an ABAW test "
-                     "list, and submission files"),
+                     "per-frame predictions and ABAW submission files of a run"),
   "tune": Command("affect_jax.inference.predict:tune_main",
-                  "tune per-AU thresholds and compare smoothing windows on a "
-                  "labelled split"),
+                  "tune per-AU thresholds, compare smoothing windows"),
   "faces": Command("affect_jax.inference.faces:main",
                    "detect, align and predict the faces of photos and videos"),
   "validate": Command("affect_jax.inference.submission:validate_main",
@@ -55,8 +53,8 @@ COMMANDS = {
                        "write a synthetic release in the ABAW layout"),
   "convert": Command("affect_jax.train.init_from:main",
                      "convert torchvision / timm ResNet-18 weights for warm starts"),
-  "demo": Command("affect_jax.demo:main", "synthetic release -> dataset -> training "
-                  "-> evaluation -> report, on a CPU in minutes"),
+  "demo": Command("affect_jax.demo:main",
+                  "synthetic release -> dataset -> training -> report, on a CPU"),
 }
 
 
@@ -103,10 +101,7 @@ def wants_help(argv: Sequence[str]) -> bool:
 
 
 def describe_flag(flag) -> str:
-  if flag.boolean:
-    name = f"--[no]{flag.name}"
-  else:
-    name = f"--{flag.name}"
+  name = f"--[no]{flag.name}" if flag.boolean else f"--{flag.name}"
   default = flag.default
   if isinstance(default, bool):
     default = str(default).lower()
