@@ -17,7 +17,7 @@ from typing import Sequence
 
 from absl import flags
 
-from affect_jax import cli, cli_logging
+from affect_jax import cli, cli_logging, host_setup
 
 log = logging.getLogger("affect_jax.demo")
 
@@ -49,6 +49,7 @@ def make_release(release_dir: str, args) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
   args, _ = cli.parse_flags(argv, define_flags, __doc__)
   cli_logging.start_console_logging()
+  host_setup.prepare_before_jax()  # before JAX starts its threads
   from affect_jax.eval import report  # pylint: disable=g-import-not-at-top
   from affect_jax.train import loop  # pylint: disable=g-import-not-at-top
   from configs import demo as demo_config  # pylint: disable=g-import-not-at-top

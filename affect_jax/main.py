@@ -14,7 +14,7 @@ from typing import Sequence
 
 from absl import flags
 
-from affect_jax import cli, cli_logging
+from affect_jax import cli, cli_logging, host_setup
 
 TRAIN_DOC = """affect-jax train: trains a model, resuming from the workdir's latest checkpoint
 (else the config's init_from, else from scratch).
@@ -78,6 +78,7 @@ def initialize_distributed(flag_values: flags.FlagValues) -> None:
 
 def run(flag_values: flags.FlagValues, mode: str) -> int:
   cli_logging.start_console_logging()
+  host_setup.prepare_before_jax(flag_values.config.model.get("implementation", "auto"))
   initialize_distributed(flag_values)
   from affect_jax.train import loop  # pylint: disable=g-import-not-at-top
   if mode == "train":

@@ -172,9 +172,9 @@ def machine() -> dict:
   return {**rehearsal, "date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_model(),
           "cores": os.cpu_count(), "cores_used": len(os.sched_getaffinity(0)),
           "python": platform.python_version(),
-          # host_memory's malloc settings (None: glibc's defaults, XLA:CPU's temporaries
-          # page-faulted afresh every step) and the oneDNN convolutions (onednn_conv).
-          "glibc_tunables": host_memory.applied_tunables(),
+          # host_memory's malloc settings (False: glibc's defaults, XLA:CPU's
+          # temporaries page-faulted afresh every step) and the oneDNN convolutions.
+          "heap_reuse": host_memory.applied(),
           "onednn_convolutions": onednn_conv.load().available}
 
 

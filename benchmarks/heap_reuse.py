@@ -1,6 +1,7 @@
-"""glibc malloc settings for XLA:CPU's per-step temporaries: set in-process with mallopt
-(what a CPU run does now) against the same settings read at start-up from GLIBC_TUNABLES
-(the former re-execution of every entry point) and against glibc's defaults.
+"""glibc malloc settings for XLA:CPU's per-step temporaries, four ways: glibc's defaults;
+the settings read at process start from GLIBC_TUNABLES (what a re-execution gives); set
+with mallopt before JAX starts (what CPU runs do: affect_jax.host_setup); and set with
+mallopt after JAX's thread pools exist (too late: their arenas keep mapping afresh).
 
   python benchmarks/heap_reuse.py --batch_size 32 --steps 8 --rounds 3 \
       --out benchmarks/results/heap_reuse.jsonl
@@ -27,12 +28,13 @@ import bench_common  # noqa: E402
 
 START_UP_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
                      "glibc.malloc.trim_threshold=1099511627776")
-MODES = ("defaults", "start_up_tunables", "mallopt")
+MODES = ("defaults", "start_up_tunables", "mallopt_at_start", "mallopt_late")
 
 
 def child_environment(mode: str) -> dict:
   env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-  env["AFFECT_JAX_HEAP_REUSE"] = "1" if mode == "mallopt" else "0"
+  env["AFFECT_JAX_HEAP_REUSE"] = "1" if mode.startswith("mallopt") else "0"
+  env["HEAP_REUSE_MODE"] = mode
   if mode == "start_up_tunables":
     env["GLIBC_TUNABLES"] = START_UP_TUNABLES
   return env
@@ -40,6 +42,9 @@ def child_environment(mode: str) -> dict:
 
 def run_child(args) -> dict:
   """Times the train step in this process; the mode is set by the parent."""
+  if os.environ.get("HEAP_REUSE_MODE") == "mallopt_at_start":  # before JAX starts
+    from affect_jax.cpu import host_memory  # pylint: disable=g-import-not-at-top
+    host_memory.reuse_freed_memory()
   import jax  # pylint: disable=g-import-not-at-top
   from affect_jax import data_parallel  # pylint: disable=g-import-not-at-top
   from affect_jax.model import implementation, multitask  # pylint: disable=g-import-not-at-top
@@ -48,7 +53,9 @@ def run_child(args) -> dict:
   config = bench_common.load_config(args.config)
   config.input.batch_size = args.batch_size
   mesh = data_parallel.create_mesh(jax.devices()[:1])
-  implementation.prepare_process("cpu")  # mallopt unless AFFECT_JAX_HEAP_REUSE=0
+  if os.environ.get("HEAP_REUSE_MODE") == "mallopt_late":  # after JAX's threads exist
+    from affect_jax.cpu import host_memory  # pylint: disable=g-import-not-at-top
+    host_memory.reuse_freed_memory()
   model = multitask.create_model(config.model, "cpu")
   lr_fn = optimizers.create_learning_rate_fn(config)
   state = train_state.create_train_state(config, model, mesh, lr_fn)
@@ -106,7 +113,7 @@ def main() -> None:
         [v["step_s"] for v in values]), 4)
     row[f"{mode}_page_faults_per_step"] = round(bench_common.median(
         [v["page_faults_per_step"] for v in values]))
-  for mode in ("defaults", "mallopt"):
+  for mode in ("defaults", "mallopt_at_start", "mallopt_late"):
     row[f"{mode}_over_start_up_tunables"] = round(
         row[f"{mode}_step_s"] / row["start_up_tunables_step_s"], 3)
   bench_common.emit(row, args.out)

@@ -13,9 +13,9 @@ writers.InputWaitMeter). Pass --worker_count to try grain worker processes.
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # before JAX starts: glibc reads malloc settings at start-up
-  from affect_jax.cpu import host_memory
-  host_memory.reexec_with_heap_reuse()
+if __name__ == "__main__":  # before JAX starts its threads (see affect_jax.host_setup)
+  from affect_jax import host_setup
+  host_setup.prepare_before_jax()
 
 import argparse
 import os

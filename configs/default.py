@@ -1,9 +1,9 @@
 """Multi-task ResNet-18 on a built Aff-Wild2 TFDS dataset (expression + AU + VA).
 
-  python -m affect_jax.main --config configs/default.py --workdir runs/mtl \
+  affect-jax train --config configs/default.py --workdir runs/mtl \
       --config.dataset.data_dir=/path/to/tensorflow_datasets
 
-Point `dataset.data_dir` at the folder where `python -m tfds_affwild2.build` wrote the
+Point `dataset.data_dir` at the folder where `affect-jax build` wrote the
 dataset. Durations are in steps; `steps_per_epoch` of s-Aff-Wild2 at batch 256 is ~556.
 """
 import ml_collections

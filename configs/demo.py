@@ -1,7 +1,7 @@
 """The demo: multi-task training on the synthetic release, sized for a laptop CPU.
 
 README's first command builds the synthetic release and its TFDS dataset, then trains
-with this config (`python -m affect_jax.demo` does all of it).
+with this config (`affect-jax demo` does all of it).
 """
 from configs import default
 

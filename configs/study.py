@@ -2,7 +2,7 @@
 hyper-parameter search, on the synthetic release at a scale a 2-core CPU finishes in
 about half an hour (docs/study/ holds its report).
 
-  python -m affect_jax.study.runner --config configs/study.py --study_dir runs/study \
+  affect-jax study --config configs/study.py --study_dir runs/study \
       --config.base.dataset.data_dir=runs/demo/tfds --report_dir docs/study
 
 `base` is an ordinary training config; each variant is a set of overrides on it (dotted

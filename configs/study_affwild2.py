@@ -1,10 +1,10 @@
 """The study's grid (configs/study.py) on real Aff-Wild2: s-Aff-Wild2's multi-task set,
 the full ResNet-18 at 112x112, configs/default.py's 20k steps of batch 256.
 
-  python -m affect_jax.study.runner --config configs/study_affwild2.py --study_dir runs/study \
+  affect-jax study --config configs/study_affwild2.py --study_dir runs/study \
       --config.base.dataset.data_dir=/data/tensorflow_datasets
 
-With converted ImageNet (or face) weights (python -m affect_jax.train.init_from), one
+With converted ImageNet (or face) weights (affect-jax convert), one
 more variant starts the multi-task model from them:
 
   ... --config configs/study_affwild2.py:weights/resnet18_imagenet

@@ -1,7 +1,7 @@
 """A seconds-long smoke run: one block per ResNet stage, 8 filters, batch 8.
 
 The tests train with it; users can check an installation with it:
-  python -m affect_jax.main --config configs/tiny.py --workdir /tmp/tiny \
+  affect-jax train --config configs/tiny.py --workdir /tmp/tiny \
       --config.dataset.data_dir=runs/demo/tfds
 """
 from configs import demo

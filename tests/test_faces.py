@@ -15,7 +15,7 @@ from skimage import data as skimage_data
 from affect_jax.train import checkpoints# noqa: E402
 from affect_jax.inference import faces
 from affect_jax import data_parallel
-from affect_jax.model import multitask
+from affect_jax.model import implementation, multitask
 from affect_jax.train import optimizers
 from affect_jax.train import run_config
 from affect_jax.train import train_state
@@ -44,7 +44,8 @@ def untrained_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("run"))
   config = tiny_config(None)
   trainer_mesh = data_parallel.create_mesh()
-  model = multitask.create_model(config.model)
+  model = multitask.create_model(
+      config.model, implementation.implementation_for(config.model, trainer_mesh))
   state = train_state.create_train_state(config, model, trainer_mesh,
                                    optimizers.create_learning_rate_fn(config))
   run_config.check_and_write_config(config, workdir)

@@ -13,9 +13,10 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-AU_NAMES = ("AU1", "AU2", "AU4", "AU6", "AU7", "AU10",
-            "AU12", "AU15", "AU23", "AU24", "AU25", "AU26")
-IMAGE_SIZE = 112
+from tfds_affwild2 import annotations
+
+AU_NAMES = annotations.AU_NAMES
+IMAGE_SIZE = annotations.IMAGE_SIZE
 _SUPERSAMPLE = 2
 _CANVAS = IMAGE_SIZE * _SUPERSAMPLE
 _NOISE_TILE = IMAGE_SIZE + 48          # sensor-noise texture; frames take shifted crops

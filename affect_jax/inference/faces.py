@@ -43,7 +43,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from affect_jax import cli, cli_logging
+from affect_jax import cli, cli_logging, host_setup
 from affect_jax.inference.affect_plots import plot_affect
 from affect_jax.inference.media_frames import read_frames
 
@@ -419,6 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = expand_align_shorthands(sys.argv[1:] if argv is None else argv)
   args, _ = cli.parse_flags(argv, define_flags, __doc__)
   cli_logging.start_console_logging()
+  host_setup.prepare_before_jax()  # before JAX starts its threads
   try:
     summary = analyse_media(args.workdir, args.input, args.out, step=args.step,
                             smooth_window=args.smooth_window,

@@ -96,14 +96,14 @@ def write_submissions(out_dir: str, formats: Sequence[str], table: FrameTable,
 
 def plot_videos(out_dir: str, table: FrameTable, count: int) -> list[str]:
   """VA over time, expression timeline and AU heat map of the first `count` videos."""
-  from affect_jax.inference import faces  # pylint: disable=g-import-not-at-top
+  from affect_jax.inference import affect_plots  # pylint: disable=g-import-not-at-top
   paths = []
   for video in sorted(set(table.video.tolist()))[:count]:
     rows = np.flatnonzero(table.video == video)
     num_frames = int(table.frame[rows].max())
     safe_name = "".join(c if c.isalnum() or c in "-_" else "_" for c in video)
-    paths.append(faces.plot_affect(os.path.join(out_dir, f"video_{safe_name}.png"),
-                                   video, table, rows, num_frames))
+    paths.append(affect_plots.plot_affect(os.path.join(out_dir, f"video_{safe_name}.png"),
+                                          video, table, rows, num_frames))
   return paths
 
 

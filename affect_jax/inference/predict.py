@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from affect_jax import cli, cli_logging
+from affect_jax import cli, cli_logging, host_setup
 from affect_jax.inference import abaw_lists, submission
 from affect_jax.inference.frame_table import (
   FrameTable,
@@ -231,6 +231,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
   flag_values, _ = cli.parse_flags(argv, define_predict_flags, PREDICT_DOC,
                                    config=CONFIG_HELP)
   cli_logging.start_console_logging()
+  host_setup.prepare_before_jax()  # before JAX starts its threads
   return predict(flag_values)
 
 
@@ -238,6 +239,7 @@ def tune_main(argv: Sequence[str] | None = None) -> int:
   flag_values, _ = cli.parse_flags(argv, define_tune_flags, TUNE_DOC,
                                    config=CONFIG_HELP)
   cli_logging.start_console_logging()
+  host_setup.prepare_before_jax()  # before JAX starts its threads
   return tune(flag_values)
 
 
@@ -246,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   flag_values, _ = cli.parse_flags(argv, define_mode_flags, __doc__,
                                    config=CONFIG_HELP)
   cli_logging.start_console_logging()
+  host_setup.prepare_before_jax()  # before JAX starts its threads
   return tune(flag_values) if flag_values.mode == "tune" else predict(flag_values)
 
 

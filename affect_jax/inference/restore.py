@@ -63,7 +63,6 @@ def restore_predictor(config, workdir: str, step: int | None = None, devices=Non
   mesh = data_parallel.create_mesh(devices)
   state = checkpoints.restore_for_eval(config, workdir, mesh, step)
   resolved = implementation.implementation_for(config.model, mesh)
-  implementation.prepare_process(resolved)
   global_batch = prediction_batch_size(batch_size or config.input.eval_batch_size,
                                        mesh.devices.size)
   predict_fn = step_functions.compile_predict_step(

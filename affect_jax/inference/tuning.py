@@ -80,7 +80,7 @@ def au_thresholds_for(workdir: str, step: int, au_smoothing_window: int,
   if not use_tuned:
     return default, "default 0.5 (tuned thresholds disabled)"
   if not os.path.exists(path):
-    return default, f"default 0.5 ({path} does not exist: --mode tune writes it)"
+    return default, f"default 0.5 ({path} does not exist: affect-jax tune writes it)"
   with open(path) as f:
     saved = json.load(f)
   if saved["step"] != step or saved.get("au_smoothing_window", 1) != au_smoothing_window:

@@ -59,11 +59,3 @@ def compiler_options(implementation: str) -> dict:
   from affect_jax.cpu import compile_options  # pylint: disable=g-import-not-at-top
   return compile_options.step_compiler_options()
 
-
-def prepare_process(implementation: str) -> None:
-  """Process settings a resolved implementation needs: on "cpu", glibc's malloc keeps
-  XLA:CPU's per-step temporaries for reuse (affect_jax.cpu.host_memory); nothing
-  elsewhere."""
-  if implementation == "cpu":
-    from affect_jax.cpu import host_memory  # pylint: disable=g-import-not-at-top
-    host_memory.reuse_freed_memory()

@@ -1,4 +1,4 @@
-"""Import of torchvision / timm ResNet weights into the Flax backbone of ``models.py``.
+"""Import of torchvision / timm ResNet weights into the Flax backbone (affect_jax.model.resnet).
 
 Files are read into ``{name: np.ndarray}`` state dicts (``.pth`` through
 ``torch.load(weights_only=True)``, never any other unpickling; ``.safetensors`` through

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 from absl import flags
 
-from affect_jax import cli, cli_logging
+from affect_jax import cli, cli_logging, host_setup
 from affect_jax.study.report import write_study_report
 from affect_jax.study.variants import (
   Variant,
@@ -165,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    "--config.x=value overrides a field.",
                                    config_required=True)
   cli_logging.start_console_logging()
+  host_setup.prepare_before_jax()  # before JAX starts its threads
   study_config = flag_values.config
   study_dir = os.path.abspath(flag_values.study_dir)
   names = [n for n in flag_values.variants.split(",") if n]

@@ -52,12 +52,12 @@ def dataset_metadata(config) -> dict:
   except Exception as e:  # TFDS raises several types for a missing dataset
     raise FileNotFoundError(
         f"dataset {config.dataset.name} not found in data_dir "
-        f"{config.dataset.data_dir!r} (build it with python -m tfds_affwild2.build): "
+        f"{config.dataset.data_dir!r} (build it with affect-jax build): "
         f"{e}") from None
   if not builder.is_prepared():
     raise FileNotFoundError(
         f"dataset {config.dataset.name} is not built in {builder.data_dir_root}; build "
-        "it with python -m tfds_affwild2.build")
+        "it with affect-jax build")
   return dict(builder.info.metadata)
 
 
@@ -76,7 +76,6 @@ class Trainer:
     self.local_eval_batch = local_batch_size(config.input.eval_batch_size, self.mesh)
     # Decided once, for the mesh the steps are compiled for.
     self.implementation = implementation.implementation_for(config.model, self.mesh)
-    implementation.prepare_process(self.implementation)
     compiler_options = implementation.compiler_options(self.implementation)
     self.model = create_model(config.model, self.implementation)
     self.learning_rate_fn = create_learning_rate_fn(config)

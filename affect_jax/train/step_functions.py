@@ -61,7 +61,7 @@ def _required_counts(label_statistics, key):
   if not label_statistics or key not in label_statistics:
     raise ValueError(f"a weighted loss needs the training split's {key}, which the "
                      "dataset's metadata summary lacks (rebuild it with "
-                     "python -m tfds_affwild2.build)")
+                     "affect-jax build)")
   return np.asarray(label_statistics[key], np.float64)
 
 
