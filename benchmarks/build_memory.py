@@ -42,8 +42,8 @@ def main():
     shutil.rmtree(data_dir, ignore_errors=True)
     if not os.path.exists(os.path.join(release, "ground_truth.json")):
       subprocess.run([sys.executable, "-m", "tfds_affwild2.synthetic", "--out", release,
-                      "--num-videos", str(max(3, total // args.frames_per_video)),
-                      "--frames-per-video", str(args.frames_per_video)], check=True,
+                      "--num_videos", str(max(3, total // args.frames_per_video)),
+                      "--frames_per_video", str(args.frames_per_video)], check=True,
                      stdout=subprocess.DEVNULL)
     result = subprocess.run([sys.executable, "-c", CHILD, release, data_dir,
                              str(args.memory_buffer_mb)], check=True,

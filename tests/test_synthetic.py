@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tfds_affwild2 import synthetic, synthetic_faces
+from tfds_affwild2 import synthetic, synthetic_faces, synthetic_labels
 
 AU_NAMES = synthetic_faces.AU_NAMES
 EXPECTED_FOLDERS = {
@@ -235,7 +235,7 @@ def test_labels_are_smooth_in_time_and_imbalanced_like_affwild2():
     rng = np.random.default_rng(0)
     expressions = []
     for _ in range(100):
-        expr, aus, va = synthetic.simulate_labels(rng, 150, 8)
+        expr, aus, va = synthetic_labels.simulate_labels(rng, 150, 8)
         assert aus.min() >= 0 and aus.max() <= 1 and np.abs(va).max() <= 1
         assert np.abs(np.diff(aus, axis=0)).max() < 0.4
         assert np.abs(np.diff(va, axis=0)).max() < 0.4
@@ -244,7 +244,7 @@ def test_labels_are_smooth_in_time_and_imbalanced_like_affwild2():
     assert set(np.argsort(-shares)[:2]) == {0, 7}                    # Neutral, Other
     assert shares[4] > shares[2] and shares[5] > shares[3]          # Happiness, Sadness medium
     assert shares[2] < 0.06 and shares[3] < 0.06                    # Disgust, Fear rare
-    expr7 = np.concatenate([synthetic.simulate_labels(rng, 150, 7)[0] for _ in range(20)])
+    expr7 = np.concatenate([synthetic_labels.simulate_labels(rng, 150, 7)[0] for _ in range(20)])
     assert expr7.max() <= 6
 
 
@@ -279,7 +279,7 @@ def test_bad_arguments_fail_clearly(tmp_path):
 
 def test_command_line_writes_a_release_and_prints_a_summary(tmp_path, capsys):
     synthetic.main(["--out", str(tmp_path / "r"), "--seed", "1", "--generation", "abaw3",
-                    "--mtl-format", "abaw3", "--num-videos", "3", "--frames-per-video", "5"])
+                    "--mtl_format", "abaw3", "--num_videos", "3", "--frames_per_video", "5"])
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1].startswith("wrote abaw3 release to") and "images/s" in printed[-1]
     truth = json.loads((tmp_path / "r" / "ground_truth.json").read_text())
