@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from affect_jax.model import multitask
+from affect_jax.train import init_from
 from affect_jax.model import resnet
 from affect_jax.model import pretrained
 
@@ -199,14 +200,21 @@ def test_train_mode_features_and_running_statistics_match_torch(torch_model, num
                              block.running_mean.numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_merge_backbone_replaces_backbone_and_keeps_heads(numpy_state_dict):
+def _as_converted(imported):
+  """An import laid out as converted weights are: the backbone under `backbone`."""
+  return {collection: {"backbone": imported[collection]}
+          for collection in ("params", "batch_stats")}
+
+
+def test_warm_start_merge_replaces_backbone_and_keeps_heads(numpy_state_dict):
   model = multitask.MultiTaskNet(tasks=("expression", "va"))
   shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                           jnp.zeros((1, 32, 32, 3)))
   # Any values do; arange makes every leaf distinct from the import.
   variables = jax.tree.map(lambda s: jnp.arange(s.size, dtype=s.dtype).reshape(s.shape), shapes)
   imported = pretrained.torchvision_state_dict_to_flax(numpy_state_dict)
-  merged = pretrained.merge_backbone(variables, imported)
+  merged, copied = init_from.merge_variables(variables, _as_converted(imported), "backbone")
+  assert copied == ["backbone"]
   np.testing.assert_array_equal(merged["params"]["backbone"]["conv1"]["kernel"],
                                 imported["params"]["conv1"]["kernel"])
   np.testing.assert_array_equal(merged["batch_stats"]["backbone"]["bn1"]["mean"],
@@ -224,14 +232,14 @@ def test_merge_backbone_replaces_backbone_and_keeps_heads(numpy_state_dict):
   np.testing.assert_allclose(features, _flax_features(imported, images)[0], atol=1e-5)
 
 
-def test_merge_backbone_checks_shapes(numpy_state_dict):
+def test_warm_start_merge_checks_shapes(numpy_state_dict):
   small = multitask.MultiTaskNet(num_filters=32)
   variables = jax.eval_shape(functools.partial(small.init, train=False), jax.random.key(0),
                              jnp.zeros((1, 32, 32, 3)))
   imported = pretrained.torchvision_state_dict_to_flax(numpy_state_dict)
-  with pytest.raises(pretrained.WeightImportError,
-                     match=r"backbone/\S+ has shape \((\d+, )*32,?\), the import \((\d+, )*64,?\)"):
-    pretrained.merge_backbone(variables, imported)
+  with pytest.raises(ValueError, match=r"backbone/\S+ has shape \((\d+, )*64,?\) in the "
+                     r"source, \((\d+, )*32,?\) here"):
+    init_from.merge_variables(variables, _as_converted(imported), "backbone")
 
 
 def test_missing_key_is_named(numpy_state_dict):

@@ -1,10 +1,11 @@
-"""Import of torchvision / timm ResNet weights into the Flax backbone (affect_jax.model.resnet).
+"""Import of torchvision / timm ResNet weights into the Flax backbone (model/resnet.py).
 
 Files are read into ``{name: np.ndarray}`` state dicts (``.pth`` through
 ``torch.load(weights_only=True)``, never any other unpickling; ``.safetensors`` through
 the safetensors NumPy API), converted to ``{'params', 'batch_stats'}`` of
-``models.ResNet`` and merged into a model's variables. torch and safetensors are
-imported only when a file of theirs is read.
+``resnet.ResNet``; `affect-jax convert` saves them for warm starts
+(affect_jax.train.init_from merges them into a run's first state). torch and
+safetensors are imported only when a file of theirs is read.
 
 The classifier (``fc.*``) and BN's ``num_batches_tracked`` counters have no
 counterpart and are ignored; any other key the architecture does not expect is an
@@ -15,7 +16,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -149,38 +149,3 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if os.fspath(path).endswith(".safetensors"):
     return load_safetensors_state_dict(path)
   return load_torch_state_dict(path)
-
-
-def merge_backbone(variables: Mapping[str, Mapping], imported: Mapping[str, Mapping],
-                   backbone_path: Sequence[str] = ("backbone",)) -> dict[str, dict]:
-  """New model variables with the backbone's params and batch_stats from ``imported``.
-
-  ``imported`` is the output of ``torchvision_state_dict_to_flax``. ``backbone_path``
-  locates the backbone in the model's tree: ``("backbone",)`` for
-  ``models.MultiTaskNet``, ``()`` for a bare ``models.ResNet``. Every backbone leaf of
-  the model must receive a value of the same shape (cast to the model's dtype); heads
-  and other collections are left as they are. ``variables`` is not modified.
-  """
-  merged = {}
-  for collection, tree in variables.items():
-    flat = traverse_util.flatten_dict(tree)
-    if collection in ("params", "batch_stats"):
-      prefix = tuple(backbone_path)
-      source = traverse_util.flatten_dict(imported.get(collection, {}))
-      target_keys = {k[len(prefix):] for k in flat if k[:len(prefix)] == prefix}
-      if not target_keys:
-        raise WeightImportError(f"the model's {collection} have no backbone at {prefix}")
-      missing, unexpected = target_keys - source.keys(), source.keys() - target_keys
-      if missing or unexpected:
-        raise WeightImportError(
-            f"{collection}: backbone leaves without an imported value "
-            f"{sorted('/'.join(k) for k in missing)[:5]}, imported leaves without a place "
-            f"{sorted('/'.join(k) for k in unexpected)[:5]}")
-      for key in sorted(target_keys):
-        current, new = flat[prefix + key], source[key]
-        if tuple(np.shape(new)) != tuple(current.shape):
-          raise WeightImportError(f"{collection}/{'/'.join(prefix + key)} has shape "
-                                  f"{current.shape}, the import {np.shape(new)}")
-        flat[prefix + key] = jnp.asarray(new, dtype=current.dtype)
-    merged[collection] = traverse_util.unflatten_dict(flat)
-  return merged

@@ -60,7 +60,7 @@ def load_init_variables(path: str, step: int | None = None) -> dict:
     return {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}
   if not os.path.isdir(path):
     raise FileNotFoundError(f"init_from: {path} is neither a training workdir nor "
-                            "converted weights (python -m affect_jax.train.init_from)")
+                            "converted weights (affect-jax convert)")
   return _read_raw(path)
 
 
