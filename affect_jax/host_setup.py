@@ -6,21 +6,34 @@ set later, the threads keep arenas that map every step's temporaries afresh
 (benchmarks/heap_reuse.py: the same page faults as no settings at all). So the
 commands call `prepare_before_jax(config.model.implementation)` before anything touches
 the devices, and it acts only where the run can only be a CPU run: JAX_PLATFORMS names
-the CPU alone, or no accelerator plugin (a CUDA/ROCm PJRT plugin, libtpu) is installed.
+the CPU alone, or no accelerator is present (a CUDA/ROCm PJRT plugin or libtpu installed
+AND the devices they drive in /dev: a test or AOT-compile install of libtpu on a CPU
+machine is no accelerator).
 A host with an accelerator, and any run with implementation "xla", imports nothing of
 affect_jax.cpu here and keeps glibc's defaults.
 """
 from __future__ import annotations
 
+import glob
 import importlib.metadata
 import importlib.util
 import os
 
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia[0-9]*", "/dev/kfd")  # CUDA, ROCm
+TPU_DEVICE_FILES = ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
 
-def accelerator_plugin_installed() -> bool:
-  """Whether JAX could find a GPU or TPU backend here (without starting JAX)."""
-  return (bool(importlib.metadata.entry_points(group="jax_plugins"))
-          or importlib.util.find_spec("libtpu") is not None)
+
+def _any_file(patterns) -> bool:
+  return any(glob.glob(pattern) for pattern in patterns)
+
+
+def accelerator_present() -> bool:
+  """Whether JAX could start a GPU or TPU backend here (without starting JAX): a
+  plugin for it is installed and its devices exist."""
+  gpu = (bool(importlib.metadata.entry_points(group="jax_plugins"))
+         and _any_file(GPU_DEVICE_FILES))
+  tpu = importlib.util.find_spec("libtpu") is not None and _any_file(TPU_DEVICE_FILES)
+  return gpu or tpu
 
 
 def cpu_only_host(environ=None) -> bool:
@@ -28,7 +41,7 @@ def cpu_only_host(environ=None) -> bool:
   platforms = (os.environ if environ is None else environ).get("JAX_PLATFORMS", "")
   if platforms:
     return {p.strip() for p in platforms.split(",") if p.strip()} == {"cpu"}
-  return not accelerator_plugin_installed()
+  return not accelerator_present()
 
 
 def prepare_before_jax(implementation: str = "auto") -> bool:

@@ -65,4 +65,4 @@ def test_only_a_cpu_only_host_counts_as_one():
   assert host_setup.cpu_only_host({"JAX_PLATFORMS": "cpu"})
   assert not host_setup.cpu_only_host({"JAX_PLATFORMS": "tpu"})
   assert not host_setup.cpu_only_host({"JAX_PLATFORMS": "cuda,cpu"})
-  assert host_setup.cpu_only_host({}) == (not host_setup.accelerator_plugin_installed())
+  assert host_setup.cpu_only_host({}) == (not host_setup.accelerator_present())
