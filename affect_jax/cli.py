@@ -53,6 +53,8 @@ COMMANDS = {
                        "write a synthetic release in the ABAW layout"),
   "convert": Command("affect_jax.train.init_from:main",
                      "convert torchvision / timm ResNet-18 weights for warm starts"),
+  "compile": Command("affect_jax.aot.command:main",
+                     "compile the train and eval steps ahead of time for TPU topologies"),
   "demo": Command("affect_jax.demo:main",
                   "synthetic release -> dataset -> training -> report, on a CPU"),
 }
