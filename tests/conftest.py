@@ -48,8 +48,8 @@ def read_json(path):
 
 # The uninterrupted run of test_train's resume test; test_predict restores the same
 # checkpoints, so each implementation trains once per session.
-UNINTERRUPTED_RUN = {"num_train_steps": 60, "checkpoint_every_steps": 4,
-                     "eval_every_steps": 30, "log_every_steps": 10}
+UNINTERRUPTED_RUN = {"num_train_steps": 24, "checkpoint_every_steps": 4,
+                     "eval_every_steps": 12, "log_every_steps": 4}
 
 
 @pytest.fixture(scope="session")

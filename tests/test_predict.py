@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from affect_jax import config_checks
 from affect_jax.inference import frame_table
 from affect_jax.inference import predict
 from affect_jax.inference import restore
@@ -21,6 +22,7 @@ from affect_jax.inference import submission
 from affect_jax.eval import evaluation
 from affect_jax.train import loop
 from affect_jax.train import step_functions
+from configs import tiny
 from tfds_affwild2 import annotations, synthetic
 from tests.test_train import REPO, tiny_config
 
@@ -232,6 +234,21 @@ def test_folder_source_and_bad_inputs(trained_run, tmp_path):
   with pytest.raises(annotations.AnnotationError, match=f"{listing}:2: video "
                      "'no_such_video' has no folder"):
     sources.open_source(f"list:{listing}", config, image_roots)
+
+
+def test_restoring_checks_the_model_keys_alone():
+  """What a restore for prediction checks: the keys that build the network, not the
+  training-only ones (those may have grown stricter since the run was trained)."""
+  config = tiny.get_config()
+  config.input.image_size = 16  # refused for training, harmless for a restore
+  config.num_train_steps = 0
+  assert config_checks.config_problems(config)
+  config_checks.validate_model_config(config)
+  config.model.dtype = "float64"
+  config.model.implementation = "gpu"
+  with pytest.raises(ValueError, match=r"model.dtype='float64'(.|\n)*"
+                     r"model.implementation='gpu'"):
+    config_checks.validate_model_config(config)
 
 
 def test_command_line(trained_run, tmp_path):
