@@ -64,7 +64,7 @@ def before_jitter_colours(pixels, rng, cfg):
 
 def warp_crop(pixels, rng, cfg, size=IMAGE_SIZE):
   """The crop of 3de3617: one 3-channel bilinear warp for any crop or flip."""
-  return cv2.warpAffine(pixels, augment.crop_map(augment.crop_draws(rng, size, cfg), size),
+  return cv2.warpAffine(pixels, augment.geometry_map(augment.crop_draws(rng, size, cfg), (), size),
                         (size, size),
                         flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                         borderMode=cv2.BORDER_REFLECT_101)
@@ -78,7 +78,7 @@ def unfolded_augment(pixels, rng, cfg, size=IMAGE_SIZE):
   crop = augment.crop_draws(rng, size, cfg)
   colour = augment.colour_draws(rng, cfg)
   ops = augment.randaugment_draws(rng, cfg) if cfg.randaugment_ops else []
-  pixels = augment.warp(pixels, augment.crop_map(crop, size))
+  pixels = augment.warp(pixels, augment.geometry_map(crop, (), size))
   pixels = cv2.transform(pixels, augment.colour_matrix(colour, pixels))
   for name, magnitude in ops:
     pixels = augment.RANDAUGMENT_OPS[name](pixels, magnitude)

@@ -213,7 +213,7 @@ def test_crop_keeps_content_where_it_was_and_jitter_keeps_grey_grey():
   centred_flip = (112.0, 112.0, 56.0, 56.0, 0.0, True)  # `_crop_draws`' tuple
   np.testing.assert_array_equal(augment.crop_resize_flip(pixels, centred_flip, 112),
                                 pixels[:, ::-1])
-  np.testing.assert_array_equal(augment.warp(pixels, augment.crop_map(centred_flip, 112)),
+  np.testing.assert_array_equal(augment.warp(pixels, augment.geometry_map(centred_flip, (), 112)),
                                 pixels[:, ::-1])
   grey = np.full((112, 112, 3), 100, np.uint8)
   jittered = augment.jitter_colours(grey, augment.colour_draws(np.random.default_rng(0),

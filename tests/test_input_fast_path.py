@@ -296,7 +296,7 @@ def _scalar_draw_augment(pixels, rng, cfg, size=vocabulary.IMAGE_SIZE):
   """basic / strong with the scalar draws and a 3-channel warp."""
   crop = _scalar_crop_draws(rng, size, cfg)
   if cfg.rotation_degrees:
-    pixels = cv2.warpAffine(pixels, augment.crop_map(crop, size), (size, size),
+    pixels = cv2.warpAffine(pixels, augment.geometry_map(crop, (), size), (size, size),
                             flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                             borderMode=cv2.BORDER_REFLECT_101)
   else:
@@ -371,7 +371,7 @@ def _two_step(pixels, crop, ops, size):
   """The crop warp, then one warp per geometric op (as before the fold), and the mask of
   output pixels whose samples stay >= 1 pixel inside the image at every step (where
   the mirrored borders play no part)."""
-  pixels = cv2.warpAffine(pixels, augment.crop_map(crop, size), (size, size),
+  pixels = cv2.warpAffine(pixels, augment.geometry_map(crop, (), size), (size, size),
                           flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                           borderMode=cv2.BORDER_REFLECT_101)
   for name, magnitude in ops:
@@ -381,7 +381,7 @@ def _two_step(pixels, crop, ops, size):
   points = np.stack([x.ravel(), y.ravel(), np.ones(size * size)])
   inside = np.ones(size * size, bool)
   maps = [cv2.invertAffineTransform(_op_warp_matrix(n, m, size)) for n, m in ops]
-  for matrix in maps[::-1] + [augment.crop_map(crop, size)]:  # walked back from the output
+  for matrix in maps[::-1] + [augment.geometry_map(crop, (), size)]:  # walked back from the output
     points = np.vstack([matrix @ points, np.ones(size * size)])
     inside &= np.all((points[:2] >= 1) & (points[:2] <= size - 2), axis=0)
   return pixels, inside.reshape(size, size)

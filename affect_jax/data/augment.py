@@ -92,10 +92,6 @@ def _crop_rows(draws, size: int):
           (d, e, centre_y - (d + e) * half - 0.5))
 
 
-def crop_map(draws, size: int) -> np.ndarray:
-  return np.array(_crop_rows(draws, size), np.float64)
-
-
 def _then(first, second):
   """The map of warping by `first`, then warping the result by `second`:
   input = first(second(output))."""
