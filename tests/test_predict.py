@@ -251,6 +251,13 @@ def test_restoring_checks_the_model_keys_alone():
     config_checks.validate_model_config(config)
 
 
+def test_restore_refuses_a_bad_model_config_before_reading_files(tmp_path):
+  config = tiny.get_config()
+  config.model.dtype = "float64"
+  with pytest.raises(ValueError, match=r"model.dtype='float64'"):  # not "no checkpoint"
+    restore.restore_predictor(config, str(tmp_path))
+
+
 def test_command_line(trained_run, tmp_path):
   config, workdir, root, image_roots = trained_run
   list_path = os.path.join(root, synthetic.TEST_LIST)

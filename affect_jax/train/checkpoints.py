@@ -14,6 +14,7 @@ import grain
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from affect_jax import config_checks
 from affect_jax.model import implementation, multitask
 from affect_jax.train import optimizers, train_state
 
@@ -89,6 +90,7 @@ def restore_for_eval(config, workdir: str, mesh, step: int | None = None,
   """The TrainState of checkpoint `step` (default: the best, else the latest) of the run
   in `workdir`, replicated over `mesh`; `current` is returned as it is when it already
   is that step."""
+  config_checks.validate_model_config(config)  # before any file is opened
   folder = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"no checkpoint folder {folder}")
