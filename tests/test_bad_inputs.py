@@ -161,7 +161,7 @@ def test_impossible_batch_sizes_and_class_mismatch(built_union):
     loop.Trainer(config, "/tmp/unused")
   config.model.num_expr_classes = 8
   config.dataset.name = "affwild2/mtl"  # not built in this data_dir
-  with pytest.raises(FileNotFoundError, match="tfds_affwild2.build"):
+  with pytest.raises(FileNotFoundError, match="affect-jax build"):
     loop.Trainer(config, "/tmp/unused")
 
 

@@ -25,6 +25,7 @@ MAIN_OPTIONS = {
   "build": ("--manual_dir", "--data_dir", "--config", "--layout"),
   "synthetic": ("--out", "--seed", "--generation", "--num_videos"),
   "convert": ("--input", "--output"),
+  "compile": ("--config", "--topology", "--batch_size", "--dtype", "--out"),
   "demo": ("--workdir", "--steps", "--num_videos"),
 }
 
