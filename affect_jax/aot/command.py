@@ -14,12 +14,11 @@ from absl import flags
 
 from affect_jax import cli
 
-COMMAND_DOC = """affect-jax compile: compiles the train and eval steps as the trainer
-builds them for a topology, from abstract inputs (nothing initialised, no accelerator
-needed), and reports per chip: HBM used against the chip's, FLOPs and bytes accessed
-per image, the roofline images/s on the chip's published peaks, the HLO size, the
-largest batch that fits, and whether s-Aff-Wild2's training frames fit in HBM beside
-the step.
+COMMAND_DOC = """affect-jax compile: the train and eval steps, as the trainer builds
+them, compiled for a topology from abstract inputs (nothing initialised, no accelerator
+needed). Reported per chip: HBM used against the chip's, FLOPs and bytes accessed per
+image, the roofline images/s on the chip's published peaks, the HLO size, the largest
+batch that fits, and whether s-Aff-Wild2's training frames fit in HBM beside the step.
 
   affect-jax compile --config configs/default.py --topology v5e:2x2 --dtype bfloat16 \\
       --batch_size 128 --out v5e.json
@@ -117,8 +116,9 @@ def resident_dataset(step_hbm_bytes: int, chip, topology_name: str, chips: int,
   from affect_jax.aot import analysis  # pylint: disable=g-import-not-at-top
   dataset = S_AFFWILD2_TRAIN_FRAMES * analysis.batch_bytes_per_image(image_size)
   slices = {topology_name: chips}
-  if chip.platform != "cpu" and chip.chips_in_8_slice != chips:
-    slices = {f"{chip.name}-8": chip.chips_in_8_slice, **slices}
+  if chip.platform != "cpu":  # and the chip's "-8" slice (v4-8: 4 chips)
+    slices = {f"{chip.name}-8": chip.chips_in_8_slice,
+              **({} if chip.chips_in_8_slice == chips else slices)}
   result = {"frames": S_AFFWILD2_TRAIN_FRAMES, "dataset_bytes": dataset,
             "step_hbm_bytes_per_chip": step_hbm_bytes,
             "hbm_bytes_usable": chip.usable_hbm_bytes, "slices": {}}
