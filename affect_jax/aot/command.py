@@ -14,11 +14,12 @@ from absl import flags
 
 from affect_jax import cli
 
-COMMAND_DOC = """affect-jax compile: the train and eval steps, as the trainer builds
-them, compiled for a topology from abstract inputs (nothing initialised, no accelerator
-needed). Reported per chip: HBM used against the chip's, FLOPs and bytes accessed per
-image, the roofline images/s on the chip's published peaks, the HLO size, the largest
-batch that fits, and whether s-Aff-Wild2's training frames fit in HBM beside the step.
+COMMAND_DOC = """\
+affect-jax compile: the train and eval steps, as the trainer builds them, compiled for a
+topology from abstract inputs (nothing initialised, no accelerator needed). Reported per
+chip: HBM used against the chip's, FLOPs and bytes accessed per image, the roofline
+images/s on the chip's published peaks, the HLO size, the largest batch that fits, and
+whether s-Aff-Wild2's training frames fit in HBM beside the step.
 
   affect-jax compile --config configs/default.py --topology v5e:2x2 --dtype bfloat16 \\
       --batch_size 128 --out v5e.json
