@@ -54,7 +54,7 @@ COMMANDS = {
   "convert": Command("affect_jax.train.init_from:main",
                      "convert torchvision / timm ResNet-18 weights for warm starts"),
   "compile": Command("affect_jax.aot.command:main",
-                     "compile the train and eval steps ahead of time for TPU topologies"),
+                     "compile the steps ahead of time for TPUs/GPUs: HBM, roofline"),
   "demo": Command("affect_jax.demo:main",
                   "synthetic release -> dataset -> training -> report, on a CPU"),
 }
