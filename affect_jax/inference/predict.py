@@ -227,28 +227,25 @@ def predict(flag_values: flags.FlagValues) -> int:
   return 0
 
 
-def predict_main(argv: Sequence[str] | None = None) -> int:
-  flag_values, _ = cli.parse_flags(argv, define_predict_flags, PREDICT_DOC,
-                                   config=CONFIG_HELP)
+def _parse_and_start(argv, define, doc: str) -> flags.FlagValues:
+  """The command's flags; console logging and malloc settings before JAX starts."""
+  flag_values, _ = cli.parse_flags(argv, define, doc, config=CONFIG_HELP)
   cli_logging.start_console_logging()
-  host_setup.prepare_before_jax()  # before JAX starts its threads
-  return predict(flag_values)
+  host_setup.prepare_before_jax()
+  return flag_values
+
+
+def predict_main(argv: Sequence[str] | None = None) -> int:
+  return predict(_parse_and_start(argv, define_predict_flags, PREDICT_DOC))
 
 
 def tune_main(argv: Sequence[str] | None = None) -> int:
-  flag_values, _ = cli.parse_flags(argv, define_tune_flags, TUNE_DOC,
-                                   config=CONFIG_HELP)
-  cli_logging.start_console_logging()
-  host_setup.prepare_before_jax()  # before JAX starts its threads
-  return tune(flag_values)
+  return tune(_parse_and_start(argv, define_tune_flags, TUNE_DOC))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   """`python -m affect_jax.inference.predict [--mode tune] ...`."""
-  flag_values, _ = cli.parse_flags(argv, define_mode_flags, __doc__,
-                                   config=CONFIG_HELP)
-  cli_logging.start_console_logging()
-  host_setup.prepare_before_jax()  # before JAX starts its threads
+  flag_values = _parse_and_start(argv, define_mode_flags, __doc__)
   return tune(flag_values) if flag_values.mode == "tune" else predict(flag_values)
 
 

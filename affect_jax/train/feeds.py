@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from affect_jax.data import device_resident
 from affect_jax.data_parallel import device_batch
 
-if TYPE_CHECKING:  # a cycle at run time: the Trainer builds its feed
-  from affect_jax.train.loop import Trainer
 
 
 log = logging.getLogger(__name__)
@@ -20,7 +18,7 @@ class HostFeed:
   """Training batches from the grain pipeline: each process's rows placed on the mesh;
   the iterator's position goes into every checkpoint."""
 
-  def __init__(self, trainer: Trainer):
+  def __init__(self, trainer):  # the loop's Trainer, which builds its feed
     self.checkpoint_iterator = trainer.train_iterator()
     self._mesh = trainer.mesh
 
@@ -42,7 +40,7 @@ class DeviceFeed:
 
   checkpoint_iterator = None
 
-  def __init__(self, trainer: Trainer):
+  def __init__(self, trainer):  # the loop's Trainer, which builds its feed
     config = trainer.config
     start = time.perf_counter()
     self.dataset = device_resident.load_split_to_device(
