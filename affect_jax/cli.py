@@ -67,27 +67,49 @@ def command_list() -> str:
 
 
 def usage() -> str:
-  return (f"usage: {PROGRAM} <command> [flags]   ({PROGRAM} <command> --help: its "
-          f"flags)\n\n{command_list()}")
+  return (f"usage: {PROGRAM} [{VERBOSE_FLAG}] <command> [flags]   ({PROGRAM} <command> "
+          f"--help: its flags; {VERBOSE_FLAG}: tracebacks of expected errors "
+          f"too)\n\n{command_list()}")
 
 
-def run_command(name: str, argv: Sequence[str]) -> int:
-  """Imports the command's module and runs its function on argv."""
+VERBOSE_FLAG = "--verbose"  # before the command: tracebacks of expected errors too
+
+
+def run_command(name: str, argv: Sequence[str], verbose: bool = False) -> int:
+  """Imports the command's module and runs its function on argv. An expected error
+  (errors.InputError: bad data, config, dataset or checkpoint) becomes one `error:` line
+  and exit status 1, its traceback only with `verbose`; any other exception is a bug
+  and propagates with its traceback."""
   module_name, function = COMMANDS[name].target.split(":")
-  status = getattr(importlib.import_module(module_name), function)(list(argv))
-  return int(status or 0)
+  command = getattr(importlib.import_module(module_name), function)
+  return run_reporting_errors(lambda: command(list(argv)), verbose)
+
+
+def run_reporting_errors(command: Callable[[], int | None], verbose: bool = False) -> int:
+  """command()'s exit status; an errors.InputError printed as `error: <message>` (exit
+  status errors.EXIT_STATUS) unless verbose, when it propagates with its traceback."""
+  from affect_jax import errors  # pylint: disable=g-import-not-at-top
+  try:
+    return int(command() or 0)
+  except errors.InputError as error:
+    if verbose:
+      raise
+    print(f"error: {error}", file=sys.stderr)
+    return errors.EXIT_STATUS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   """`affect-jax <command> [flags]`: the console script and `python -m affect_jax`."""
   argv = list(sys.argv[1:] if argv is None else argv)
+  verbose = bool(argv) and argv[0] == VERBOSE_FLAG
+  argv = argv[1:] if verbose else argv
   if not argv or argv[0] in HELP_FLAGS:
     print(usage(), file=sys.stdout if argv else sys.stderr)
     return 0 if argv else USAGE_ERROR
   if argv[0] not in COMMANDS:
     print(f"{PROGRAM}: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
     return USAGE_ERROR
-  return run_command(argv[0], argv[1:])
+  return run_command(argv[0], argv[1:], verbose)
 
 
 # ----------------------------------------------------------------------------------
