@@ -77,7 +77,7 @@ VERBOSE_FLAG = "--verbose"  # before the command: tracebacks of expected errors 
 
 def run_command(name: str, argv: Sequence[str], verbose: bool = False) -> int:
   """Imports the command's module and runs its function on argv. An expected error
-  (errors.InputError: bad data, config, dataset or checkpoint) becomes one `error:` line
+  (errors.is_expected: bad data, config, dataset or checkpoint) becomes one `error:` line
   and exit status 1, its traceback only with `verbose`; any other exception is a bug
   and propagates with its traceback."""
   module_name, function = COMMANDS[name].target.split(":")
@@ -86,13 +86,13 @@ def run_command(name: str, argv: Sequence[str], verbose: bool = False) -> int:
 
 
 def run_reporting_errors(command: Callable[[], int | None], verbose: bool = False) -> int:
-  """command()'s exit status; an errors.InputError printed as `error: <message>` (exit
+  """command()'s exit status; an expected error (errors.is_expected) printed as `error: <message>` (exit
   status errors.EXIT_STATUS) unless verbose, when it propagates with its traceback."""
   from affect_jax import errors  # pylint: disable=g-import-not-at-top
   try:
     return int(command() or 0)
-  except errors.InputError as error:
-    if verbose:
+  except Exception as error:  # pylint: disable=broad-except  # sorted by is_expected
+    if verbose or not errors.is_expected(error):
       raise
     print(f"error: {error}", file=sys.stderr)
     return errors.EXIT_STATUS

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
-from affect_jax.errors import InputError
+from tfds_affwild2.errors import ReleaseError
 
 AU_NAMES = ("AU1", "AU2", "AU4", "AU6", "AU7", "AU10", "AU12", "AU15", "AU23", "AU24",
             "AU25", "AU26")
@@ -30,7 +30,7 @@ AU_INVALID = -1
 MTL_HEADER = ("image", "valence", "arousal", "expression", "aus")
 
 
-class AnnotationError(InputError):
+class AnnotationError(ReleaseError):
   """A malformed annotation file; the message starts with `path:line:`."""
 
   def __init__(self, path: str | os.PathLike, line_number: int, message: str):
