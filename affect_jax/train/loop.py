@@ -191,10 +191,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with PreemptionNotice() as preemption:
       for step in range(start_step + 1, config.num_train_steps + 1):
         started = time.perf_counter()
-        batch, record_index = feed.next_batch(step)
+        drawn = feed.next_batch(step)
         waits.record(time.perf_counter() - started,
                      None if synchronised or pending is None else pending[1].is_ready())
-        state, step_metrics = trainer.train_fn(state, batch)
+        state, step_metrics, record_index = feed.train(trainer.train_fn, state, drawn)
         synchronised = False
         if pending is not None:
           guard.check(pending[0], float(pending[1]), pending[2])

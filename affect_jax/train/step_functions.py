@@ -13,7 +13,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from affect_jax.data import pipeline
+from affect_jax.data import device_resident, pipeline
 from affect_jax.data_parallel import AXIS
 from affect_jax.eval import metrics
 from affect_jax.train import losses
@@ -178,3 +178,26 @@ def compile_predict_step(mesh: Mesh, compiler_options: dict | None = None, **ste
   """(state, images) -> per-frame outputs, the images split over the data axis."""
   return _compile(functools.partial(predict_step, **step_kwargs), mesh, P(AXIS),
                   compiler_options)
+
+
+def resident_train_step(state: TrainState, dataset, step_number, *, draw: Callable,
+                        **step_kwargs):
+  """Per-device code: draw this device's rows of the batch of `step_number` from its
+  shard of the device-resident split, then the train step; also the rows' record
+  indices (for the non-finite report)."""
+  batch = draw(dataset, step_number)
+  new_state, step_metrics = train_step(state, batch, **step_kwargs)
+  return new_state, step_metrics, batch["record_index"]
+
+
+def compile_resident_train_step(mesh: Mesh, draw_settings, compiler_options: dict | None
+                                = None, **step_kwargs):
+  """(state, dataset, step_number) -> (state, metrics, record indices): draw, augment
+  and train step as one program over the device-resident split
+  (affect_jax/data/device_resident.py), the dataset sharded over the data axis. No
+  batch exists outside the program, so nothing waits on an input pipeline."""
+  draw = functools.partial(device_resident.draw_shard_batch, settings=draw_settings)
+  sharded = jax.shard_map(
+      functools.partial(resident_train_step, draw=draw, **step_kwargs), mesh=mesh,
+      in_specs=(P(), P(AXIS), P()), out_specs=(P(), P(), P(AXIS)))
+  return jax.jit(sharded, compiler_options=compiler_options or None, donate_argnums=(0,))
