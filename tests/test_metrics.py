@@ -228,16 +228,90 @@ def test_constant_predictions_give_zero_ccc():
   assert scores["ccc_valence"] == 0.0 and scores["ccc_arousal"] == 0.0
 
 
-def test_only_tasks_present_are_scored(data):
+def test_only_tasks_present_are_scored_and_p_mtl_needs_all_three(data):
   outputs, batch = data
   scores = metrics.compute_scores(metrics.batch_statistics({"va": outputs["va"]}, batch))
-  assert set(scores) == {"ccc_valence", "ccc_arousal", "p_va", "p_mtl"}
-  assert scores["p_mtl"] == scores["p_va"]
-  scores = metrics.compute_scores(
-      metrics.batch_statistics({"expression": outputs["expression"]}, batch))
-  assert "p_va" not in scores and "au_f1" not in scores
-  assert scores["p_mtl"] == scores["expr_f1"]
+  assert set(scores) == {"ccc_valence", "ccc_arousal", "p_va"}  # no p_mtl = p_va
+  scores = metrics.compute_scores(metrics.batch_statistics(
+      {"expression": outputs["expression"], "au": outputs["au"]}, batch))
+  assert "p_va" not in scores and "p_mtl" not in scores and "au_f1" in scores
   assert metrics.compute_scores({}) == {}
+
+
+def test_abaw2_blends_and_per_class_scores(data):
+  outputs, batch = data
+  scores = metrics.compute_scores(statistics_fn(outputs, batch))
+  expected = reference_scores(outputs, batch)
+  assert scores["p_expr_abaw2"] == pytest.approx(
+      0.67 * expected["expr_f1"] + 0.33 * expected["expr_accuracy"], abs=TOLERANCE)
+  assert scores["p_au_abaw2"] == pytest.approx(
+      0.5 * expected["au_f1"] + 0.5 * expected["au_accuracy"], abs=TOLERANCE)
+  valid = batch["expression_mask"] > 0
+  per_class = f1_score(batch["expression"][valid],
+                       outputs["expression"][valid].argmax(-1),
+                       labels=range(NUM_CLASSES), average=None, zero_division=0)
+  np.testing.assert_allclose(scores["expr_f1_per_class"], per_class, atol=TOLERANCE)
+  # p_mtl sums the ABAW3+ scores, never the blends.
+  assert scores["p_mtl"] == pytest.approx(
+      scores["p_va"] + scores["expr_f1"] + scores["au_f1"], abs=1e-12)
+
+
+def test_aus_the_data_does_not_annotate_leave_the_mean(data):
+  """ABAW1 labels 7 of the 12 AUs (AU7, AU10, AU23, AU24, AU26 never): their masks are
+  all off, and the mean AU F1 is over the annotated ones, as that challenge scored."""
+  outputs, batch = data
+  unannotated = [4, 5, 8, 9, 11]
+  au_mask = batch["au_mask"].copy()
+  au_mask[:, unannotated] = 0
+  scores = metrics.compute_scores(statistics_fn(outputs, dict(batch, au_mask=au_mask)))
+  probabilities = np.asarray(jax.nn.sigmoid(outputs["au"]))
+  annotated_f1 = [f1_score(batch["au"][au_mask[:, au] > 0, au],
+                           probabilities[au_mask[:, au] > 0, au] >= 0.5, zero_division=0)
+                  for au in range(NUM_AUS) if au not in unannotated]
+  assert scores["au_f1"] == pytest.approx(np.mean(annotated_f1), abs=TOLERANCE)
+  assert [scores["au_f1_per_au"][au] for au in unannotated] == [0.0] * 5
+  assert len(scores["au_f1_per_au"]) == NUM_AUS
+
+
+def tiny_spread_va(centre):
+  rng = np.random.default_rng(7)
+  labels = (centre + 3e-5 * rng.normal(size=(4096, 2))).astype(np.float32)
+  predictions = (labels.astype(np.float64) + 6e-6 * rng.normal(size=labels.shape)
+                 ).astype(np.float32)
+  scores = metrics.compute_scores(jax.jit(metrics.va_statistics)(
+      predictions, labels, np.ones(len(labels), np.float32)))
+  expected = [reference_ccc(predictions[:, d], labels[:, d]) for d in range(2)]
+  return [scores["ccc_valence"], scores["ccc_arousal"]], expected
+
+
+@pytest.mark.parametrize("centre", [0.5, -0.25, 0.0])
+def test_ccc_at_tiny_spreads_matches_float64(centre):
+  """Labels 0.5 +- 3e-5: the zero-denominator cut-off follows the data's scale, so the
+  CCC is float64 NumPy's (~0.98), not 0 (the fixed cut-off gave 0)."""
+  ccc, expected = tiny_spread_va(centre)
+  assert min(expected) > 0.97
+  np.testing.assert_allclose(ccc, expected, atol=5e-4, rtol=0)
+
+
+def test_ccc_below_the_rounding_scale_is_zero_not_noise():
+  """0.51 +- 3e-5: the remainders of the 1/32 grid (0.01) round by more than the
+  variance, so the sums cannot resolve it; the score is 0, not a ratio of rounding
+  errors (it was 0.6 and 2.0 without a cut-off)."""
+  ccc, expected = tiny_spread_va(0.51)
+  for value, reference in zip(ccc, expected):
+    assert value == 0.0 or abs(value - reference) < 5e-4
+
+
+def test_constant_equal_values_give_zero_ccc_after_many_batches():
+  """Device totals of many batches round more than one batch; equal constants still
+  give 0, not the ratio of two rounding errors."""
+  values = np.full((512, 2), 0.2739, np.float32)
+  statistics = jax.jit(metrics.va_statistics)(values, values, np.ones(512, np.float32))
+  accumulator = metrics.DeviceStatisticsAccumulator()
+  for _ in range(300):
+    accumulator.add(jax.tree.map(lambda a: a + 0, statistics), 512)
+  scores = metrics.compute_scores(accumulator.result())
+  assert scores["ccc_valence"] == 0.0 and scores["ccc_arousal"] == 0.0
 
 
 def test_au_thresholds_override(data):

@@ -43,3 +43,24 @@ def test_report_writes_table_and_plots(tmp_path):
   assert f"| P_VA | {scores['p_va']:.4f} |" in text and "- steps: 3" in text
   for name in ("confusion.png", "va_density.png", "au_f1.png"):
     assert (tmp_path / name).stat().st_size > 10_000
+
+
+def test_report_rows_follow_the_model_tasks(tmp_path):
+  """A VA-only model has no P_MTL row; an EXPR model shows ABAW1/2's blend and the F1
+  of each class."""
+  collected = collected_frames(np.random.default_rng(2))
+  va_only = metrics.compute_scores(metrics.batch_statistics(
+      {"va": collected["pred_va"]}, collected))
+  text = open(report.write_report(str(tmp_path / "va"), va_only, {
+      k: v for k, v in collected.items() if k not in ("pred_expression", "pred_au")},
+      num_expr_classes=8, title="va")).read()
+  assert "P_VA" in text and "P_MTL" not in text and "ABAW1/2" not in text
+  expr = metrics.compute_scores(metrics.batch_statistics(
+      {"expression": collected["pred_expression"]}, collected))
+  text = open(report.write_report(str(tmp_path / "expr"), expr, {
+      k: v for k, v in collected.items() if k not in ("pred_va", "pred_au")},
+      num_expr_classes=8, title="expr")).read()
+  assert f"| EXPR 0.67 F1 + 0.33 accuracy (ABAW1/2) | {expr['p_expr_abaw2']:.4f} |" \
+      in text
+  assert "| model | " + " | ".join(f"{v:.4f}" for v in expr["expr_f1_per_class"]) \
+      in text

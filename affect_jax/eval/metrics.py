@@ -27,6 +27,9 @@ Few arrays on purpose: every output array of a jitted step costs XLA:CPU about 2
 to hand over (25 arrays made half the cost of a 512-frame eval batch).
 
 A mask entry counts as valid when it is > 0; masked labels may hold anything.
+
+(Over 450 lines on purpose: the device statistics and the host scores read one layout
+of the statistics, so both halves stay in one file.)
 """
 
 from __future__ import annotations
@@ -51,11 +54,14 @@ _VA_COARSE_LIMIT = 1.0
 # never leave the range (2^24) where every integer is exact, whatever the order.
 EXACT_FLOAT32_SUM_FRAMES = 2 ** 24 // 2 ** 10
 
-# The rebuilt VA sums carry float32 rounding of the remainder terms, about 1e-9 of the
-# second moments; a CCC denominator below this fraction of them is the rounding noise of
-# a zero denominator (constant predictions equal to constant labels), not a variance.
-_RELATIVE_ZERO_DENOMINATOR = 1e-8
-
+# A CCC denominator counts as zero (constant predictions equal to constant labels) when
+# it is within this fraction of the float32 rounding scale of the remainder sums
+# (`va_rounding_scale`). Only the remainders are rounded (the integer parts are exact),
+# so the cut-off follows the data's own scale: labels spread by 3e-5 around a grid
+# value keep their CCC. Measured on constant data: within one batch the rounding is at
+# most 3 float32 epsilons of that scale; device totals summed over 3,000 batches of 512
+# frames reach 3e-5 of it.
+_ZERO_DENOMINATOR_FRACTION = 1e-4
 
 # ----------------------------------------------------------------------------------
 # On device: per-batch sufficient statistics.
@@ -341,17 +347,37 @@ def va_moment_sums(statistics: Mapping[str, Any]) -> dict[str, np.ndarray]:
   return sums
 
 
-def concordance_from_sums(n, sum_x, sum_y, sum_xx, sum_yy, sum_xy) -> np.ndarray:
-  """CCC from sums (population moments); 0 where n == 0 or the denominator is 0."""
+def va_rounding_scale(statistics: Mapping[str, Any]) -> np.ndarray:
+  """[2] The size of the float32-rounded part of the CCC moments (per frame): the
+  remainder sums of x*x and y*y and what the remainder sums of x and y add through the
+  squared means. Rounding errors of the rebuilt moments are a small fraction of it."""
+  remainders = np.abs(_to_host(statistics["va_frac"]))
+  sums = va_moment_sums(statistics)
+  n = sums["n"]
+  mean_x, mean_y = _safe_ratio(sums["sum_x"], n), _safe_ratio(sums["sum_y"], n)
+  return _safe_ratio(remainders[2] + remainders[3] + 2.0 * np.abs(mean_x) * remainders[0]
+                     + 2.0 * np.abs(mean_y) * remainders[1], n)
+
+
+def concordance_from_sums(n, sum_x, sum_y, sum_xx, sum_yy, sum_xy,
+                          zero_tolerance=0.0) -> np.ndarray:
+  """CCC from sums (population moments); 0 where n == 0 or the denominator is 0 (at
+  most `zero_tolerance`: the rounding noise of the sums)."""
   n = np.asarray(n, np.float64)
   mean_x, mean_y = _safe_ratio(sum_x, n), _safe_ratio(sum_y, n)
-  second_x, second_y = _safe_ratio(sum_xx, n), _safe_ratio(sum_yy, n)
-  var_x = second_x - mean_x ** 2
-  var_y = second_y - mean_y ** 2
+  var_x = _safe_ratio(sum_xx, n) - mean_x ** 2
+  var_y = _safe_ratio(sum_yy, n) - mean_y ** 2
   cov = _safe_ratio(sum_xy, n) - mean_x * mean_y
   denominator = var_x + var_y + (mean_x - mean_y) ** 2
-  is_zero = denominator <= _RELATIVE_ZERO_DENOMINATOR * (second_x + second_y)
+  is_zero = denominator <= np.asarray(zero_tolerance, np.float64)
   return _safe_ratio(2.0 * cov, np.where(is_zero | (n == 0), 0.0, denominator))
+
+
+def ccc_from_statistics(statistics: Mapping[str, Any]) -> np.ndarray:
+  """[2] CCC of valence and arousal from `va_statistics` totals."""
+  return concordance_from_sums(
+      **va_moment_sums(statistics),
+      zero_tolerance=_ZERO_DENOMINATOR_FRACTION * va_rounding_scale(statistics))
 
 
 def f1_from_counts(tp, fp, fn) -> np.ndarray:
@@ -387,25 +413,40 @@ def best_au_thresholds(hist_pos, hist_neg) -> tuple[np.ndarray, np.ndarray]:
   return edges[best_index], np.take_along_axis(f1, best_index[..., None], -1)[..., 0]
 
 
+# ABAW1 and ABAW2 (2020-21) scored EXPR and AU as blends of F1 and accuracy; ABAW3
+# and later score the F1s alone. Reported under keys of their own.
+ABAW2_EXPR_WEIGHTS = (0.67, 0.33)  # (macro F1, accuracy)
+ABAW2_AU_WEIGHTS = (0.5, 0.5)  # (mean AU F1, accuracy over all (frame, AU) entries)
+
+
+def _mean_over(values: np.ndarray, included: np.ndarray) -> float:
+  return float(values[included].mean()) if np.any(included) else 0.0
+
+
 def compute_scores(statistics: Mapping[str, Any]) -> dict[str, Any]:
   """Scores (plain Python floats and lists) of the tasks present in `statistics`.
 
   VA: `ccc_valence`, `ccc_arousal`, `p_va`. EXPR: `expr_f1` (macro over all K classes,
-  absent classes count as 0), `expr_f1_per_class`, `expr_accuracy`, `expr_confusion`.
-  AU: `au_f1` (mean of the 12 binary F1s), `au_f1_per_au`, `au_accuracy` (over all
-  valid (frame, AU) entries), and from the histograms (where computed)
-  `au_best_thresholds` with `au_f1_best_thresholds` (thresholds tuned on these same
-  data: an optimistic figure, use the thresholds on other data). `p_mtl`: sum of the P
-  scores of the tasks present.
+  absent classes count as 0: scikit-learn's `f1_score(average="macro")` averages over
+  the classes present in labels or predictions only, and equals this only with
+  `labels=range(K)`), `expr_f1_per_class`, `expr_accuracy`, `expr_confusion`,
+  `p_expr_abaw2` (ABAW1/2's 0.67 F1 + 0.33 accuracy).
+  AU: `au_f1` (mean of the binary F1s of the AUs the data annotates: an AU without
+  a single valid entry, such as the AUs ABAW1 did not label, is left out; every ABAW3+
+  set annotates all 12), `au_f1_per_au` (12 values, 0 for AUs without labels),
+  `au_accuracy` (over all valid (frame, AU) entries), `p_au_abaw2` (ABAW1/2's 0.5 F1 +
+  0.5 accuracy), and from the histograms (where computed) `au_best_thresholds` with
+  `au_f1_best_thresholds` (thresholds tuned on these same data: an optimistic figure,
+  use the thresholds on other data).
+  `p_mtl` = p_va + expr_f1 + au_f1, only when all three tasks are present (a model of
+  one or two tasks has no P_MTL).
   """
   statistics = {key: _to_host(value) for key, value in statistics.items()}
   scores: dict[str, Any] = {}
-  p_scores = []
   if "va_int" in statistics:
-    ccc = concordance_from_sums(**va_moment_sums(statistics))
+    ccc = ccc_from_statistics(statistics)
     scores["ccc_valence"], scores["ccc_arousal"] = float(ccc[0]), float(ccc[1])
     scores["p_va"] = float(ccc.mean())
-    p_scores.append(scores["p_va"])
   if "expr_confusion" in statistics:
     confusion = statistics["expr_confusion"]
     true_positives = np.diag(confusion)
@@ -416,21 +457,24 @@ def compute_scores(statistics: Mapping[str, Any]) -> dict[str, Any]:
     scores["expr_f1_per_class"] = f1_per_class.tolist()
     scores["expr_accuracy"] = float(_safe_ratio(true_positives.sum(), confusion.sum()))
     scores["expr_confusion"] = confusion.tolist()
-    p_scores.append(scores["expr_f1"])
+    scores["p_expr_abaw2"] = (ABAW2_EXPR_WEIGHTS[0] * scores["expr_f1"]
+                              + ABAW2_EXPR_WEIGHTS[1] * scores["expr_accuracy"])
   if "au_confusion" in statistics:
     confusion = statistics["au_confusion"]  # [AU, label, prediction]
     tp, fp, fn, tn = (confusion[:, 1, 1], confusion[:, 0, 1], confusion[:, 1, 0],
                       confusion[:, 0, 0])
+    annotated = (tp + fp + fn + tn) > 0
     f1_per_au = f1_from_counts(tp, fp, fn)
-    scores["au_f1"] = float(f1_per_au.mean())
+    scores["au_f1"] = _mean_over(f1_per_au, annotated)
     scores["au_f1_per_au"] = f1_per_au.tolist()
     scores["au_accuracy"] = float(_safe_ratio((tp + tn).sum(), (tp + fp + fn + tn).sum()))
+    scores["p_au_abaw2"] = (ABAW2_AU_WEIGHTS[0] * scores["au_f1"]
+                            + ABAW2_AU_WEIGHTS[1] * scores["au_accuracy"])
     if "au_hist" in statistics:
       thresholds, tuned_f1 = best_au_thresholds(statistics["au_hist"][:, 1],
                                                 statistics["au_hist"][:, 0])
       scores["au_best_thresholds"] = thresholds.tolist()
-      scores["au_f1_best_thresholds"] = float(tuned_f1.mean())
-    p_scores.append(scores["au_f1"])
-  if p_scores:
-    scores["p_mtl"] = float(sum(p_scores))
+      scores["au_f1_best_thresholds"] = _mean_over(tuned_f1, annotated)
+  if all(key in scores for key in ("p_va", "expr_f1", "au_f1")):
+    scores["p_mtl"] = scores["p_va"] + scores["expr_f1"] + scores["au_f1"]
   return scores

@@ -15,8 +15,10 @@ import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=wrong-import-posi
 
 SCORE_ROWS = (("p_va", "P_VA"), ("ccc_valence", "CCC valence"),
               ("ccc_arousal", "CCC arousal"), ("expr_f1", "EXPR macro F1"),
-              ("expr_accuracy", "EXPR accuracy"), ("au_f1", "AU mean F1"),
-              ("p_mtl", "P_MTL"))
+              ("expr_accuracy", "EXPR accuracy"),
+              ("p_expr_abaw2", "EXPR 0.67 F1 + 0.33 accuracy (ABAW1/2)"),
+              ("au_f1", "AU mean F1"), ("au_accuracy", "AU accuracy"),
+              ("p_au_abaw2", "AU 0.5 F1 + 0.5 accuracy (ABAW1/2)"), ("p_mtl", "P_MTL"))
 
 
 def _fixed(value: float) -> str:
@@ -106,6 +108,12 @@ def write_report(out_dir: str, scores: dict, collected: dict, *, num_expr_classe
       lines.append(f"| {label} | {_fixed(scores[key])} | "
                    f"{_fixed(baseline.get(key, 0.0))} |")
   lines.append("")
+  if "expr_f1_per_class" in scores:
+    names = vocabulary.expression_names(num_expr_classes)
+    lines += ["| expression F1 | " + " | ".join(names) + " |",
+              "|---|" + "---|" * len(names),
+              "| model | " + " | ".join(_fixed(v) for v in scores["expr_f1_per_class"])
+              + " |", ""]
   if "expr_confusion" in scores:
     names = vocabulary.expression_names(num_expr_classes)
     plot_confusion(scores["expr_confusion"], names, os.path.join(out_dir,
