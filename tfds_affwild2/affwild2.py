@@ -2,6 +2,12 @@
 
 JPEG bytes are stored as they are on disk and every feature is given as NumPy values or
 bytes, so building and reading need no TensorFlow.
+
+The dataset's metadata (metadata.json in its folder) holds, besides the feature names:
+"source_fingerprint" (the release it was built from, `source_fingerprint.py`), "summary"
+(per split counts, `release.SplitSummary`), "annotated_au_names" (the AUs with at least
+one 0/1 label: ABAW1's AU files annotate 8, of which 7 are among the 12) and
+"videos_in_train_and_validation" (`release.SplitOverlap`, reported, not refused).
 """
 from __future__ import annotations
 
@@ -13,6 +19,8 @@ import tensorflow_datasets as tfds
 
 from tfds_affwild2 import annotations, release
 from tfds_affwild2 import layout as layout_lib
+from tfds_affwild2 import source_fingerprint as fingerprint_lib
+from tfds_affwild2.errors import MissingReleasePartError
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +71,7 @@ class Affwild2(tfds.core.GeneratorBasedBuilder):
                fix_mismatched_images: bool = False, **kwargs):
     self._layout_overrides = layout_overrides or {}
     self._fix_mismatched_images = fix_mismatched_images
+    self._release: dict = {}  # manual_dir -> (layout, fingerprint), found once
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -94,8 +103,34 @@ class Affwild2(tfds.core.GeneratorBasedBuilder):
       found = layout_lib.layout_with_overrides(found, self._layout_overrides)
     return found
 
+  def release_fingerprint(self, manual_dir) -> str:
+    """The fingerprint of the release in manual_dir (computed once per builder)."""
+    return self._found_release(manual_dir)[1]
+
+  def stored_fingerprint(self) -> str | None:
+    """The fingerprint stored with the dataset already built in data_dir, if any."""
+    return self.info.metadata.get(fingerprint_lib.METADATA_KEY)
+
+  def _found_release(self, manual_dir) -> tuple[layout_lib.ReleaseLayout, str]:
+    key = str(manual_dir)
+    if key not in self._release:
+      found = self.release_layout(manual_dir)
+      self._release[key] = found, fingerprint_lib.source_fingerprint(found)
+    return self._release[key]
+
+  def _split_overlaps(self, found) -> list[dict]:
+    if self.builder_config.source == "mtl":
+      overlaps = release.check_mtl_split_overlap(found)
+    else:
+      overlaps = release.check_split_overlap(found)
+    if overlaps:
+      log.warning("%d videos are in both the train and the validation split (a "
+                  "validation score includes frames of videos trained on): %s",
+                  len(overlaps), "; ".join(o.describe() for o in overlaps))
+    return [dataclasses.asdict(o) for o in overlaps]
+
   def _split_generators(self, dl_manager):
-    found = self.release_layout(dl_manager.manual_dir)
+    found, fingerprint = self._found_release(dl_manager.manual_dir)
     log.info("release layout: %s", found.describe())
     if self.builder_config.source == "mtl":
       splits = sorted(found.mtl_files)
@@ -104,10 +139,14 @@ class Affwild2(tfds.core.GeneratorBasedBuilder):
     if found.test_lists:
       splits.append("test")
     if not [s for s in splits if s != "test"]:
-      raise FileNotFoundError(
+      raise MissingReleasePartError(
           f"no {self.builder_config.source} annotations found in {found.root}:\n"
           f"{MANUAL_DOWNLOAD_INSTRUCTIONS}")
     index = release.ImageIndex(found.image_roots)
+    # A rebuild starts from the metadata of the dataset it replaces: set every key anew.
+    self.info.metadata[fingerprint_lib.METADATA_KEY] = fingerprint
+    self.info.metadata["videos_in_train_and_validation"] = self._split_overlaps(found)
+    self.info.metadata["annotated_au_names"] = []
     self.info.metadata["summary"] = {}
     return {split: self._generate_examples(found, split, index) for split in splits}
 
@@ -130,4 +169,12 @@ class Affwild2(tfds.core.GeneratorBasedBuilder):
     # The counts are complete only once the split is exhausted; TFDS writes the
     # metadata after all splits are generated, so they land in the dataset's info.
     self.info.metadata["summary"][split] = summary.as_dict()
+    self.info.metadata["annotated_au_names"] = annotated_au_names(
+        self.info.metadata["summary"].values())
     log.info("%s: %s", split, summary.as_dict())
+
+
+def annotated_au_names(summaries) -> list[str]:
+  """The AUs with a 0/1 label in any of the splits' summaries, in label-vector order."""
+  labelled = [any(counts) for counts in zip(*(s["au_labelled_counts"] for s in summaries))]
+  return [name for name, any_label in zip(annotations.AU_NAMES, labelled) if any_label]

@@ -12,6 +12,8 @@ import json
 import os
 from typing import Mapping
 
+from tfds_affwild2.errors import MissingReleasePartError, ReleaseError
+
 # Folder names each task has had, newest first.
 TASK_FOLDER_NAMES = {
     "va": ("VA_Estimation_Challenge", "VA_Set"),
@@ -68,7 +70,7 @@ def find_release_layout(root: str | os.PathLike, max_depth: int = SEARCH_DEPTH
   """Finds every known part of a release below `root` (see module docstring)."""
   root = os.path.abspath(os.fspath(root))
   if not os.path.isdir(root):
-    raise FileNotFoundError(f"release folder {root} does not exist")
+    raise MissingReleasePartError(f"release folder {root} (manual_dir) does not exist")
   task_dirs: dict[str, dict[str, str]] = {}
   image_roots, test_lists = [], []
   mtl_files: dict[str, str] = {}
@@ -109,7 +111,7 @@ def layout_with_overrides(layout: ReleaseLayout, overrides: Mapping) -> ReleaseL
   """
   unknown = set(overrides) - {f.name for f in dataclasses.fields(ReleaseLayout)} - {"root"}
   if unknown:
-    raise ValueError(f"unknown layout override keys {sorted(unknown)}")
+    raise ReleaseError(f"unknown layout override keys {sorted(unknown)}")
 
   def resolve(p: str) -> str:
     return p if os.path.isabs(p) else os.path.join(layout.root, p)
@@ -129,5 +131,5 @@ def layout_with_overrides(layout: ReleaseLayout, overrides: Mapping) -> ReleaseL
       d.values() for d in changes.get("task_split_dirs", {}).values())]:
     for p in paths:
       if not os.path.isdir(p):
-        raise FileNotFoundError(f"layout override names a missing folder: {p}")
+        raise MissingReleasePartError(f"layout override names a missing folder: {p}")
   return dataclasses.replace(layout, **changes)

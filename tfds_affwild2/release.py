@@ -5,12 +5,27 @@ own validity (mask). Frames are visited video by video, so memory holds one vide
 labels at a time whatever the size of the release. The irregularities known in the real
 data (absent face images, extra annotation lines, disregard markers) are counted in a
 `SplitSummary`; malformed files raise `AnnotationError` naming the file and line.
+
+Splits, by name:
+- `train`, `validation`: the per-task `Train_Set`/`Training_Set` and `Validation_Set`
+  folders merged per frame (or the MTL files, for the `mtl` config). A video annotated
+  in both folders of one task is refused, naming it (`check_split_overlap`); a video in
+  the train folder of one task and the validation folder of another is counted and
+  reported (`SplitOverlap`), not refused, as the per-challenge splits of a release may
+  do this.
+- `test`: every frame that any test list names (every `*test_set*` file: lists of
+  video names, which name all of a video's face frames, and sample files listing
+  `<video>/<frame>.jpg`), each (video, frame) once however many lists name it. The
+  split holds no labels and does not record which list named a frame: a submission for
+  one challenge reads that challenge's list itself; the summary counts, per list, the
+  entries and listed frames (`test_lists`).
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
 import io
+import itertools
 import logging
 import os
 from typing import Iterator, Sequence
@@ -20,6 +35,7 @@ from PIL import Image
 
 from tfds_affwild2 import annotations
 from tfds_affwild2.annotations import TASKS, AnnotationError, FrameLabel
+from tfds_affwild2.errors import MissingReleasePartError, ReleaseError
 from tfds_affwild2.layout import ReleaseLayout
 
 log = logging.getLogger(__name__)
@@ -49,6 +65,12 @@ class SplitSummary:
   expr_class_counts: list = dataclasses.field(default_factory=list)
   au_positive_counts: list = dataclasses.field(
       default_factory=lambda: [0] * len(annotations.AU_NAMES))
+  # Frames with a 0/1 value per AU: the AUs the split annotates are those above 0.
+  au_labelled_counts: list = dataclasses.field(
+      default_factory=lambda: [0] * len(annotations.AU_NAMES))
+  # AUs outside the 12 (ABAW1's AU20): annotation lines whose 0/1 value was dropped.
+  dropped_au_labels: dict = dataclasses.field(default_factory=dict)
+  test_lists: dict = dataclasses.field(default_factory=dict)  # list -> counts (test)
   skipped: dict = dataclasses.field(default_factory=lambda: {
       "image_absent": 0, "no_valid_label": 0, "expr_class_outside_config": 0})
 
@@ -67,6 +89,12 @@ class SplitSummary:
       elif task == "au":
         self.au_positive_counts = [
             c + int(v == 1) for c, v in zip(self.au_positive_counts, label.value)]
+        self.au_labelled_counts = [
+            c + int(v >= 0) for c, v in zip(self.au_labelled_counts, label.value)]
+
+  def annotated_aus(self) -> list[str]:
+    return [name for name, count in zip(annotations.AU_NAMES, self.au_labelled_counts)
+            if count]
 
   def as_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -77,7 +105,7 @@ class ImageIndex:
 
   def __init__(self, image_roots: Sequence[str]):
     if not image_roots:
-      raise FileNotFoundError("the release has no image folder (cropped_aligned*)")
+      raise MissingReleasePartError("the release has no image folder (cropped_aligned*)")
     self._video_folders: dict[str, str] = {}
     for root in image_roots:
       for entry in sorted(os.scandir(root), key=lambda e: e.name):
@@ -96,9 +124,13 @@ class ImageIndex:
     folder = self._video_folders.get(video)
     frames = {}
     if folder is not None:
-      for name in os.listdir(folder):
+      for name in sorted(os.listdir(folder)):
         stem, ext = os.path.splitext(name)
         if ext.lower() == ".jpg" and stem.isdigit():
+          if int(stem) in frames:  # `1.jpg` and `00001.jpg`: which is the frame?
+            raise ReleaseError(
+                f"{folder}: {os.path.basename(frames[int(stem)])} and {name} are both "
+                f"frame {int(stem)}; keep one of them")
           frames[int(stem)] = os.path.join(folder, name)
     self._cache[video] = frames
     if len(self._cache) > 8:
@@ -146,8 +178,12 @@ def iter_per_task_examples(layout: ReleaseLayout, split: str, summary: SplitSumm
   """Merges the per-task files of one split frame by frame (the per-task union)."""
   for video, files in _task_files_by_video(layout, split, tasks).items():
     summary.videos += 1
-    per_task = {task: annotations.read_task_file(path, task)[0]
-                for task, path in files.items()}
+    per_task = {}
+    for task, path in files.items():
+      task_file = annotations.read_task_file_in_full(path, task)
+      per_task[task] = task_file.labels
+      for name, count in task_file.dropped_au_labels.items():
+        summary.dropped_au_labels[name] = summary.dropped_au_labels.get(name, 0) + count
     if not index.has_video(video):
       log.warning("%s: no image folder for video %s in any image root",
                   next(iter(files.values())), video)
@@ -169,6 +205,8 @@ def iter_per_task_examples(layout: ReleaseLayout, split: str, summary: SplitSumm
   for key in ("image_absent", "no_valid_label", "expr_class_outside_config"):
     if summary.skipped[key]:
       log.info("%s split: skipped %d frames (%s)", split, summary.skipped[key], key)
+  for name, count in summary.dropped_au_labels.items():
+    log.info("%s split: dropped %d %s labels (not among the 12 AUs)", split, count, name)
 
 
 def iter_mtl_examples(layout: ReleaseLayout, split: str, summary: SplitSummary,
@@ -176,7 +214,8 @@ def iter_mtl_examples(layout: ReleaseLayout, split: str, summary: SplitSummary,
   """Rows of the s-Aff-Wild2 MTL file of one split."""
   path = layout.mtl_files.get(split)
   if path is None:
-    raise FileNotFoundError(f"the release has no MTL annotation file for split {split}")
+    raise MissingReleasePartError(
+        f"the release has no MTL annotation file for split {split}")
   videos = set()
   first_line_of = {}  # (video, frame) -> line: a duplicate row is an error
   for row in annotations.iter_mtl_file(path, num_expr_classes=8):
@@ -200,37 +239,141 @@ def iter_mtl_examples(layout: ReleaseLayout, split: str, summary: SplitSummary,
   summary.videos = len(videos)
 
 
+class FrameSet:
+  """(video, frame) pairs seen so far, a bit per frame: the test lists of a real release
+  name over a million frames, which a set of tuples would hold in ~100 MB."""
+
+  def __init__(self):
+    self._bits: dict[str, bytearray] = {}
+
+  def add(self, video: str, frame: int) -> bool:
+    """Adds the frame; False if it was already there."""
+    bits = self._bits.setdefault(video, bytearray())
+    byte, bit = divmod(frame, 8)
+    if byte >= len(bits):
+      bits.extend(bytes(byte + 1 - len(bits)))
+    if bits[byte] >> bit & 1:
+      return False
+    bits[byte] |= 1 << bit
+    return True
+
+  def videos(self) -> int:
+    return len(self._bits)
+
+
+TEST_LIST_HEADERS = ("image", "image_location", "video", "name")
+
+
+def _test_list_entries(list_path: str) -> Iterator[tuple[int, str]]:
+  """(line number, first field) of each entry of a test list; headers and blank lines
+  skipped."""
+  for line_number, line in enumerate(annotations.iter_file_lines(list_path), start=1):
+    entry = line.strip().split(",")[0].strip()
+    if entry and entry.lower() not in TEST_LIST_HEADERS:
+      yield line_number, entry
+
+
+def _listed_frames(list_path: str, line_number: int, entry: str,
+                   index: ImageIndex) -> dict[int, str | None]:
+  """Frame -> image path (None: no face image) of one test-list entry: a video name
+  (all its face frames) or one `<video>/<frame>.jpg`."""
+  if "/" in entry or "\\" in entry:
+    video, name = annotations.check_relative_image_path(list_path, line_number, entry)
+    frame = annotations.frame_number(list_path, line_number, name)
+    return {frame: index.frames(video).get(frame)}
+  if not index.has_video(entry):
+    raise AnnotationError(list_path, line_number,
+                          f"test video {annotations.quoted(entry)} has no image folder")
+  return dict(sorted(index.frames(entry).items()))
+
+
 def iter_test_examples(layout: ReleaseLayout, summary: SplitSummary,
                        index: ImageIndex) -> Iterator[Example]:
-  """Images named by the test lists: video names (all their frames) or image paths."""
+  """Images named by the test lists (video names or image paths), each frame once
+  however many lists name it (see the module docstring)."""
   no_labels = dict.fromkeys(TASKS, NO_LABEL)
-  seen_videos = set()
+  seen = FrameSet()
+  summary.skipped.setdefault("listed_again", 0)
   for list_path in layout.test_lists:
-    with open(list_path, encoding="utf-8-sig") as f:
-      for line_number, line in enumerate(f, start=1):
-        entry = line.strip().split(",")[0].strip()
-        if not entry or entry.lower() in ("image", "image_location", "video", "name"):
+    counts = {"entries": 0, "frames": 0, "first_listed_here": 0}
+    summary.test_lists[os.path.relpath(list_path, layout.root)] = counts
+    for line_number, entry in _test_list_entries(list_path):
+      counts["entries"] += 1
+      video = entry.replace("\\", "/").split("/")[0]
+      for frame, image_path in _listed_frames(list_path, line_number, entry,
+                                              index).items():
+        counts["frames"] += 1
+        if not seen.add(video, frame):
+          summary.skipped["listed_again"] += 1
           continue
-        if "/" in entry or "\\" in entry:
-          video, name = annotations.check_relative_image_path(list_path, line_number,
-                                                              entry)
-          frame = annotations.frame_number(list_path, line_number, name)
-          frames = {frame: index.frames(video).get(frame)}
-        else:
-          video = entry
-          if not index.has_video(video):
-            raise AnnotationError(list_path, line_number,
-                                  f"test video {video!r} has no image folder")
-          frames = dict(sorted(index.frames(video).items()))
-        seen_videos.add(video)
-        for frame, image_path in frames.items():
-          if image_path is None:
-            summary.skipped["image_absent"] += 1
-            continue
-          summary.frames += 1
-          yield Example(video, frame, image_path, dict(no_labels),
-                        f"{list_path}:{line_number}")
-  summary.videos = len(seen_videos)
+        counts["first_listed_here"] += 1
+        if image_path is None:
+          summary.skipped["image_absent"] += 1
+          continue
+        summary.frames += 1
+        yield Example(video, frame, image_path, dict(no_labels),
+                      f"{list_path}:{line_number}")
+  summary.videos = seen.videos()
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitOverlap:
+  """A video annotated in the training split of some tasks and the validation split of
+  others: its frames are in both splits of the dataset."""
+  video: str
+  train_tasks: tuple
+  validation_tasks: tuple
+
+  def describe(self) -> str:
+    return (f"{self.video} (train: {','.join(self.train_tasks)}; validation: "
+            f"{','.join(self.validation_tasks)})")
+
+
+def check_split_overlap(layout: ReleaseLayout) -> list[SplitOverlap]:
+  """Refuses a video annotated in both the train and the validation folder of one task
+  (a leak no release makes); returns the videos in the train split of one task and the
+  validation split of another (counted and reported: see the module docstring)."""
+  splits_of: dict[str, dict[str, list]] = collections.defaultdict(
+      lambda: collections.defaultdict(list))
+  for task, dirs in sorted(layout.task_split_dirs.items()):
+    for split in ("train", "validation"):
+      folder = dirs.get(split)
+      for name in sorted(os.listdir(folder)) if folder else ():
+        if name.endswith(".txt"):
+          splits_of[name[:-4]][split].append(task)
+  overlaps = []
+  for video, splits in sorted(splits_of.items()):
+    both = sorted(set(splits["train"]) & set(splits["validation"]))
+    if both:
+      task = both[0]
+      raise ReleaseError(
+          f"video {video} is annotated in both the train and the validation split of "
+          f"{task.upper()}: {layout.task_split_dirs[task]['train']}/{video}.txt and "
+          f"{layout.task_split_dirs[task]['validation']}/{video}.txt; a validation "
+          "score would measure frames the model trained on: remove one of them")
+    if splits["train"] and splits["validation"]:
+      overlaps.append(SplitOverlap(video, tuple(splits["train"]),
+                                   tuple(splits["validation"])))
+  return overlaps
+
+
+def _mtl_videos(path: str) -> set[str]:
+  videos = set()
+  for line in itertools.islice(annotations.iter_file_lines(path), 1, None):
+    image = line.split(",", 1)[0].strip().replace("\\", "/")
+    if "/" in image:
+      videos.add(image.split("/", 1)[0])
+  return videos
+
+
+def check_mtl_split_overlap(layout: ReleaseLayout) -> list[SplitOverlap]:
+  """The videos with rows in both MTL files (train and validation): counted and
+  reported, as for per-task files of different tasks."""
+  if not {"train", "validation"} <= set(layout.mtl_files):
+    return []
+  both = _mtl_videos(layout.mtl_files["train"]) & _mtl_videos(
+      layout.mtl_files["validation"])
+  return [SplitOverlap(video, ("mtl",), ("mtl",)) for video in sorted(both)]
 
 
 def read_checked_jpeg(example: Example, image_size: int = IMAGE_SIZE,
