@@ -105,7 +105,8 @@ def test_each_generation_writes_its_folders_headers_and_files(tmp_path, generati
     mtl_names = {None: [], "abaw3": ["train_set.txt", "validation_set.txt"],
                  "abaw4": ["training_set_annotations.txt", "validation_set_annotations.txt"]}[mtl_format]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [*task_roots, *image_roots, *mtl_names, "ground_truth.json", "test_set_release.txt"])
+        [*task_roots, *image_roots, *mtl_names, "ground_truth.json", "test_set_release.txt",
+         synthetic.TEST_SAMPLE_LIST])
     assert truth["image_roots"] == image_roots and truth["num_expr_classes"] == num_classes
     for task_root, header in zip(task_roots, HEADERS):
         expected = header.removesuffix(",Other") if num_classes == 7 else header
@@ -157,9 +158,36 @@ def test_ground_truth_equals_a_count_of_the_written_files(release):
             video, name = image.split("/")
             assert _image_path(root, truth["image_roots"], video, int(name[:5])) is not None
     test_videos = (root / "test_set_release.txt").read_text().split()
+    sample = (root / synthetic.TEST_SAMPLE_LIST).read_text().splitlines()
+    frames = {}
+    for row in sample[1:]:
+        video, name = row.split("/")
+        frames.setdefault(video, []).append(int(name[:5]))
     assert truth["splits"]["test"] == {
         "videos": len(test_videos),
-        "images": sum(len(list(root.glob(f"cropped_aligned*/{v}/*.jpg"))) for v in test_videos)}
+        "images": sum(len(list(root.glob(f"cropped_aligned*/{v}/*.jpg"))) for v in test_videos),
+        "frames": {v: len(frames[v]) for v in test_videos},
+        "lists": {"test_set_release.txt": {"entries": len(test_videos),
+                                           "frames": len(sample) - 1},
+                  synthetic.TEST_SAMPLE_LIST: {"entries": len(sample) - 1,
+                                               "frames": len(sample) - 1}}}
+
+
+def test_sample_list_names_every_frame_of_the_test_videos_faces_or_not(release):
+    """As the organisers' sample files do: frames 1..N in order, with frames that have no
+    face image (every test video starts and ends without one)."""
+    root, truth = release
+    sample = (root / synthetic.TEST_SAMPLE_LIST).read_text().splitlines()
+    assert sample[0] == "image_location," + HEADERS[1]
+    frames = {}
+    for row in sample[1:]:
+        video, name = row.split("/")
+        frames.setdefault(video, []).append(int(name[:5]))
+    assert sorted(frames) == sorted((root / "test_set_release.txt").read_text().split())
+    for video, listed in frames.items():
+        assert listed == list(range(1, truth["splits"]["test"]["frames"][video] + 1))
+        faces = sorted(int(p.stem) for p in root.glob(f"cropped_aligned*/{video}/*.jpg"))
+        assert faces and faces[0] > 1 and faces[-1] < listed[-1] - 1
 
 
 def test_release_has_the_quirks_of_the_real_data(release):

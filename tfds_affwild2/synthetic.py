@@ -10,8 +10,12 @@ prototypes, the drawn AUs decide the AU labels, and expression plus AUs decide v
 and arousal, so every label can be learned from the pixels. The release carries the
 quirks of the real data: videos annotated for only some tasks, invalid lines (-1, -5,
 -5.0), frames without a face image, annotation files longer than the video, two-person
-videos split into _left/_right, and (ABAW6) two image roots. ground_truth.json states
-what a correct reader must count; its schema is documented on `generate_release`.
+videos split into _left/_right, (ABAW6) two image roots, and two test lists naming the
+same test frames: a list of video names and an organisers' sample file listing every
+frame 1..N of each test video, frames without a face image included (test videos start
+and end without a face, so N is more than the last face frame). ground_truth.json
+states what a correct reader must count; its schema is documented on
+`generate_release`.
 """
 import contextlib
 import dataclasses
@@ -58,7 +62,13 @@ MTL_FILES = {"abaw3": {"train": "train_set.txt", "validation": "validation_set.t
              "abaw4": {"train": "training_set_annotations.txt",
                        "validation": "validation_set_annotations.txt"}}
 MTL_HEADER = "image,valence,arousal,expression,aus"
-TEST_LIST = "test_set_release.txt"
+TEST_LIST = "test_set_release.txt"              # the test videos' names
+# The organisers' sample submission: a header, then every frame of every test video
+# (ABAW5 and later ship one per challenge, e.g. CVPR_6th_ABAW_Expr_test_set_sample.txt).
+TEST_SAMPLE_LIST = "CVPR_6th_ABAW_EXPR_test_set_sample.txt"
+# Frames without a face at the start and the end of every test video: a submission that
+# stops at the last face frame, or starts at the first, misses listed frames.
+TEST_FACELESS_ENDS = (1, 2)
 GROUND_TRUTH = "ground_truth.json"
 _PROGRESS_EVERY = 500
 
@@ -284,6 +294,10 @@ def _write_video(out, video, layout, quality, progress):
     expr, intensities, va = synthetic_labels.simulate_labels(rng, video.num_frames, layout.num_expr_classes)
     poses = synthetic_labels.simulate_poses(rng, video.num_frames)
     defects = sample_defects(rng, video.num_frames, video.tasks)
+    if video.split == "test":
+        defects.present[:TEST_FACELESS_ENDS[0]] = False
+        defects.present[video.num_frames - TEST_FACELESS_ENDS[1]:] = False
+        defects.present[video.num_frames // 2] = True      # at least one face to predict
     noise_offsets = rng.integers(0, 1 << 16, size=(video.num_frames, 2))
     folder = out / video.image_root / video.name
     folder.mkdir(parents=True)
@@ -299,6 +313,16 @@ def _write_video(out, video, layout, quality, progress):
         task_dir = out / layout.task_roots[task] / layout.split_dirs[video.split]
         _write_text(task_dir / f"{video.name}.txt", task_header(task, layout.num_expr_classes), lines)
     return defects, labels
+
+
+def _write_test_lists(out, videos, num_classes):
+    """The video-name list and the organisers' sample file; what each one names."""
+    (out / TEST_LIST).write_text("".join(f"{v.name}\n" for v in videos))
+    rows = [f"{v.name}/{k:05d}.jpg" for v in videos for k in range(1, v.num_frames + 1)]
+    _write_text(out / TEST_SAMPLE_LIST, f"image_location,{task_header('expr', num_classes)}",
+                rows)
+    return {TEST_LIST: {"entries": len(videos), "frames": sum(v.num_frames for v in videos)},
+            TEST_SAMPLE_LIST: {"entries": len(rows), "frames": len(rows)}}
 
 
 def generate_release(out_dir, *, seed: int = 0, generation: str = "abaw6",
@@ -320,7 +344,10 @@ def generate_release(out_dir, *, seed: int = 0, generation: str = "abaw6",
                          has a line for but that have no JPEG (extra trailing lines included),
                      "no_valid_label": frames with an image and annotation lines but no
                          valid label in any task}},
-                "test": {"videos", "images"}},
+                "test": {"videos", "images", "frames": {video: N, its frames (faces or
+                         not), every one listed in the sample file},
+                         "lists": {file name: {"entries": lines after the header,
+                                               "frames": frames they name}}}},
      "mtl": {"train"/"validation": {"rows", "labelled": {"expr", "au", "va"}}} or None}
 
     `progress(images_written, seconds)` is called every few hundred images.
@@ -337,7 +364,7 @@ def generate_release(out_dir, *, seed: int = 0, generation: str = "abaw6",
                                          for t in TASKS for s in SPLITS)]:
         (out / folder).mkdir(parents=True, exist_ok=True)
     counts = {split: _new_split_counts(num_classes) for split in SPLITS}
-    test = {"videos": 0, "images": 0}
+    test = {"videos": 0, "images": 0, "frames": {}}
     mtl_rows = dict.fromkeys(SPLITS, 0)
     tracker = _Progress(progress)
     with contextlib.ExitStack() as stack:
@@ -350,13 +377,15 @@ def generate_release(out_dir, *, seed: int = 0, generation: str = "abaw6",
             if video.split == "test":
                 test["videos"] += 1
                 test["images"] += int(defects.present.sum())
+                test["frames"][video.name] = video.num_frames
                 continue
             _count_video(counts[video.split], defects, labels)
             if mtl_files:
                 rows = _mtl_lines(video.name, defects, labels)
                 mtl_files[video.split].writelines(rows)
                 mtl_rows[video.split] += len(rows)
-    (out / TEST_LIST).write_text("".join(f"{v.name}\n" for v in plan if v.split == "test"))
+    test["lists"] = _write_test_lists(out, [v for v in plan if v.split == "test"],
+                                      num_classes)
     # The MTL files list every frame with an image, so their labelled counts are the split's.
     mtl = {split: {"rows": mtl_rows[split], "labelled": dict(counts[split]["labelled"])}
            for split in SPLITS} if mtl_format else None
