@@ -129,8 +129,6 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_bool("overwrite", False, "Rebuild a dataset in data_dir that was built "
                     "from another release or an earlier state of this one (without it, "
                     "the build stops).", flag_values=flag_values)
-  flags.DEFINE_bool("verbose", False, "Print the traceback of an expected error (bad "
-                    "data, a missing folder) too.", flag_values=flag_values)
   flags.mark_flags_as_required(["manual_dir", "data_dir"], flag_values=flag_values)
 
 
@@ -158,14 +156,25 @@ def run_build(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """`affect-jax build`: an expected error (bad data, a missing folder) propagates to
+  the dispatcher, which prints it as one `error:` line (with its traceback under
+  `--verbose`); `script_main` does the same for `python -m tfds_affwild2.build`."""
   # The project's one command line (absl flags, no JAX); the builder itself imports
   # nothing from affect_jax.
   from affect_jax import cli  # pylint: disable=g-import-not-at-top
   args, _ = cli.parse_flags(argv, define_flags, __doc__)
-  # Bad data and missing folders: one `error:` line (exit status 1), as the dispatcher
-  # does, also for `python -m tfds_affwild2.build`.
-  return cli.run_reporting_errors(lambda: run_build(args), verbose=args.verbose)
+  return run_build(args)
+
+
+def script_main(argv: Sequence[str] | None = None) -> int:
+  """`python -m tfds_affwild2.build`: main, its expected errors reported as the
+  dispatcher reports them (one `error:` line, exit status 1; `--verbose`: traceback)."""
+  from affect_jax import cli  # pylint: disable=g-import-not-at-top
+  argv = list(sys.argv[1:] if argv is None else argv)
+  verbose = cli.VERBOSE_FLAG in argv
+  argv = [arg for arg in argv if arg != cli.VERBOSE_FLAG]
+  return cli.run_reporting_errors(lambda: main(argv), verbose)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(script_main())
