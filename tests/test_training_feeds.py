@@ -11,8 +11,7 @@ import pytest
 
 from affect_jax import config_checks
 from affect_jax.train import checkpoints
-from affect_jax.data import device_resident
-from affect_jax import data_parallel
+from affect_jax.data import device_augment, device_resident
 from affect_jax.train import feeds
 from affect_jax.train import loop
 from affect_jax.cpu import compile_options
@@ -64,6 +63,32 @@ def test_device_resident_run_trains_on_drawn_batches_and_resumes_exactly(
   assert max(moved) > 1e-3
 
 
+def test_draw_and_step_as_one_program_train_as_the_two_programs_do(built_union, tmp_path,
+                                                                   monkeypatch):
+  """The accelerator path (one program) against the CPU path (draw, then step), on the
+  same devices and batches: the same parameters after a few steps."""
+  _, data_dir = built_union
+  config = tiny_config(data_dir, **{**SHORT_RUN, "num_train_steps": 3,
+                                    "eval_every_steps": 100, "log_every_steps": 100},
+                       **{"input.device_resident": True})
+  separate = loop.train_and_evaluate(config, str(tmp_path / "separate"))
+  fused_programs = []
+  compile_fused = feeds.compile_resident_train_step
+
+  def recording_compile(*args, **kwargs):
+    fused_programs.append(compile_fused(*args, **kwargs))
+    return fused_programs[-1]
+
+  monkeypatch.setattr(feeds, "fuse_draw_and_step", lambda mesh: True)
+  monkeypatch.setattr(feeds, "compile_resident_train_step", recording_compile)
+  monkeypatch.setattr(device_resident, "compile_draw_batch", _must_not_be_used)
+  fused = loop.train_and_evaluate(config, str(tmp_path / "fused"))
+  assert len(fused_programs) == 1 and int(fused.step) == 3
+  for a, b in zip(jax.tree.leaves(jax.device_get(separate.params)),
+                  jax.tree.leaves(jax.device_get(fused.params))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def _must_not_be_used(*args, **kwargs):
   raise AssertionError("the host pipeline was built for a device-resident run")
 
@@ -77,8 +102,7 @@ def test_device_resident_refuses_what_it_cannot_do(overrides, message):
   with pytest.raises(ValueError, match=message):
     config_checks.validate_config(config)
   with pytest.raises(ValueError, match="host pipeline"):
-    device_resident.compile_draw_batch(data_parallel.create_mesh(jax.devices()[:1]),
-                                   global_batch_size=8, seed=0, augment="randaugment")
+    device_augment.augment_policy("randaugment")
 
 
 def test_input_wait_meter_counts_only_judged_steps():
