@@ -337,3 +337,9 @@ def test_build_errors_are_one_error_line(tmp_path, capsys):
   errors = [line for line in err.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and errors[0].startswith(f"error: {files[0][1]}:")
   assert "Traceback" not in err
+
+
+def test_a_layout_flag_that_is_not_json_is_an_error_line(tmp_path, capsys):
+  assert build.script_main(["--manual_dir", str(tmp_path), "--data_dir",
+                            str(tmp_path / "tfds"), "--layout", "{image_roots: x}"]) == 1
+  assert "error: --layout is not JSON" in capsys.readouterr().err

@@ -35,6 +35,7 @@ at the folder where you unpacked it. Any ABAW generation is detected:
   training_set_annotations.txt / validation_set_annotations.txt (s-Aff-Wild2, or the
   ABAW3 train_set.txt / validation_set.txt)  for the `mtl` config
   *test_set*.txt (video names or image paths)  for an images-only `test` split
+  (every frame any list names, once)
 No data? `python -m tfds_affwild2.synthetic --out DIR` writes a synthetic release in the
 same layout.
 """

@@ -132,12 +132,24 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   flags.mark_flags_as_required(["manual_dir", "data_dir"], flag_values=flag_values)
 
 
+def parse_layout_flag(text: str | None) -> dict | None:
+  if not text:
+    return None
+  try:
+    overrides = json.loads(text)
+  except json.JSONDecodeError as error:
+    raise ReleaseError(f"--layout is not JSON ({error}): {text[:200]!r}") from None
+  if not isinstance(overrides, dict):
+    raise ReleaseError(f"--layout must be a JSON object, got {text[:200]!r}")
+  return overrides
+
+
 def run_build(args) -> int:
   """The build the parsed flags ask for; prints the summary."""
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   start = time.perf_counter()
   builder = build_dataset(args.manual_dir, args.data_dir, args.config,
-                          layout_overrides=json.loads(args.layout) if args.layout else None,
+                          layout_overrides=parse_layout_flag(args.layout),
                           fix_mismatched_images=args.fix_mismatched_images,
                           memory_buffer_mb=args.memory_buffer_mb,
                           overwrite=args.overwrite)
