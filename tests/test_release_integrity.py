@@ -125,6 +125,21 @@ def test_fingerprint_follows_listings_not_places(tmp_path):
   assert print_of(moved) != without_image
 
 
+def test_fingerprint_covers_the_annotation_files_its_config_reads(tmp_path):
+  root = tiny_release(tmp_path / "release", mtl_format="abaw4")
+  found = layout.find_release_layout(root)
+  before = {source: fingerprint_lib.source_fingerprint(found, source)
+            for source in ("per_task", "mtl")}
+  _, files = next(iter(train_files(root).items()))
+  with open(files[0][1], "a") as f:
+    f.write("\n")
+  assert fingerprint_lib.source_fingerprint(found, "mtl") == before["mtl"]
+  assert fingerprint_lib.source_fingerprint(found, "per_task") != before["per_task"]
+  with open(found.mtl_files["train"], "a") as f:
+    f.write("\n")
+  assert fingerprint_lib.source_fingerprint(found, "mtl") != before["mtl"]
+
+
 # Points 2 and 7: lines end at \n, \r\n or \r only; lines are read with a bound.
 
 @pytest.mark.parametrize("character", ["\x0c", "\x0b", "\x1c", "\x85", "\u2028",

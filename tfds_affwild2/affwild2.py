@@ -116,7 +116,8 @@ class Affwild2(tfds.core.GeneratorBasedBuilder):
     key = str(manual_dir)
     if key not in self._release:
       found = self.release_layout(manual_dir)
-      self._release[key] = found, fingerprint_lib.source_fingerprint(found)
+      self._release[key] = found, fingerprint_lib.source_fingerprint(
+          found, self.builder_config.source)
     return self._release[key]
 
   def _split_overlaps(self, found) -> list[dict]:

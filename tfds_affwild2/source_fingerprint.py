@@ -1,8 +1,9 @@
 """The fingerprint of the release a dataset is built from: changes whenever what the
 build reads changes, computed without reading a single image.
 
-It hashes the content of every annotation file the build reads (per-task files, MTL
-files, test lists) and the names and sizes of the frame images in the image roots
+It hashes the content of every annotation file the build reads (the per-task files or
+the MTL files, as the builder config's source says, and the test lists) and the names
+and sizes of the frame images in the image roots
 (a listing: no image is opened). Paths enter relative to the release root, so a
 release moved or copied elsewhere keeps its fingerprint. The builder stores it in the
 dataset's metadata as "source_fingerprint"; a later build compares it with the
@@ -28,13 +29,16 @@ def _file_digest(path: str) -> str:
   return digest.hexdigest()
 
 
-def annotation_files(layout: ReleaseLayout) -> list[str]:
-  """Every annotation file the build can read, sorted."""
-  files = set(layout.mtl_files.values()) | set(layout.test_lists)
-  for dirs in layout.task_split_dirs.values():
-    for folder in dirs.values():
-      files.update(os.path.join(folder, name) for name in os.listdir(folder)
-                   if name.endswith(".txt"))
+def annotation_files(layout: ReleaseLayout, source: str = "per_task") -> list[str]:
+  """The annotation files a build from `source` ("per_task" or "mtl") reads, sorted."""
+  files = set(layout.test_lists)
+  if source == "mtl":
+    files.update(layout.mtl_files.values())
+  else:
+    for dirs in layout.task_split_dirs.values():
+      for folder in dirs.values():
+        files.update(os.path.join(folder, name) for name in os.listdir(folder)
+                     if name.endswith(".txt"))
   return sorted(files)
 
 
@@ -55,11 +59,11 @@ def _image_listing(layout: ReleaseLayout) -> Iterator[str]:
         yield f"{root_name}/{video.name}/{image.name}\t{image.stat().st_size}"
 
 
-def source_fingerprint(layout: ReleaseLayout) -> str:
-  """A SHA-256 over the annotation files' contents and the image files' names and
-  sizes (see the module docstring), as hex."""
+def source_fingerprint(layout: ReleaseLayout, source: str = "per_task") -> str:
+  """A SHA-256 over the contents of the annotation files a build from `source` reads
+  and the image files' names and sizes (see the module docstring), as hex."""
   digest = hashlib.sha256()
-  for path in annotation_files(layout):
+  for path in annotation_files(layout, source):
     digest.update(f"annotation\t{os.path.relpath(path, layout.root)}\t"
                   f"{_file_digest(path)}\n".encode("utf-8", "surrogateescape"))
   for line in _image_listing(layout):
