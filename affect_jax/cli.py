@@ -10,12 +10,21 @@ Each parse fills a FlagValues of its own, not absl's global FLAGS: command modul
 import side by side and a command can run twice in one process (tests, notebooks). The
 dispatcher imports a command's module only when that command runs, so listing the
 commands imports no JAX. A new command is one entry in COMMANDS pointing at a function
-`main(argv) -> exit status` that parses with `parse_flags`.
+`main(argv) -> exit status` that parses with `parse_flags`; its module ends with
+`sys.exit(cli.run_as_script(main))`, so its `python -m` form reports errors the same way.
+
+Errors: an expected error (affect_jax.errors.is_expected: bad data, a bad config, a
+missing dataset, checkpoint or file) is printed as one `error: ...` line, exit status 1;
+anything else is a bug and keeps its traceback. `--verbose`, anywhere before a `--`
+(`affect-jax --verbose train ...`, `affect-jax train ... --verbose`, `python -m
+affect_jax.main ... --verbose`), shows the traceback of an expected error too. A command
+line that does not parse (an unknown flag, a missing --config file) exits with status 2.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import sys
 import textwrap
 from typing import Callable, Sequence
@@ -72,7 +81,17 @@ def usage() -> str:
           f"too)\n\n{command_list()}")
 
 
-VERBOSE_FLAG = "--verbose"  # before the command: tracebacks of expected errors too
+VERBOSE_FLAG = "--verbose"  # anywhere before a `--`: tracebacks of expected errors too
+VERBOSE_HELP = "Show the traceback of an expected error too (a bug always shows it)."
+
+
+def split_verbose(argv: Sequence[str]) -> tuple[list[str], bool]:
+  """argv without VERBOSE_FLAG (wherever it is before a `--`: what follows one is
+  positional) and whether it was there."""
+  arguments = list(argv)
+  end = arguments.index("--") if "--" in arguments else len(arguments)
+  kept = [arg for arg in arguments[:end] if arg != VERBOSE_FLAG] + arguments[end:]
+  return kept, len(kept) != len(arguments)
 
 
 def run_command(name: str, argv: Sequence[str], verbose: bool = False) -> int:
@@ -83,6 +102,14 @@ def run_command(name: str, argv: Sequence[str], verbose: bool = False) -> int:
   module_name, function = COMMANDS[name].target.split(":")
   command = getattr(importlib.import_module(module_name), function)
   return run_reporting_errors(lambda: command(list(argv)), verbose)
+
+
+def run_as_script(command: Callable[[list[str]], int | None],
+                  argv: Sequence[str] | None = None) -> int:
+  """A command module's `python -m` entry point: command(argv) (default sys.argv[1:])
+  with VERBOSE_FLAG taken out, its errors reported as the dispatcher reports them."""
+  argv, verbose = split_verbose(sys.argv[1:] if argv is None else argv)
+  return run_reporting_errors(lambda: command(argv), verbose)
 
 
 def run_reporting_errors(command: Callable[[], int | None], verbose: bool = False) -> int:
@@ -100,9 +127,7 @@ def run_reporting_errors(command: Callable[[], int | None], verbose: bool = Fals
 
 def main(argv: Sequence[str] | None = None) -> int:
   """`affect-jax <command> [flags]`: the console script and `python -m affect_jax`."""
-  argv = list(sys.argv[1:] if argv is None else argv)
-  verbose = bool(argv) and argv[0] == VERBOSE_FLAG
-  argv = argv[1:] if verbose else argv
+  argv, verbose = split_verbose(sys.argv[1:] if argv is None else argv)
   if not argv or argv[0] in HELP_FLAGS:
     print(usage(), file=sys.stdout if argv else sys.stderr)
     return 0 if argv else USAGE_ERROR
@@ -142,7 +167,28 @@ def help_text(doc: str, flag_values: flags.FlagValues) -> str:
   listed = [describe_flag(flag_values[name]) for name in flag_values
             if not name.startswith("config.")  # --config.x overrides: the config's own
             and not flag_values[name].help.startswith("Alias for --")]
+  listed.append(textwrap.fill(f"{VERBOSE_FLAG}: {VERBOSE_HELP}", width=88,
+                              initial_indent="  ", subsequent_indent="      "))
   return f"{textwrap.dedent(doc).strip()}\n\nflags:\n" + "\n".join(listed)
+
+
+def config_file_problem(flag_values: flags.FlagValues) -> str | None:
+  """Why the given --config file did not load, or None. config_flags keeps a file that
+  does not load as a placeholder raising OSError at the config's first use, which
+  would be a traceback deep inside the command."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  if not flag_values["config"].present:
+    return None
+  try:
+    _ = flag_values.config.get  # the placeholder raises its load error here
+  except OSError as error:
+    filename = config_flags.get_config_filename(flag_values["config"])
+    path = filename.split(":", 1)[0]
+    if not os.path.isfile(path):
+      return f"--config {filename}: no such file"
+    reason = " ".join(str(error.__cause__ or error).split())
+    return f"--config {filename}: cannot load it: {reason}"
+  return None
 
 
 def parse_flags(argv: Sequence[str] | None,
@@ -180,4 +226,8 @@ def parse_flags(argv: Sequence[str] | None,
     field = str(error).strip("\"'")
     print(f"error: the config has no field {field!r}", file=sys.stderr)
     raise SystemExit(USAGE_ERROR) from None
+  problem = config_file_problem(flag_values) if config is not None else None
+  if problem:
+    print(f"error: {problem}", file=sys.stderr)
+    raise SystemExit(USAGE_ERROR)
   return flag_values, rest

@@ -26,9 +26,14 @@ def quiet_library_logs() -> None:
 
 
 def start_console_logging() -> None:
-  """INFO and above on stderr, one line each, library INFO lines dropped. Called by a
-  command before it imports the libraries: some (Orbax) add a handler of their own to
-  a root logger that has none."""
+  """INFO and above on stderr, one line each, library INFO lines dropped. Best called
+  by a command before it imports the libraries: importing Orbax logs through absl,
+  which gives a root logger that has no handler a plain one (Python's own format);
+  such a handler gets our format here."""
   logging.basicConfig(level=logging.INFO, format=FORMAT)
-  logging.getLogger().setLevel(logging.INFO)
+  root = logging.getLogger()
+  root.setLevel(logging.INFO)
+  for handler in root.handlers:
+    if type(handler) is logging.StreamHandler:  # pylint: disable=unidiomatic-typecheck
+      handler.setFormatter(logging.Formatter(FORMAT))  # not a subclass: pytest's, absl's
   quiet_library_logs()

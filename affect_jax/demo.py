@@ -17,7 +17,7 @@ from typing import Sequence
 
 from absl import flags
 
-from affect_jax import cli, cli_logging, host_setup
+from affect_jax import cli, cli_logging, errors, host_setup
 
 log = logging.getLogger("affect_jax.demo")
 
@@ -48,6 +48,8 @@ def make_release(release_dir: str, args) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args, _ = cli.parse_flags(argv, define_flags, __doc__)
+  if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+    raise errors.InputError(f"--workdir {args.workdir} is a file, not a folder")
   cli_logging.start_console_logging()
   host_setup.prepare_before_jax()  # before JAX starts its threads
   from affect_jax.eval import report  # pylint: disable=g-import-not-at-top
@@ -99,4 +101,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.run_as_script(main))

@@ -23,6 +23,7 @@ import grain
 import numpy as np
 from absl import flags
 
+from affect_jax import errors
 from affect_jax.data.augment import AugmentConfig, augment_image
 from affect_jax.data.records import decode_record_image, record_to_example
 from affect_jax.vocabulary import IMAGE_SIZE, NUM_AUS
@@ -155,7 +156,8 @@ def task_balanced_weights(masks: np.ndarray) -> np.ndarray:
   inverse = np.where(fraction > 0, 1.0 / np.maximum(fraction, 1e-12), 0.0)
   weights = masks.astype(np.float64) @ inverse
   if not np.any(weights > 0):
-    raise ValueError("no record carries any label: nothing to balance")
+    raise errors.InputError("config.input.task_balanced: no record of the training "
+                            "split carries any label, nothing to balance")
   return weights / weights.sum()
 
 
@@ -222,11 +224,11 @@ def train_dataset(source, *, global_batch_size: int, seed: int, augment: Augment
   of every global batch.
   """
   if global_batch_size % process_count:
-    raise ValueError(f"batch size {global_batch_size} is not divisible by the "
-                     f"{process_count} processes")
+    raise errors.InputError(f"config.input.batch_size {global_batch_size} is not "
+                            f"divisible by the {process_count} processes")
   if len(source) < global_batch_size:
-    raise ValueError(f"the training split has {len(source)} records, fewer than one "
-                     f"batch of {global_batch_size}")
+    raise errors.InputError(f"the training split has {len(source)} records, fewer than "
+                            f"one batch of config.input.batch_size {global_batch_size}")
   if task_balanced:
     order = WeightedEpochs(range(len(source)), task_balanced_weights(label_masks(source)),
                            seed)

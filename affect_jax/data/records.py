@@ -13,6 +13,8 @@ import math
 import cv2
 import numpy as np
 
+from affect_jax import errors
+
 log = logging.getLogger(__name__)
 
 
@@ -38,12 +40,12 @@ def _describe_record(record, index: int) -> str:
 
 
 def decode_record_image(record, index: int) -> np.ndarray:
-  """The record's image as uint8 RGB; an undecodable one is a ValueError naming the
+  """The record's image as uint8 RGB; an undecodable one is an InputError naming the
   record (index, video, frame)."""
   try:
     return decode_jpeg(record["image"])
   except ValueError as e:
-    raise ValueError(f"{_describe_record(record, index)}: {e}") from None
+    raise errors.InputError(f"{_describe_record(record, index)}: {e}") from None
 
 
 def record_to_example(record: dict, index: int) -> dict:
@@ -218,8 +220,45 @@ def _same_value(a, b) -> bool:
   return type(a) is type(b) and a == b
 
 
+BUILD_HINT = "build it with affect-jax build --manual_dir RELEASE --data_dir DATA_DIR"
+
+
+def built_dataset_builder(name: str, data_dir: str | None):
+  """The TFDS builder of dataset `name` (config.dataset.name) built in `data_dir`
+  (config.dataset.data_dir; None: TFDS's default); an InputError saying so when the
+  name is unknown or the dataset is not built there."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top  # gs:// paths too
+  folder = name.split(":")[0]  # a name may pin its version: affwild2/union:1.0.0
+  if data_dir is not None and not (epath.Path(data_dir) / folder).exists():
+    # Checked first: TFDS would log a warning about the missing folder before failing.
+    raise errors.InputError(f"dataset {name} is not built in {data_dir} "
+                            f"(config.dataset.data_dir): {BUILD_HINT}")
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except ValueError as e:  # an unknown dataset or config; TFDS lists every dataset
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise errors.InputError(f"config.dataset.name {name!r}: {reason}") from None
+  if not builder.is_prepared():
+    raise errors.InputError(f"dataset {name} is not built in {builder.data_dir_root} "
+                            f"(config.dataset.data_dir): {BUILD_HINT}")
+  return builder
+
+
+def check_split(builder, split: str) -> None:
+  """An InputError naming the dataset's splits when `split` (TFDS's `train`,
+  `validation[:10%]`, `train+validation`) names one it does not have."""
+  names = [part.split("[")[0].strip() for part in split.split("+")]
+  unknown = [n for n in names if n not in builder.info.splits]
+  if unknown:
+    raise errors.InputError(f"dataset {builder.info.full_name} has no split "
+                            f"{', '.join(map(repr, unknown))}; its splits: "
+                            f"{', '.join(builder.info.splits)}")
+
+
 def open_data_source(name: str, split: str, data_dir: str | None, raw: bool = True):
-  """A split of the TFDS ArrayRecord dataset, images left as JPEG bytes.
+  """A split of the TFDS ArrayRecord dataset, images left as JPEG bytes; an InputError
+  when the dataset is not built or has no such split.
 
   raw (default): a `RawExampleSource` (the same records, ~3.5x cheaper to read),
   checked against TFDS's decoding on the split's first and last record (ValueError on
@@ -227,7 +266,8 @@ def open_data_source(name: str, split: str, data_dir: str | None, raw: bool = Tr
   TFDS's own source, with a warning. raw=False: TFDS's source.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = tfds.builder(name, data_dir=data_dir)
+  builder = built_dataset_builder(name, data_dir)
+  check_split(builder, split)
   tfds_source = builder.as_data_source(split,
                                        decoders={"image": tfds.decode.SkipDecoding()})
   if not raw:

@@ -12,8 +12,9 @@ from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 
-from affect_jax import data_parallel
+from affect_jax import data_parallel, errors
 from affect_jax.model import implementation, multitask
 from affect_jax.train import checkpoints, step_functions
 
@@ -22,11 +23,14 @@ def load_config(workdir: str, config: ml_collections.ConfigDict | None = None,
                 data_dir: str | None = None) -> ml_collections.ConfigDict:
   """The given config, else the run's own `config.json`; `data_dir` replaces
   config.dataset.data_dir."""
+  if not epath.Path(workdir).is_dir():  # epath: gs:// workdirs too
+    raise errors.InputError(f"workdir {workdir} does not exist (the training run's "
+                            "folder)")
   if config is None:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-      raise FileNotFoundError(f"{path} does not exist: pass --config (the file the run "
-                              "was trained with)")
+      raise errors.InputError(f"{path} does not exist: pass --config (the file the run "
+                               "was trained with)")
     with open(path) as f:
       config = ml_collections.ConfigDict(json.load(f))
   if data_dir is not None:

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
+from affect_jax import errors
 from affect_jax.data import augment, pipeline, records
 from affect_jax.inference import submission
 from tfds_affwild2 import annotations, release
@@ -17,10 +18,15 @@ from tfds_affwild2 import annotations, release
 NAME_BYTES = 128  # video names travel through the pipeline as fixed-width uint8
 
 
+class MissingSourceError(errors.InputError, FileNotFoundError):
+  """A source that does not exist or holds no image (also a FileNotFoundError, as
+  before)."""
+
+
 def encode_name(name: str) -> np.ndarray:
   data = name.encode()
   if len(data) > NAME_BYTES:
-    raise ValueError(f"video name longer than {NAME_BYTES} bytes: {name!r}")
+    raise errors.InputError(f"video name longer than {NAME_BYTES} bytes: {name!r}")
   return np.frombuffer(data.ljust(NAME_BYTES, b"\0"), np.uint8)
 
 
@@ -81,7 +87,7 @@ class ImageFiles:
 
   def __init__(self, items: Sequence[ImageItem], image_size: int, description: str):
     if not items:
-      raise FileNotFoundError(f"{description}: no face image to predict")
+      raise MissingSourceError(f"{description}: no face image to predict")
     self.items = list(items)
     self._image_size = image_size
     self.description = description
@@ -109,13 +115,14 @@ class ImageFiles:
 
 def load_face_image(item: ImageItem, image_size: int) -> np.ndarray:
   """uint8 [size, size, 3], resized as the eval pipeline resizes; a file that does not
-  decode is an error naming it (and the list line that named it)."""
+  decode is an InputError naming it (and the list line that named it)."""
   try:
     with open(item.path, "rb") as f:
       image = records.decode_jpeg(f.read())
   except (OSError, ValueError) as error:
     where = f" (listed at {item.origin})" if item.origin else ""
-    raise ValueError(f"{item.path}{where}: cannot read the image: {error}") from None
+    raise errors.InputError(f"{item.path}{where}: cannot read the image: "
+                            f"{error}") from None
   return augment.augment_image(image, None, augment.AugmentConfig(),
                                       image_size)
 
@@ -123,7 +130,7 @@ def load_face_image(item: ImageItem, image_size: int) -> np.ndarray:
 def folder_items(path: str) -> list[ImageItem]:
   """`PATH/<video>/<frame>.jpg` (or `PATH/<frame>.jpg`: one video named after PATH)."""
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"image folder {path} does not exist")
+    raise MissingSourceError(f"--source folder:{path}: the folder does not exist")
   has_own_frames = any(_frame_of(name) is not None for name in os.listdir(path))
   if has_own_frames:
     videos = {os.path.basename(os.path.normpath(path)): path}
@@ -136,7 +143,8 @@ def folder_items(path: str) -> list[ImageItem]:
       if frame is not None:
         items.append(ImageItem(video, frame, os.path.join(folder, name)))
   if not items:
-    raise FileNotFoundError(f"{path}: no '<video>/<frame number>.jpg' image found")
+    raise MissingSourceError(f"--source folder:{path}: no '<video>/<frame "
+                             "number>.jpg' image found")
   return sorted(items, key=lambda item: (item.video, item.frame))
 
 
@@ -151,8 +159,8 @@ def list_items(entries: Sequence[submission.TestEntry], image_roots: Sequence[st
   listed video. Listed images without a file are left out (their submission lines
   are filled from neighbouring frames); a listed video without a folder is an error."""
   if not image_roots:
-    raise ValueError("--source list:... needs --image_root (the cropped_aligned "
-                     "folders the list's images are in)")
+    raise errors.InputError("--source list:... needs --image_root (the cropped_aligned "
+                            "folders the list's images are in)")
   index = release.ImageIndex(list(image_roots))
   items, seen = [], set()
   face_frames: dict[str, list[int]] = {}
@@ -190,10 +198,13 @@ def open_source(spec: str, config, image_roots: Sequence[str] = ()) -> OpenedSou
   if kind == "folder" and value:
     return OpenedSource(ImageFiles(folder_items(value), size, value))
   if kind == "list" and value:
+    if not os.path.isfile(value):
+      raise MissingSourceError(f"--source list:{value}: no such file")
     entries = submission.read_test_list(value)
     items, face_frames = list_items(entries, image_roots, value)
     return OpenedSource(ImageFiles(items, size, value), entries, face_frames)
-  raise ValueError(f"--source {spec!r}: expected tfds:SPLIT, folder:PATH or list:PATH")
+  raise errors.InputError(f"--source {spec!r}: expected tfds:SPLIT, folder:PATH or "
+                          "list:PATH")
 
 
 class LoadPosition(grain.transforms.Map):

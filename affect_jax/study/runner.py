@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 from absl import flags
 
-from affect_jax import cli, cli_logging, host_setup
+from affect_jax import cli, cli_logging, errors, host_setup
 from affect_jax.study.report import write_study_report
 from affect_jax.study.variants import (
   Variant,
@@ -50,8 +50,9 @@ def check_unchanged(variant: Variant, record: dict | None, settings: dict) -> No
   if changes:
     shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in
                       ((k, *v) for k, v in sorted(changes.items())))
-    raise ValueError(f"{variant.name}: its workdir was trained with other settings "
-                     f"({shown}); delete the workdir or use another --study_dir")
+    raise errors.InputError(f"{variant.name}: its workdir was trained with other "
+                            f"settings ({shown}); delete the workdir or use another "
+                            "--study_dir")
 
 
 def run_variant(study_config, variant: Variant, study_dir: str,
@@ -66,8 +67,9 @@ def run_variant(study_config, variant: Variant, study_dir: str,
     return "skipped"
   if variant.init_from_variant and not dependency_finished(study_config, variant,
                                                           study_dir):
-    raise RuntimeError(f"{variant.name} warm-starts from {variant.init_from_variant}, "
-                       "which has not finished; run it first")
+    raise errors.InputError(f"{variant.name} warm-starts from "
+                            f"{variant.init_from_variant}, which has not finished; run "
+                            "it first")
   if train_fn is None:
     from affect_jax.train import loop  # pylint: disable=g-import-not-at-top
     train_fn = loop.train_and_evaluate
@@ -186,4 +188,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.run_as_script(main))

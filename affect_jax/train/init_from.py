@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from absl import flags
 from flax import traverse_util
 
-from affect_jax import cli
+from affect_jax import cli, errors
 from affect_jax.model import pretrained
 
 BACKBONE = "backbone"
@@ -31,6 +31,8 @@ PARTS = ("backbone", "backbone+heads")
 
 def convert_pretrained(input_path: str, output_dir: str) -> dict:
   """torchvision `.pth` / timm `.safetensors` ResNet-18 -> an Orbax checkpoint."""
+  if not os.path.isfile(input_path):
+    raise errors.InputError(f"--input {input_path}: no such file")
   imported = pretrained.torchvision_state_dict_to_flax(
       pretrained.load_state_dict(input_path))
   variables = {"params": {BACKBONE: imported["params"]},
@@ -55,12 +57,13 @@ def load_init_variables(path: str, step: int | None = None) -> dict:
                                     options=ocp.CheckpointManagerOptions(read_only=True))
     step = step or manager.latest_step()
     if step is None:
-      raise FileNotFoundError(f"init_from: no checkpoint in {checkpoints_dir}")
+      raise errors.InputError(f"config.init_from.path: no checkpoint in "
+                              f"{checkpoints_dir}")
     state = _read_raw(os.path.join(checkpoints_dir, str(step), "state"))
     return {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"init_from: {path} is neither a training workdir nor "
-                            "converted weights (affect-jax convert)")
+    raise errors.InputError(f"config.init_from.path: {path} is neither a training "
+                            "workdir nor converted weights (affect-jax convert)")
   return _read_raw(path)
 
 
@@ -68,7 +71,8 @@ def merge_variables(target: dict, source: dict, parts: str) -> tuple[dict, list[
   """Copies the backbone (and, with 'backbone+heads', every head whose name and shapes
   match) from source into target; returns the new tree and the copied top-level parts."""
   if parts not in PARTS:
-    raise ValueError(f"init_from.parts must be one of {PARTS}, got {parts!r}")
+    raise errors.InputError(f"config.init_from.parts must be one of {PARTS}, got "
+                            f"{parts!r}")
   merged, copied = {}, set()
   for collection in ("params", "batch_stats"):
     flat_target = traverse_util.flatten_dict(target.get(collection, {}))
@@ -79,13 +83,15 @@ def merge_variables(target: dict, source: dict, parts: str) -> tuple[dict, list[
       if not wanted:
         continue
       if part == BACKBONE and key not in flat_source:
-        raise ValueError(f"init_from: the source has no {collection}/{'/'.join(key)}")
+        raise errors.InputError(f"config.init_from.path: the source has no "
+                                f"{collection}/{'/'.join(key)}")
       if key in flat_source:
         new = np.asarray(flat_source[key])
         if new.shape != tuple(value.shape):
           if part == BACKBONE:
-            raise ValueError(f"init_from: {collection}/{'/'.join(key)} has shape "
-                             f"{new.shape} in the source, {tuple(value.shape)} here")
+            raise errors.InputError(
+                f"config.init_from.path: {collection}/{'/'.join(key)} has shape "
+                f"{new.shape} in the source, {tuple(value.shape)} here")
           continue  # a head of another size (e.g. 7 vs 8 classes) stays re-initialised
         flat_target[key] = new.astype(value.dtype)
         copied.add(part)
@@ -130,4 +136,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.run_as_script(main))
