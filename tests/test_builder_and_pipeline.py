@@ -16,7 +16,7 @@ import tfds_affwild2  # noqa: F401  (registers the builder)
 from affect_jax.data import augment
 from affect_jax.data import pipeline
 from affect_jax.data import records
-from tfds_affwild2 import build
+from tfds_affwild2 import annotations, build, layout, source_fingerprint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,6 +35,12 @@ def test_metadata_counts_equal_the_generated_ground_truth(built_union, synthetic
       assert summary[split]["skipped"][key] == value
   assert builder.info.splits["test"].num_examples == truth["splits"]["test"]["images"]
   assert "tensorflow" not in sys.modules  # built and read without TensorFlow
+  root, _ = synthetic_release
+  release_layout = layout.find_release_layout(root)
+  assert builder.info.metadata["source_fingerprint"] == \
+      source_fingerprint.source_fingerprint(release_layout)
+  assert builder.info.metadata["annotated_au_names"] == list(annotations.AU_NAMES)
+  assert builder.info.metadata["videos_in_train_and_validation"] == []
 
 
 def test_images_round_trip_byte_exact_and_labels_match(built_union, synthetic_release):
