@@ -241,6 +241,21 @@ def test_two_image_files_for_one_frame_are_an_error(tmp_path):
     release.ImageIndex(found.image_roots).frames(os.path.basename(video_dir))
 
 
+def test_frame_numbers_beyond_any_video_are_errors(tmp_path):
+  root = tiny_release(tmp_path / "release")
+  found = layout.find_release_layout(root)
+  with open(found.test_lists[0], "a") as f:
+    f.write("some_video/99999999999.jpg\n")  # a bitmap of 12 GB, an int32 overflow
+  with pytest.raises(AnnotationError, match="beyond any video"):
+    list(release.iter_test_examples(found, release.SplitSummary(num_expr_classes=8),
+                                    release.ImageIndex(found.image_roots)))
+  video_dir = os.path.join(found.image_roots[0], sorted(os.listdir(found.image_roots[0]))[0])
+  shutil.copy(os.path.join(video_dir, sorted(os.listdir(video_dir))[0]),
+              os.path.join(video_dir, "12345678901.jpg"))
+  with pytest.raises(ReleaseError, match="12345678901.jpg: frame number beyond"):
+    release.ImageIndex(found.image_roots).frames(os.path.basename(video_dir))
+
+
 # Issue 17, point 1: several test lists, each listed frame once.
 
 def test_frames_named_by_several_test_lists_are_built_once(tmp_path):

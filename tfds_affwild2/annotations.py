@@ -45,6 +45,8 @@ EXPR_INVALID = -1
 AU_INVALID = -1
 MTL_HEADER = ("image", "valence", "arousal", "expression", "aus")
 
+# Over 90 hours at 30 frames/s; keeps frame numbers int32 and per-video bitmaps small.
+MAX_FRAME_NUMBER = 10_000_000
 MAX_LINE_CHARS = 10_000  # the longest real line (an MTL row) has under 100
 QUOTE_CHARS = 200  # what an error message quotes of a line or a field
 # Characters str.splitlines splits at, and the other control characters: inside a
@@ -288,6 +290,9 @@ def frame_number(path, line_number: int, image_name: str) -> int:
   if not stem.isdigit():
     raise AnnotationError(path, line_number,
                           f"image name {quoted(image_name)} is not '<frame number>.jpg'")
+  if int(stem) > MAX_FRAME_NUMBER:
+    raise AnnotationError(path, line_number, f"frame number of {quoted(image_name)} is "
+                          f"beyond any video's (at most {MAX_FRAME_NUMBER})")
   return int(stem)
 
 

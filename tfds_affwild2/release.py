@@ -101,7 +101,8 @@ class SplitSummary:
 
 
 class ImageIndex:
-  """Finds `<video>/<frame>.jpg` over several image roots (ABAW6 uses two)."""
+  """Finds `<video>/<frame>.jpg` over several image roots (ABAW6 uses two). Two files
+  of one frame (`1.jpg` and `00001.jpg`) are an error, never a silent pick."""
 
   def __init__(self, image_roots: Sequence[str]):
     if not image_roots:
@@ -127,6 +128,9 @@ class ImageIndex:
       for name in sorted(os.listdir(folder)):
         stem, ext = os.path.splitext(name)
         if ext.lower() == ".jpg" and stem.isdigit():
+          if int(stem) > annotations.MAX_FRAME_NUMBER:
+            raise ReleaseError(f"{folder}/{name}: frame number beyond any video's (at "
+                               f"most {annotations.MAX_FRAME_NUMBER})")
           if int(stem) in frames:  # `1.jpg` and `00001.jpg`: which is the frame?
             raise ReleaseError(
                 f"{folder}: {os.path.basename(frames[int(stem)])} and {name} are both "
