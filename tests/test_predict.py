@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from affect_jax import config_checks
+from affect_jax.errors import InputError
 from affect_jax.inference import frame_table
 from affect_jax.inference import predict
 from affect_jax.inference import restore
@@ -164,14 +165,19 @@ def read_csv(path):
 def test_test_list_predictions_csv_and_submissions(trained_run, tmp_path):
   config, workdir, root, image_roots = trained_run
   list_path = os.path.join(root, synthetic.TEST_LIST)
+  sample_path = os.path.join(root, synthetic.TEST_SAMPLE_LIST)
+  with open(os.path.join(root, synthetic.GROUND_TRUTH)) as f:
+    lengths = json.load(f)["splits"]["test"]["frames"]
   out = str(tmp_path / "out")
   summary = predict.run_prediction(config, workdir, f"list:{list_path}", out,
                                    image_roots=image_roots, smooth_window=3,
-                                   formats=submission.FORMATS)
+                                   formats=submission.FORMATS, test_lists=[sample_path])
   entries = submission.read_test_list(list_path)
   faces = submission.face_frames_of(entries, image_roots)
   rows = read_csv(os.path.join(out, "predictions.csv"))
   assert len(rows) == summary["frames"] == sum(len(f) for f in faces.values())
+  assert summary["frame_counts"] == lengths
+  assert set(summary["frame_counts_from"].values()) == {"organisers' list"}
   thresholds = np.float32(summary["au_thresholds"])
   for row in rows[:5]:
     probabilities = np.float32([row[f"p_{n}"] for n in annotations.AU_NAMES])
@@ -180,21 +186,34 @@ def test_test_list_predictions_csv_and_submissions(trained_run, tmp_path):
     if np.all(np.abs(probabilities - thresholds) > 1e-5):
       assert decisions == (probabilities >= thresholds).astype(int).tolist()
     assert os.path.isfile(row["image_path"]) and row["record_index"] == "-1"
+  sample_folder = os.path.splitext(synthetic.TEST_SAMPLE_LIST)[0]
   for fmt in submission.FORMATS:
     assert submission.validate_submission(os.path.join(out, "submission", fmt), fmt,
-                                          list_path, image_roots=image_roots) == []
-  # Frames without a face image carry the previous face frame's prediction.
+                                          list_path, sample_lists=[sample_path]) == []
+    assert submission.validate_submission(
+        os.path.join(out, "submission", sample_folder, fmt), fmt, sample_path) == []
+  # Frames without a face image carry the previous face frame's prediction, up to N.
   by_frame = {(r["video"], int(r["frame"])): r for r in rows}
   checked = 0
   for video, frames in faces.items():
     expr, _ = annotations.read_task_file(
         os.path.join(out, "submission", "per_video", "EXPR", f"{video}.txt"), "expr")
-    assert len(expr) == max(frames)
-    for frame in range(1, max(frames) + 1):
+    assert len(expr) == lengths[video] > max(frames)
+    for frame in range(1, lengths[video] + 1):
       source = max([f for f in frames if f <= frame] or [min(frames)])
       assert expr[frame - 1].value == int(by_frame[(video, source)]["expression"])
       checked += frame not in frames
   assert checked > 0, "the synthetic test video has no gap to fill"
+
+
+def test_a_listed_video_without_n_is_refused_before_predicting(trained_run, tmp_path):
+  config, workdir, root, image_roots = trained_run
+  list_path = os.path.join(root, synthetic.TEST_LIST)
+  with pytest.raises(InputError, match=r"number of frames of \d+ listed videos is "
+                     "unknown"):
+    predict.run_prediction(config, str(tmp_path / "no_run"), f"list:{list_path}",
+                           str(tmp_path / "out"), image_roots=image_roots,
+                           formats=["per_video"])
 
 
 def test_labelled_split_reports_scores_before_and_after(trained_run, tmp_path):
@@ -261,17 +280,18 @@ def test_restore_refuses_a_bad_model_config_before_reading_files(tmp_path):
 def test_command_line(trained_run, tmp_path):
   config, workdir, root, image_roots = trained_run
   list_path = os.path.join(root, synthetic.TEST_LIST)
+  sample_path = os.path.join(root, synthetic.TEST_SAMPLE_LIST)
   out = str(tmp_path / "out")
   command = [sys.executable, "-m", "affect_jax.inference.predict", "--workdir", workdir,
              f"--source=list:{list_path}", "--out", out, "--formats=mtl",
-             f"--data_dir={config.dataset.data_dir}"]
+             f"--test_list={sample_path}", f"--data_dir={config.dataset.data_dir}"]
   command += [f"--image_root={r}" for r in image_roots]
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]
   assert json.loads(result.stdout)["frames"] > 0
   validate = [sys.executable, "-m", "affect_jax.inference.submission", "validate",
               os.path.join(out, "submission", "mtl"), "--format", "mtl", "--test_list",
-              list_path] + [f"--image_root={r}" for r in image_roots]
+              list_path, f"--sample_list={sample_path}"]
   result = subprocess.run(validate, cwd=REPO, capture_output=True, text=True,
                           timeout=60)
   assert result.returncode == 0, result.stdout + result.stderr

@@ -3,13 +3,15 @@ per-video plots."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 from typing import Sequence
 
 import numpy as np
 
 from affect_jax import vocabulary
-from affect_jax.inference import submission
+from affect_jax.errors import InputError
+from affect_jax.inference import abaw_lists, submission
 from affect_jax.inference.frame_table import FrameTable
 from affect_jax.inference.sources import OpenedSource
 from tfds_affwild2 import annotations
@@ -62,35 +64,73 @@ def submission_predictions(table: FrameTable, thresholds
       aus=None if table.au is None else au_decisions(table.au, thresholds))
 
 
+@dataclasses.dataclass(frozen=True)
+class SubmissionPlan:
+  """What prediction writes submissions for: `targets` maps a folder name ('' for the
+  source list or the table itself) to the entries of the list it is for; `counts` is N
+  of every video they name, with where each N came from."""
+  targets: dict
+  counts: abaw_lists.FrameCounts
+
+
+def plan_submissions(opened: OpenedSource | None, test_lists: Sequence[str] = (), *,
+                     frame_counts: dict | None = None, video_dir: str | None = None,
+                     table_frames: dict | None = None) -> SubmissionPlan:
+  """The lists to write submissions for and N of their videos, checked before any
+  prediction runs. A list source is the submission's list; each of `test_lists` gets a
+  submission of its own and lends its listed frames as N to the others. Without a
+  list (a folder or TFDS split), the table's videos are written, N falling back to
+  their last face frame (`table_frames`: video -> predicted frames)."""
+  lists = {path: abaw_lists.read_test_list(path) for path in test_lists}
+  targets = {_folder_name(path): entries for path, entries in lists.items()}
+  source_list = opened is not None and opened.entries is not None
+  if source_list:
+    targets[""] = opened.entries
+    lists[opened.data.description] = opened.entries
+  elif not lists:
+    targets[""] = [abaw_lists.TestEntry(0, video) for video in sorted(table_frames or {})]
+  videos = [e.video for entries in targets.values() for e in entries]
+  counts = abaw_lists.resolve_frame_counts(
+      videos, given=frame_counts,
+      video_files=(abaw_lists.video_file_frame_counts(video_dir, videos) if video_dir
+                   else None),
+      listed=abaw_lists.listed_frame_counts(lists),
+      face_frames=None if (source_list or lists) else table_frames,
+      listed_in=", ".join(lists) or "")
+  return SubmissionPlan(targets, counts)
+
+
+def _folder_name(list_path: str) -> str:
+  return os.path.splitext(os.path.basename(list_path))[0]
+
+
 def write_submissions(out_dir: str, formats: Sequence[str], table: FrameTable,
-                      thresholds, opened: OpenedSource, num_expr_classes: int,
-                      frame_counts: dict | None = None) -> dict[str, list[str]]:
-  """Each requested format under `out_dir/<format>/`; for a test list, exactly the
-  listed images / videos, else every video of the table."""
+                      thresholds, plan: SubmissionPlan, num_expr_classes: int, *,
+                      au_names: Sequence[str] = annotations.AU_NAMES,
+                      fill: str = "previous") -> dict[str, list[str]]:
+  """Each requested format under `out_dir/[<list name>/]<format>/`, covering every
+  image and every frame 1..N its list names."""
   predictions = submission_predictions(table, thresholds)
-  if opened.entries is not None:
-    entries, face_frames = opened.entries, opened.face_frames
-  else:
-    entries = [submission.TestEntry(0, video) for video in sorted(predictions)]
-    face_frames = {v: p.frames.tolist() for v, p in predictions.items()}
+  counts = plan.counts.counts
   written = {}
-  for fmt in formats:
-    folder = os.path.join(out_dir, fmt)
-    if fmt == "per_video":
-      written[fmt] = submission.write_per_video_files(
-          folder, predictions, submission.video_lengths(entries, face_frames,
-                                                        frame_counts),
-          num_expr_classes=num_expr_classes)
-    elif fmt == "mtl":
-      written[fmt] = [submission.write_mtl_file(
-          folder, predictions, submission.listed_images(entries, face_frames))]
-    elif fmt == "image_location":
-      written[fmt] = submission.write_image_location_files(
-          folder, predictions, submission.listed_images(entries, face_frames),
-          num_expr_classes=num_expr_classes)
-    else:
-      raise ValueError(f"unknown submission format {fmt!r}; expected one of "
-                       f"{submission.FORMATS}")
+  for name, entries in plan.targets.items():
+    for fmt in formats:
+      folder = os.path.join(out_dir, name, fmt)
+      key = os.path.join(name, fmt)
+      if fmt == "per_video":
+        written[key] = submission.write_per_video_files(
+            folder, predictions, abaw_lists.video_lengths(entries, counts),
+            num_expr_classes=num_expr_classes, au_names=au_names, fill=fill)
+      elif fmt == "mtl":
+        written[key] = [submission.write_mtl_file(
+            folder, predictions, abaw_lists.listed_images(entries, counts), fill)]
+      elif fmt == "image_location":
+        written[key] = submission.write_image_location_files(
+            folder, predictions, abaw_lists.listed_images(entries, counts),
+            num_expr_classes=num_expr_classes, au_names=au_names, fill=fill)
+      else:
+        raise InputError(f"unknown submission format {fmt!r}; expected one of "
+                         f"{submission.FORMATS}")
   return written
 
 

@@ -6,7 +6,11 @@ and tune commands.
   affect-jax predict --workdir runs/mtl --source folder:/data/cropped_aligned --out OUT
   affect-jax predict --workdir runs/mtl --source list:/data/test_set.txt \\
       --image_root /data/cropped_aligned --image_root /data/cropped_aligned_new_50_vids \\
+      --test_list /data/CVPR_6th_ABAW_Expr_test_set_sample.txt \\
       --formats mtl,image_location,per_video --out OUT
+  # the built test split (the union of the release's lists), one submission per list
+  affect-jax predict --workdir runs/mtl --source tfds:test --out OUT --formats mtl \\
+      --test_list /data/test_set.txt --test_list /data/CVPR_6th_..._sample.txt
   # tune per-AU thresholds on validation (writes runs/mtl/au_thresholds.json, which
   # later predictions use) and measure temporal smoothing windows
   affect-jax tune --workdir runs/mtl --smooth_windows 1,5,9,15
@@ -18,8 +22,11 @@ best one (else the latest) unless `--step`; it is restored onto the devices pres
 now, whatever number of devices wrote it.
 
 Outputs under --out: `predictions.csv` (one row per face frame, sorted by video and
-frame), `summary.json` (step, thresholds, smoothing, counts, and, for a labelled TFDS
-split, the scores before/after thresholds and smoothing) and `submission/<format>/`.
+frame), `summary.json` (step, thresholds, smoothing, counts, N of each video and where
+it came from, and, for a labelled TFDS split, the scores before/after thresholds and
+smoothing) and `submission/<format>/` (for the source list, or the table's videos),
+`submission/<list name>/<format>/` for each --test_list. Submissions cover every frame
+1..N of every listed video (docs/SUBMISSIONS.md).
 Predictions are held in host memory (smoothing needs each video's frames together, and
 TFDS stores records shuffled): about 300 bytes a frame with labels or image paths,
 300 MB for a million frames."""
@@ -44,7 +51,9 @@ from affect_jax.inference.frame_table import (
   smooth_table,
   table_scores,
 )
+from affect_jax.errors import InputError
 from affect_jax.inference.outputs import (
+  plan_submissions,
   plot_videos,
   write_predictions_csv,
   write_submissions,
@@ -94,20 +103,33 @@ def run_prediction(config, workdir: str, source: str, out_dir: str, *,
                    step: int | None = None, image_roots: Sequence[str] = (),
                    use_tuned_thresholds: bool = True, smooth_window: int = 1,
                    smooth_au: bool = False, formats: Sequence[str] = (),
-                   frame_counts: dict | None = None, devices=None,
-                   batch_size: int | None = None, plot_video_count: int = 4) -> dict:
+                   frame_counts: dict | None = None, test_lists: Sequence[str] = (),
+                   video_dir: str | None = None, fill: str = "previous",
+                   au_set: str = "abaw", devices=None, batch_size: int | None = None,
+                   plot_video_count: int = 4) -> dict:
   """Predicts every face frame of `source`, writes the CSV, the submissions, plots of
   the first `plot_video_count` videos and summary.json into out_dir; returns the
   summary."""
   check_window(smooth_window)  # before minutes of prediction, not after
   unknown = [f for f in formats if f not in submission.FORMATS]
   if unknown:
-    raise ValueError(f"unknown submission formats {unknown}; expected some of "
-                     f"{submission.FORMATS}")
+    raise InputError(f"--formats: unknown submission formats {unknown}; expected some "
+                     f"of {submission.FORMATS}")
+  if fill not in submission.FILL_RULES:
+    raise InputError(f"--fill {fill!r}: expected one of {submission.FILL_RULES}")
+  if au_set not in submission.AU_SETS:
+    raise InputError(f"--au_set {au_set!r}: expected one of {sorted(submission.AU_SETS)}")
   if "mtl" in formats and set(config.model.tasks) != {"expression", "au", "va"}:
-    raise ValueError(f"the mtl submission needs all three tasks; the model has "
+    raise InputError(f"the mtl submission needs all three tasks; the model has "
                      f"{', '.join(config.model.tasks)}")
+  if test_lists and not formats:
+    raise InputError("--test_list writes submissions: give --formats too")
   opened = open_source(source, config, image_roots)
+  plan = None
+  if formats and (opened.entries is not None or test_lists):
+    # Every listed video's N is known before minutes of prediction, or it is an error.
+    plan = plan_submissions(opened, test_lists, frame_counts=frame_counts,
+                            video_dir=video_dir)
   predictor = restore_predictor(config, workdir, step, devices, batch_size)
   table = predict_frames(predictor, opened.data,
                          config.input.worker_count).sorted_by_video_and_frame()
@@ -130,12 +152,25 @@ def run_prediction(config, workdir: str, source: str, out_dir: str, *,
                                         thresholds)
   summary["plots"] = plot_videos(out_dir, smoothed, plot_video_count)
   if formats:
+    if plan is None:
+      plan = plan_submissions(opened, frame_counts=frame_counts, video_dir=video_dir,
+                              table_frames=_frames_by_video(table))
     summary["submission"] = write_submissions(
-        os.path.join(out_dir, "submission"), formats, smoothed, thresholds, opened,
-        predictor.num_expr_classes, frame_counts)
+        os.path.join(out_dir, "submission"), formats, smoothed, thresholds, plan,
+        predictor.num_expr_classes, au_names=submission.AU_SETS[au_set], fill=fill)
+    summary["frame_counts"] = plan.counts.counts
+    summary["frame_counts_from"] = plan.counts.origins
   with open(os.path.join(out_dir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   return summary
+
+
+def _frames_by_video(table: FrameTable) -> dict[str, list[int]]:
+  """Predicted frames of each video of a table sorted by video and frame."""
+  videos, starts = np.unique(table.video, return_index=True)
+  bounds = list(starts[1:]) + [len(table)]
+  return {video: table.frame[start:end].tolist()
+          for video, start, end in zip(videos.tolist(), starts, bounds)}
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
@@ -167,9 +202,21 @@ def define_predict_flags(flag_values: flags.FlagValues) -> None:
                     "when it was tuned for this checkpoint.", flag_values=flag_values)
   flags.DEFINE_list("formats", [], f"Submission formats, some of {submission.FORMATS}.",
                     flag_values=flag_values)
-  flags.DEFINE_string("frame_counts", None, "Frames per video for per_video files "
-                      "(JSON or 'video,frames' CSV; default: the last face frame).",
-                      flag_values=flag_values)
+  flags.DEFINE_string("frame_counts", None, "N, the frames of each video, for "
+                      "submissions (JSON or 'video,frames' CSV); else from --video_dir, "
+                      "else from the frames the lists name.", flag_values=flag_values)
+  flags.DEFINE_multi_string("test_list", [], "An organisers' test list: a submission "
+                            "for it under submission/<list name>/; a list naming frames "
+                            "one by one (a sample file) also gives N of its videos "
+                            "(repeat for several).", flag_values=flag_values)
+  flags.DEFINE_string("video_dir", None, "The release's video files: N of each video "
+                      "from its file.", flag_values=flag_values)
+  flags.DEFINE_enum("fill", "previous", list(submission.FILL_RULES), "Frames without a "
+                    "face: the previous prediction, or 'linear' (VA interpolated, EXPR "
+                    "and AUs of the nearer predicted frame).", flag_values=flag_values)
+  flags.DEFINE_enum("au_set", "abaw", sorted(submission.AU_SETS), "AU columns of AU "
+                    "files: 'abaw' the 12 of ABAW2 and later, 'abaw1' ABAW1's 8 (AU20, "
+                    "not predicted, written 0).", flag_values=flag_values)
   flags.DEFINE_integer("plot_videos", 4, "Plot affect over time for this many videos.",
                        flag_values=flag_values)
 
@@ -221,6 +268,8 @@ def predict(flag_values: flags.FlagValues) -> int:
       use_tuned_thresholds=flag_values.tuned_au_thresholds,
       smooth_window=flag_values.smooth_window, smooth_au=flag_values.smooth_au,
       formats=flag_values.formats, frame_counts=frame_counts,
+      test_lists=flag_values.test_list, video_dir=flag_values.video_dir,
+      fill=flag_values.fill, au_set=flag_values.au_set,
       batch_size=flag_values.batch_size, plot_video_count=flag_values.plot_videos)
   print(json.dumps({k: v for k, v in summary.items() if k != "au_thresholds"},
                    indent=2))
@@ -246,7 +295,8 @@ def tune_main(argv: Sequence[str] | None = None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
   """`python -m affect_jax.inference.predict [--mode tune] ...`."""
   flag_values = _parse_and_start(argv, define_mode_flags, __doc__)
-  return tune(flag_values) if flag_values.mode == "tune" else predict(flag_values)
+  command = tune if flag_values.mode == "tune" else predict
+  return cli.run_reporting_errors(lambda: command(flag_values))
 
 
 if __name__ == "__main__":

@@ -10,9 +10,17 @@ Formats (see shared ABAW_FORMAT.md, "Submission files"):
                   `image_location,valence,arousal` / `image_location,Neutral,...,Other` /
                   `image_location,AU1,...,AU26`, one line per listed image.
 
-A frame that must be written but has no prediction (no face image, so nothing to
-predict from) takes the previous predicted frame's values; frames before the first
-prediction of a video take the first one.
+Every frame the organisers list is written: a listed video is its frames 1..N (N from
+affect_jax.inference.abaw_lists). A frame without a prediction (no face image, so
+nothing to predict from) is filled: `previous` (the default, the challenges' rule)
+takes the previous predicted frame's values, frames before the first prediction of a
+video the first one; `linear` interpolates valence and arousal linearly between the
+predicted frames around it and takes the expression and AUs of the nearer of them
+(the previous one on a tie).
+
+AU files carry the 12 AUs of ABAW2 and later, or ABAW1's 8 (`ABAW1_AU_NAMES`, for
+per-video files of that challenge): AU20, which the model does not predict, is written
+as 0 (absent).
 
 Everything here is pure Python and NumPy: writers take decisions already made (VA
 values, a class index, 0/1 AUs); `affect-jax predict` makes them from a model. What a
@@ -20,7 +28,7 @@ submission must cover (test lists, frame counts) is affect_jax.inference.abaw_li
 The validate command:
 
   affect-jax validate SUBMISSION_DIR --format mtl --test_list test_set.txt \\
-      --image_root cropped_aligned
+      --sample_list CVPR_6th_ABAW_Expr_test_set_sample.txt
   (or python -m affect_jax.inference.submission validate SUBMISSION_DIR ...)
 """
 from __future__ import annotations
@@ -34,19 +42,27 @@ import numpy as np
 from absl import flags
 
 from affect_jax import cli
-from affect_jax.inference.abaw_lists import (
+from affect_jax.errors import InputError
+from affect_jax.inference.abaw_lists import (  # noqa: F401  (re-exported)
   TestEntry,
   face_frames_of,
+  listed_frame_counts,
   listed_images,
   read_frame_counts,
   read_test_list,
+  resolve_frame_counts,
+  video_file_frame_counts,
   video_lengths,
 )
 from tfds_affwild2 import annotations
 from tfds_affwild2.annotations import AU_NAMES
 
 FORMATS = ("per_video", "mtl", "image_location")
+FILL_RULES = ("previous", "linear")
 TASKS = ("va", "expr", "au")
+# ABAW1 (2020) annotated 8 AUs; AU20 is not among the model's 12.
+ABAW1_AU_NAMES = ("AU1", "AU2", "AU4", "AU6", "AU12", "AU15", "AU20", "AU25")
+AU_SETS = {"abaw": AU_NAMES, "abaw1": ABAW1_AU_NAMES}
 TASK_LABEL = {"va": "VA", "expr": "EXPR", "au": "AU"}  # folder / file names
 MTL_FILE = "MTL.txt"
 MTL_HEADER = ",".join(annotations.MTL_HEADER)
@@ -106,17 +122,43 @@ def source_rows_for_frames(known_frames: np.ndarray, frames) -> np.ndarray:
   return np.maximum(rows, 0)
 
 
+def nearest_rows_for_frames(known_frames: np.ndarray, frames) -> np.ndarray:
+  """For each wanted frame, the row of the nearest predicted frame (the previous one
+  on a tie)."""
+  frames = np.asarray(frames, np.int64)
+  previous = source_rows_for_frames(known_frames, frames)
+  following = np.minimum(previous + 1, len(known_frames) - 1)
+  nearer_next = (known_frames[following] - frames) < np.abs(frames -
+                                                            known_frames[previous])
+  return np.where(nearer_next & (known_frames[previous] < frames), following, previous)
+
+
+def _interpolated_va(known: VideoPredictions, frames: np.ndarray) -> np.ndarray:
+  """VA linearly interpolated between predicted frames (held at the ends)."""
+  return np.stack([np.interp(frames, known.frames, known.va[:, d])
+                   for d in range(known.va.shape[1])], axis=1)
+
+
 def predictions_at(video: str, predictions: Mapping[str, VideoPredictions],
-                   frames) -> VideoPredictions:
-  """The video's decisions at `frames`, filled by `source_rows_for_frames`."""
+                   frames, fill: str = "previous") -> VideoPredictions:
+  """The video's decisions at `frames`; frames without a prediction filled by `fill`
+  (see the module docstring)."""
+  if fill not in FILL_RULES:
+    raise InputError(f"unknown fill rule {fill!r}; expected one of {FILL_RULES}")
   if video not in predictions:
-    raise ValueError(f"video {video} has no predicted frame (no face image was "
+    raise InputError(f"video {video} has no predicted frame (no face image was "
                      "predicted): nothing to fill its frames with")
   known = predictions[video]
-  rows = source_rows_for_frames(known.frames, frames)
-  return VideoPredictions(np.asarray(frames, np.int64), va=_rows_of(known.va, rows),
-                          expression=_rows_of(known.expression, rows),
-                          aus=_rows_of(known.aus, rows))
+  frames = np.asarray(frames, np.int64)
+  if fill == "previous":
+    rows = source_rows_for_frames(known.frames, frames)
+    return VideoPredictions(frames, va=_rows_of(known.va, rows),
+                            expression=_rows_of(known.expression, rows),
+                            aus=_rows_of(known.aus, rows))
+  rows = nearest_rows_for_frames(known.frames, frames)
+  return VideoPredictions(
+      frames, va=None if known.va is None else _interpolated_va(known, frames),
+      expression=_rows_of(known.expression, rows), aus=_rows_of(known.aus, rows))
 
 
 def image_location(video: str, frame: int) -> str:
@@ -128,21 +170,29 @@ def image_location(video: str, frame: int) -> str:
 # ----------------------------------------------------------------------------------
 
 
-def task_header(task: str, num_expr_classes: int = 8) -> str:
+def task_header(task: str, num_expr_classes: int = 8,
+                au_names: Sequence[str] = AU_NAMES) -> str:
   if task == "va":
     return ",".join(annotations.VA_NAMES)
   if task == "expr":
     return ",".join(annotations.EXPRESSION_NAMES_8[:num_expr_classes])
-  return ",".join(AU_NAMES)
+  return ",".join(au_names)
 
 
-def format_values(task: str, predictions: VideoPredictions, row: int) -> str:
+def au_columns(au_names: Sequence[str]) -> list[int | None]:
+  """Index of each written AU among the model's 12 (None: not predicted, written 0)."""
+  return [AU_NAMES.index(name) if name in AU_NAMES else None for name in au_names]
+
+
+def format_values(task: str, predictions: VideoPredictions, row: int,
+                  au_names: Sequence[str] = AU_NAMES) -> str:
   """One frame's values of one task as the ABAW files write them."""
   if task == "va":
     return ",".join(f"{float(x):.6f}" for x in predictions.va[row])
   if task == "expr":
     return str(int(predictions.expression[row]))
-  return ",".join(str(int(x)) for x in predictions.aus[row])
+  aus = predictions.aus[row]
+  return ",".join("0" if i is None else str(int(aus[i])) for i in au_columns(au_names))
 
 
 def _write_lines(path: str, header: str, lines: Iterable[str]) -> None:
@@ -166,20 +216,21 @@ def _selected_tasks(predictions: Mapping[str, VideoPredictions],
 
 def write_per_video_files(out_dir: str, predictions: Mapping[str, VideoPredictions],
                           lengths: Mapping[str, int], *, tasks=None,
-                          num_expr_classes: int = 8) -> list[str]:
+                          num_expr_classes: int = 8, au_names: Sequence[str] = AU_NAMES,
+                          fill: str = "previous") -> list[str]:
   """ABAW1-3: `<out_dir>/<TASK>/<video>.txt` with frames 1..lengths[video]."""
   written = []
   for task in _selected_tasks(predictions, tasks):
     for video, length in sorted(lengths.items()):
-      filled = predictions_at(video, predictions, np.arange(1, length + 1))
+      filled = predictions_at(video, predictions, np.arange(1, length + 1), fill)
       path = os.path.join(out_dir, TASK_LABEL[task], f"{video}.txt")
-      _write_lines(path, task_header(task, num_expr_classes),
-                   (format_values(task, filled, row) for row in range(length)))
+      _write_lines(path, task_header(task, num_expr_classes, au_names),
+                   (format_values(task, filled, row, au_names) for row in range(length)))
       written.append(path)
   return written
 
 
-def _filled_per_image(predictions, images: Sequence[tuple[str, int]]):
+def _filled_per_image(predictions, images: Sequence[tuple[str, int]], fill: str):
   """(location, VideoPredictions of one row, row) for each image, in order; filled
   video by video so that the whole list needs one lookup per video."""
   by_video: dict[str, list[int]] = {}
@@ -187,34 +238,36 @@ def _filled_per_image(predictions, images: Sequence[tuple[str, int]]):
     by_video.setdefault(video, []).append(position)
   filled = [None] * len(images)
   for video, positions in by_video.items():
-    values = predictions_at(video, predictions, [images[p][1] for p in positions])
+    values = predictions_at(video, predictions, [images[p][1] for p in positions], fill)
     for row, position in enumerate(positions):
       filled[position] = (image_location(*images[position]), values, row)
   return filled
 
 
 def write_mtl_file(out_dir: str, predictions: Mapping[str, VideoPredictions],
-                   images: Sequence[tuple[str, int]]) -> str:
+                   images: Sequence[tuple[str, int]], fill: str = "previous") -> str:
   """ABAW3+ MTL: one line per image, `image,valence,arousal,expression,AU1..AU26`."""
   _selected_tasks(predictions, TASKS)
   path = os.path.join(out_dir, MTL_FILE)
   _write_lines(path, MTL_HEADER, (
       ",".join([location] + [format_values(t, values, row) for t in TASKS])
-      for location, values, row in _filled_per_image(predictions, images)))
+      for location, values, row in _filled_per_image(predictions, images, fill)))
   return path
 
 
 def write_image_location_files(out_dir: str,
                                predictions: Mapping[str, VideoPredictions],
                                images: Sequence[tuple[str, int]], *, tasks=None,
-                               num_expr_classes: int = 8) -> list[str]:
+                               num_expr_classes: int = 8,
+                               au_names: Sequence[str] = AU_NAMES,
+                               fill: str = "previous") -> list[str]:
   """ABAW5+: `<out_dir>/<TASK>.txt`, one `image_location,...` line per image."""
-  filled = _filled_per_image(predictions, images)
+  filled = _filled_per_image(predictions, images, fill)
   written = []
   for task in _selected_tasks(predictions, tasks):
     path = os.path.join(out_dir, f"{TASK_LABEL[task]}.txt")
-    _write_lines(path, f"{IMAGE_COLUMN},{task_header(task, num_expr_classes)}",
-                 (f"{location},{format_values(task, values, row)}"
+    _write_lines(path, f"{IMAGE_COLUMN},{task_header(task, num_expr_classes, au_names)}",
+                 (f"{location},{format_values(task, values, row, au_names)}"
                   for location, values, row in filled))
     written.append(path)
   return written
@@ -236,9 +289,10 @@ class Problem:
         else f"{self.path}: {self.message}"
 
 
-def check_values(task: str, fields: Sequence[str], num_expr_classes: int) -> list[str]:
+def check_values(task: str, fields: Sequence[str], num_expr_classes: int,
+                 au_names: Sequence[str] = AU_NAMES) -> list[str]:
   """What is wrong with one frame's value fields of one task (empty list: nothing)."""
-  expected = {"va": 2, "expr": 1, "au": len(AU_NAMES)}[task]
+  expected = {"va": 2, "expr": 1, "au": len(au_names)}[task]
   if len(fields) != expected:
     return [f"{TASK_LABEL[task]}: expected {expected} values, found {len(fields)}"]
   try:
@@ -255,7 +309,7 @@ def check_values(task: str, fields: Sequence[str], num_expr_classes: int) -> lis
     if v != int(v) or not 0 <= v < num_expr_classes:
       return [f"expression {fields[0]!r} is not a class in 0..{num_expr_classes - 1}"]
     return []
-  return [f"{name}={fields[i]} is not 0 or 1" for i, name in enumerate(AU_NAMES)
+  return [f"{name}={fields[i]} is not 0 or 1" for i, name in enumerate(au_names)
           if values[i] not in (0.0, 1.0)]
 
 
@@ -279,7 +333,27 @@ def _check_header(path, line: str, expected: str, problems: list[Problem]) -> No
     problems.append(Problem(path, 1, f"header {line!r}, expected {expected!r}"))
 
 
-def _validate_per_video(path_dir, lengths, tasks, num_expr_classes) -> list[Problem]:
+@dataclasses.dataclass(frozen=True)
+class Expectations:
+  """What a submission for one list must hold, and the settings its values follow."""
+  images: list  # (video, frame) of per-image files, in list order
+  lengths: dict  # video -> N, per-video files
+  listed_at: dict  # (video, frame) -> "list:line" that asks for it
+  num_expr_classes: int = 8
+  au_names: tuple = AU_NAMES
+
+
+def _frame_count_problem(path: str, lines: list[str], length: int) -> Problem | None:
+  frames = len(lines) - 1
+  if frames == length:
+    return None
+  what = (f"the first frame without a line is {frames + 1}" if frames < length
+          else f"lines after frame {length} are for frames the video does not have")
+  return Problem(path, len(lines), f"{frames} frame lines, expected {length} (one per "
+                 f"frame 1..{length} of the video): {what}")
+
+
+def _validate_per_video(path_dir, expect: Expectations, tasks) -> list[Problem]:
   problems: list[Problem] = []
   for task in tasks:
     folder = os.path.join(path_dir, TASK_LABEL[task])
@@ -287,32 +361,34 @@ def _validate_per_video(path_dir, lengths, tasks, num_expr_classes) -> list[Prob
       problems.append(Problem(folder, 0, f"missing {TASK_LABEL[task]} folder"))
       continue
     unexpected = sorted(n for n in os.listdir(folder)
-                        if n.endswith(".txt") and n[:-4] not in lengths)
+                        if n.endswith(".txt") and n[:-4] not in expect.lengths)
     problems += [Problem(os.path.join(folder, n), 0, "video not in the test list")
                  for n in unexpected]
-    for video, length in sorted(lengths.items()):
+    for video, length in sorted(expect.lengths.items()):
       path = os.path.join(folder, f"{video}.txt")
       lines = _read_rows(path, problems)
       if lines is None:
         continue
-      _check_header(path, lines[0], task_header(task, num_expr_classes), problems)
-      if len(lines) - 1 != length:
-        problems.append(Problem(path, len(lines), f"{len(lines) - 1} frame lines, "
-                                f"expected {length} (one per frame of the video)"))
+      _check_header(path, lines[0],
+                    task_header(task, expect.num_expr_classes, expect.au_names), problems)
+      short = _frame_count_problem(path, lines, length)
+      if short is not None:
+        problems.append(short)
       for line_number, line in enumerate(lines[1:], start=2):
         fields = [x.strip() for x in line.split(",")]
-        problems += [Problem(path, line_number, m)
-                     for m in check_values(task, fields, num_expr_classes)]
+        problems += [Problem(path, line_number, m) for m in check_values(
+            task, fields, expect.num_expr_classes, expect.au_names)]
   return problems
 
 
-def _validate_image_rows(path, lines, images, row_tasks, num_expr_classes,
+def _validate_image_rows(path, lines, expect: Expectations, row_tasks,
                          problems: list[Problem]) -> None:
   """Rows of a per-image file: every listed image once, in any order, valid values."""
-  expected = {image_location(*image) for image in images}
-  if len(lines) - 1 != len(images):
+  expected = {image_location(*image) for image in expect.images}
+  if len(lines) - 1 != len(expect.images):
     problems.append(Problem(path, len(lines), f"{len(lines) - 1} image lines, expected "
-                            f"{len(images)} (one per listed image)"))
+                            f"{len(expect.images)} (one per listed image)"))
+  widths = {"va": 2, "expr": 1, "au": len(expect.au_names)}
   seen = set()
   for line_number, line in enumerate(lines[1:], start=2):
     fields = [x.strip() for x in line.split(",")]
@@ -324,53 +400,91 @@ def _validate_image_rows(path, lines, images, row_tasks, num_expr_classes,
     seen.add(location)
     start = 1
     for task in row_tasks:
-      width = {"va": 2, "expr": 1, "au": len(AU_NAMES)}[task]
-      problems += [Problem(path, line_number, m) for m in
-                   check_values(task, fields[start:start + width], num_expr_classes)]
-      start += width
+      problems += [Problem(path, line_number, m) for m in check_values(
+          task, fields[start:start + widths[task]], expect.num_expr_classes,
+          expect.au_names)]
+      start += widths[task]
     if len(fields) != start:
       problems.append(Problem(path, line_number, f"{len(fields)} fields, expected "
                               f"{start}"))
-  missing = sorted(expected - seen)
+  missing = [image for image in expect.images if image_location(*image) not in seen]
   if missing:
-    problems.append(Problem(path, 0, f"{len(missing)} listed images have no line, "
-                            f"e.g. {', '.join(missing[:5])}"))
+    first = missing[0]
+    problems.append(Problem(path, 0, f"{len(missing)} listed images have no line; the "
+                            f"first: {image_location(*first)} (asked for at "
+                            f"{expect.listed_at[first]})"))
+
+
+def submission_expectations(test_list, *, frame_counts: Mapping[str, int] | None = None,
+                            video_dir: str | None = None,
+                            sample_lists: Sequence[str] = (), num_expr_classes: int = 8,
+                            au_names: Sequence[str] = AU_NAMES) -> Expectations:
+  """Every image and every video length a submission for `test_list` must cover. N of
+  each video: --frame_counts, its video file, the lists' own frames (see abaw_lists);
+  never the last face frame, which is what a short submission would also stop at."""
+  if isinstance(test_list, (str, os.PathLike)):
+    list_name, entries = os.fspath(test_list), read_test_list(test_list)
+  else:
+    list_name, entries = "the test list", list(test_list)
+  lists = {list_name: entries, **{p: read_test_list(p) for p in sample_lists}}
+  videos = [entry.video for entry in entries]
+  counts = resolve_frame_counts(
+      videos, given=frame_counts,
+      video_files=video_file_frame_counts(video_dir, videos) if video_dir else None,
+      listed=listed_frame_counts(lists), listed_in=list_name).counts
+  listed_at = {}
+  for entry in entries:
+    frames = [entry.frame] if entry.frame is not None else range(1, counts[entry.video]
+                                                                 + 1)
+    for frame in frames:
+      listed_at.setdefault((entry.video, frame), f"{list_name}:{entry.line_number}")
+  return Expectations(listed_images(entries, counts), video_lengths(entries, counts),
+                      listed_at, num_expr_classes, tuple(au_names))
+
+
+def _checked_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
+  unknown = [t for t in tasks if t not in TASKS]
+  if unknown or not tasks:
+    raise InputError(f"--tasks: unknown task {unknown[0]!r}; expected some of "
+                     f"{', '.join(TASKS)}" if unknown else
+                     f"--tasks: no task given; expected some of {', '.join(TASKS)}")
+  return tuple(tasks)
 
 
 def validate_submission(path: str, format: str,  # noqa: A002
                         test_list: str | os.PathLike | Sequence[TestEntry], *,
-                        image_roots: Sequence[str] = (),
                         frame_counts: Mapping[str, int] | None = None,
-                        num_expr_classes: int = 8,
-                        tasks: Sequence[str] = TASKS) -> list[Problem]:
+                        video_dir: str | None = None, sample_lists: Sequence[str] = (),
+                        num_expr_classes: int = 8, tasks: Sequence[str] = TASKS,
+                        au_names: Sequence[str] = AU_NAMES) -> list[Problem]:
   """Every problem of a submission folder (empty list: none).
 
-  `test_list` is a path or a list of TestEntry. Video entries need the image roots
-  (to know the video's face frames); per-video files have one line per frame up to
-  `frame_counts[video]` when given, else up to the last frame with a face image.
+  `test_list` is a path or a list of TestEntry. Per-image files need a line for every
+  listed image and every frame 1..N of every listed video, per-video files one line per
+  frame 1..N; N comes from `frame_counts`, the videos in `video_dir` or the frames the
+  lists (the test list and `sample_lists`) name. The first missing frame is named.
   """
   if format not in FORMATS:
-    raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")
-  entries = read_test_list(test_list) if isinstance(test_list, (str, os.PathLike)) \
-      else list(test_list)
-  face_frames = face_frames_of(entries, image_roots)
+    raise InputError(f"unknown format {format!r}; expected one of {FORMATS}")
+  tasks = _checked_tasks(tasks)
+  expect = submission_expectations(test_list, frame_counts=frame_counts,
+                                   video_dir=video_dir, sample_lists=sample_lists,
+                                   num_expr_classes=num_expr_classes, au_names=au_names)
   if format == "per_video":
-    return _validate_per_video(path, video_lengths(entries, face_frames, frame_counts),
-                               tasks, num_expr_classes)
-  images = listed_images(entries, face_frames)
+    return _validate_per_video(path, expect, tasks)
   problems: list[Problem] = []
   if format == "mtl":
-    file_tasks = [(os.path.join(path, MTL_FILE), MTL_HEADER, TASKS)]
+    mtl = dataclasses.replace(expect, au_names=AU_NAMES)  # MTL files carry all 12 AUs
+    file_tasks = [(os.path.join(path, MTL_FILE), MTL_HEADER, TASKS, mtl)]
   else:
     file_tasks = [(os.path.join(path, f"{TASK_LABEL[t]}.txt"),
-                   f"{IMAGE_COLUMN},{task_header(t, num_expr_classes)}", (t,))
-                  for t in tasks]
-  for file_path, header, row_tasks in file_tasks:
+                   f"{IMAGE_COLUMN},{task_header(t, num_expr_classes, au_names)}", (t,),
+                   expect) for t in tasks]
+  for file_path, header, row_tasks, file_expect in file_tasks:
     lines = _read_rows(file_path, problems)
     if lines is not None:
       _check_header(file_path, lines[0], header, problems)
-      _validate_image_rows(file_path, lines, images, row_tasks, num_expr_classes,
-                           problems)
+      _validate_image_rows(file_path, lines, file_expect, row_tasks, problems)
   return problems
 
 
@@ -378,24 +492,31 @@ VALIDATE_DOC = """affect-jax validate: checks a submission folder against a test
 and prints every problem as path:line: what (exit status 1 when there is one).
 
   affect-jax validate SUBMISSION_DIR --format mtl --test_list test_set.txt \\
-      --image_root cropped_aligned
+      --sample_list CVPR_6th_ABAW_Expr_test_set_sample.txt
 
-Video entries of a test list need the image roots (to know the video's face frames);
-per-video files have one line per frame up to --frame_counts' count when given, else
-up to the last frame with a face image.
+Every frame 1..N of every listed video must have a line (per-image files: every listed
+image too); N comes from --frame_counts, the video files in --video_dir, or the frames
+the lists name (the test list itself and each --sample_list, as the organisers' sample
+files list every frame). A listed video whose N none of them gives is an error.
 """
 
 
 def define_validate_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_enum("format", None, FORMATS, "The submission's format.",
                     flag_values=flag_values)
-  flags.DEFINE_string("test_list", None, "The ABAW test list.", flag_values=flag_values)
-  flags.DEFINE_multi_string("image_root", [], "A cropped_aligned folder (repeat for "
+  flags.DEFINE_string("test_list", None, "The ABAW test list the submission is for.",
+                      flag_values=flag_values)
+  flags.DEFINE_multi_string("sample_list", [], "An organisers' list naming frames one "
+                            "by one (a sample file): N of its videos (repeat for "
                             "several).", flag_values=flag_values)
   flags.DEFINE_string("frame_counts", None, "Frames per video (JSON or 'video,frames' "
                       "CSV).", flag_values=flag_values)
+  flags.DEFINE_string("video_dir", None, "The release's video files: N of each video "
+                      "from its file.", flag_values=flag_values)
   flags.DEFINE_integer("num_expr_classes", 8, "Expression classes (7: ABAW2).",
                        lower_bound=7, upper_bound=8, flag_values=flag_values)
+  flags.DEFINE_enum("au_set", "abaw", sorted(AU_SETS), "AU columns: 'abaw' the 12 of "
+                    "ABAW2 and later, 'abaw1' ABAW1's 8.", flag_values=flag_values)
   flags.DEFINE_list("tasks", list(TASKS), "per_video / image_location: the tasks to "
                     "check.", flag_values=flag_values)
   flags.DEFINE_integer("max_shown", 100, "Problems printed at most.",
@@ -404,18 +525,16 @@ def define_validate_flags(flag_values: flags.FlagValues) -> None:
 
 
 def validate_main(argv: Sequence[str] | None = None) -> int:
-  """`affect-jax validate SUBMISSION_DIR ...`: 0 when valid, 1 with problems, 2 when the
-  check cannot run."""
+  """`affect-jax validate SUBMISSION_DIR ...`: 0 when valid, 1 with problems; a check
+  that cannot run (bad list, unknown task, unknown N) raises InputError."""
   args, (path,) = cli.parse_flags(argv, define_validate_flags, VALIDATE_DOC,
                                   positional=("SUBMISSION_DIR",))
-  try:
-    problems = validate_submission(
-        path, args.format, args.test_list, image_roots=args.image_root,
-        frame_counts=read_frame_counts(args.frame_counts) if args.frame_counts else None,
-        num_expr_classes=args.num_expr_classes, tasks=args.tasks)
-  except (ValueError, OSError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    return cli.USAGE_ERROR
+  problems = validate_submission(
+      path, args.format, args.test_list,
+      frame_counts=read_frame_counts(args.frame_counts) if args.frame_counts else None,
+      video_dir=args.video_dir, sample_lists=args.sample_list,
+      num_expr_classes=args.num_expr_classes, tasks=args.tasks,
+      au_names=AU_SETS[args.au_set])
   for problem in problems[:args.max_shown]:
     print(problem)
   if len(problems) > args.max_shown:
@@ -432,7 +551,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("usage: python -m affect_jax.inference.submission validate SUBMISSION_DIR "
           "[flags]  (the same as affect-jax validate)", file=sys.stderr)
     return cli.USAGE_ERROR
-  return validate_main(argv[1:] if argv[:1] == ["validate"] else argv)
+  rest = argv[1:] if argv[:1] == ["validate"] else argv
+  return cli.run_reporting_errors(lambda: validate_main(rest))
 
 
 if __name__ == "__main__":
