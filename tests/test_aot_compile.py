@@ -203,3 +203,22 @@ ENTRY %main (a: bf16[2,8]) -> bf16[2,4] {
   assert analysis.count_hlo_instructions(hlo) == (6, 4)
   # The call's operands (32 + 64 bytes) and output (16), not its u8 workspace.
   assert gpu.custom_call_bytes(hlo) == 32 + 64 + 16
+
+
+def test_the_resident_programs_dataset_is_the_one_the_loader_places():
+  """The split the "resident" step compiles against (abstract: shapes and shardings
+  only) has the shapes, dtypes, shardings and static fields of the one
+  device_resident.load_split_to_device puts on the same mesh."""
+  import jax
+  import numpy as np
+  from affect_jax.aot.topology import create_topology
+  from affect_jax.data import device_resident
+  from tests.test_device_data import _records
+  topology = create_topology("cpu:8")
+  loaded = device_resident.load_split_to_device(_records(21), topology.mesh,
+                                                image_size=16)
+  abstract = analysis.abstract_resident_dataset(topology, 21, 16)
+  assert jax.tree.structure(abstract) == jax.tree.structure(loaded)
+  for want, got in zip(jax.tree.leaves(abstract), jax.tree.leaves(loaded)):
+    assert (want.shape, np.dtype(want.dtype)) == (got.shape, got.dtype)
+    assert want.sharding.is_equivalent_to(got.sharding, len(want.shape))

@@ -15,20 +15,22 @@ from jax.sharding import PartitionSpec as P
 
 from affect_jax.aot import chips
 from affect_jax.aot.topology import Topology
-from affect_jax.data import pipeline
+from affect_jax.data import device_resident, pipeline
+from affect_jax.data.device_augment import augment_policy
 from affect_jax.data_parallel import AXIS
 from affect_jax.model import implementation
 from affect_jax.model.multitask import DTYPES, create_model
 from affect_jax.train.optimizers import create_learning_rate_fn
 from affect_jax.train.step_functions import (
   compile_eval_step,
+  compile_resident_train_step,
   compile_train_step,
   loss_settings_from_config,
 )
 from affect_jax.train.train_state import abstract_train_state
 from affect_jax.vocabulary import NUM_AUS
 
-STEPS = ("train", "eval")
+STEPS = ("train", "eval", "resident")  # resident: draw + augment + train step, one program
 
 
 class DoesNotFit(Exception):
@@ -48,11 +50,15 @@ class DoesNotFit(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Steps:
-  """The jitted steps and the abstract TrainState of a config on a topology's mesh."""
+  """The jitted steps and the abstract TrainState of a config on a topology's mesh;
+  `train_kwargs`, the train step's constants (for the device-resident program)."""
   train: object
   eval: object
   state: object
   implementation: str
+  train_kwargs: dict = dataclasses.field(default_factory=dict)
+  compiler_options: dict = dataclasses.field(default_factory=dict)
+  augment: str = "basic"
 
 
 def placeholder_label_statistics(config) -> dict:
@@ -72,14 +78,15 @@ def build_steps(config, topology: Topology) -> Steps:
   learning_rate_fn = create_learning_rate_fn(config)
   dtype = DTYPES[config.model.dtype]
   settings = loss_settings_from_config(config, placeholder_label_statistics(config))
-  train = compile_train_step(mesh, options, settings=settings,
-                             learning_rate_fn=learning_rate_fn, dtype=dtype,
-                             seed=config.seed)
+  train_kwargs = dict(settings=settings, learning_rate_fn=learning_rate_fn, dtype=dtype,
+                      seed=config.seed)
+  train = compile_train_step(mesh, options, **train_kwargs)
   evaluate = compile_eval_step(mesh, options,
                                num_expr_classes=config.model.num_expr_classes,
                                dtype=dtype)
   state = abstract_train_state(config, model, mesh, learning_rate_fn)
-  return Steps(train, evaluate, state, resolved)
+  return Steps(train, evaluate, state, resolved, train_kwargs, options,
+               config.input.augment)
 
 
 def abstract_batch(topology: Topology, per_chip_batch: int, image_size: int) -> dict:
@@ -90,6 +97,39 @@ def abstract_batch(topology: Topology, per_chip_batch: int, image_size: int) -> 
   return {key: jax.ShapeDtypeStruct((rows, *np.shape(value)), np.asarray(value).dtype,
                                     sharding=sharding)
           for key, value in pipeline.empty_example(image_size).items()}
+
+
+def abstract_resident_dataset(topology: Topology, frames: int, image_size: int
+                              ) -> device_resident.DeviceDataset:
+  """A split of `frames` records as device_resident.load_split_to_device places it:
+  every array sharded over the data axis, each chip holding 1/chips of the records."""
+  sharding = NamedSharding(topology.mesh, P(AXIS))
+  rows = -(-frames // topology.chips)
+
+  def rows_of(shape, dtype):
+    return jax.ShapeDtypeStruct((rows * topology.chips, *shape), dtype,
+                                sharding=sharding)
+
+  example = pipeline.empty_example(image_size)
+  labels = {key: rows_of(np.shape(example[key]), np.asarray(example[key]).dtype)
+            for key in device_resident.LABEL_KEYS}
+  return device_resident.DeviceDataset(
+      images=rows_of((image_size, image_size, 3), np.uint8), labels=labels,
+      valid=rows_of((), np.bool_), num_records=frames, rows_per_device=rows,
+      shortest_shard=frames // topology.chips)
+
+
+def lower_resident_step(steps: Steps, topology: Topology, per_chip_batch: int,
+                        image_size: int, frames: int):
+  """The device-resident training program (draw, augment, train step) lowered for a
+  split of `frames` records on the topology's mesh."""
+  dataset = abstract_resident_dataset(topology, frames, image_size)
+  settings = device_resident.DrawSettings(
+      per_chip_batch, dataset.shortest_shard // per_chip_batch, steps.train_kwargs["seed"],
+      augment_policy(steps.augment), image_size)
+  program = compile_resident_train_step(topology.mesh, settings, steps.compiler_options,
+                                        **steps.train_kwargs)
+  return program.lower(steps.state, dataset, jax.ShapeDtypeStruct((), np.int32))
 
 
 def batch_bytes_per_image(image_size: int) -> int:
@@ -169,14 +209,19 @@ def roofline(chip: chips.Chip, flops_per_image: float, bytes_per_image: float) -
 
 
 def compile_step(steps: Steps, step: str, topology: Topology, per_chip_batch: int,
-                 image_size: int) -> dict:
-  """Compiles one step at a per-chip batch; its analysis, or DoesNotFit."""
+                 image_size: int, resident_frames: int = 0) -> dict:
+  """Compiles one step at a per-chip batch; its analysis, or DoesNotFit. The
+  "resident" step holds a split of `resident_frames` records on the chips."""
   chip = topology.chip
-  jitted = steps.train if step == "train" else steps.eval
-  batch = abstract_batch(topology, per_chip_batch, image_size)
   start = time.perf_counter()
   try:
-    lowered = jitted.lower(steps.state, batch)
+    if step == "resident":
+      lowered = lower_resident_step(steps, topology, per_chip_batch, image_size,
+                                    resident_frames)
+    else:
+      jitted = steps.train if step == "train" else steps.eval
+      lowered = jitted.lower(steps.state, abstract_batch(topology, per_chip_batch,
+                                                         image_size))
     compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as error:
     if "RESOURCE_EXHAUSTED" not in str(error):

@@ -49,8 +49,10 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                     "Compute dtype (default: the config's model.dtype).",
                     flag_values=flag_values)
-  flags.DEFINE_list("steps", ["train", "eval"], "Steps to compile.",
-                    flag_values=flag_values)
+  flags.DEFINE_list("steps", ["train", "eval"], "Steps to compile: train, eval, and "
+                    "resident (the device-resident program: draw + augment + train "
+                    "step over s-Aff-Wild2's training frames sharded on the chips, "
+                    "at the train batch).", flag_values=flag_values)
   flags.DEFINE_bool("no_search", False, "Compile the given batches only, without "
                     "searching the largest per-chip train batch that fits.",
                     flag_values=flag_values)
@@ -112,8 +114,9 @@ def on_paper(row: dict, compiled_chip) -> dict:
 def resident_dataset(step_hbm_bytes: int, chip, topology_name: str, chips: int,
                      image_size: int) -> dict:
   """Would s-Aff-Wild2's training frames (uint8 images + labels, as the input
-  pipeline gives them) fit in HBM beside the step: split over the data axis, or
-  replicated on every chip (as affect_jax.data.device_resident keeps them)?"""
+  pipeline gives them) fit in HBM beside the step: split over the data axis (as
+  affect_jax.data.device_resident keeps them), or replicated on every chip? The
+  "resident" step compiles that program itself."""
   from affect_jax.aot import analysis  # pylint: disable=g-import-not-at-top
   dataset = S_AFFWILD2_TRAIN_FRAMES * analysis.batch_bytes_per_image(image_size)
   slices = {topology_name: chips}
@@ -175,6 +178,8 @@ def compile_report(config, flag_values) -> dict:
   batches = {
     "train": flag_values.batch_size or per_chip(config.input.batch_size, topo.chips,
                                                 "input.batch_size"),
+    "resident": flag_values.batch_size or per_chip(config.input.batch_size, topo.chips,
+                                                   "input.batch_size"),
     "eval": flag_values.eval_batch_size or per_chip(
         config.input.eval_batch_size, topo.chips, "input.eval_batch_size")}
   report = {
@@ -183,8 +188,9 @@ def compile_report(config, flag_values) -> dict:
     "implementation": steps.implementation, "image_size": image_size,
     "date": datetime.date.today().isoformat(), "versions": versions(), "steps": {}}
   for name in [s for s in analysis.STEPS if s in flag_values.steps]:
-    row = with_epoch_times(analysis.compile_step(steps, name, topo, batches[name],
-                                                 image_size))
+    row = with_epoch_times(analysis.compile_step(
+        steps, name, topo, batches[name], image_size,
+        resident_frames=S_AFFWILD2_TRAIN_FRAMES))
     if name == "train":
       if not flag_values.no_search:
         row.update(search_train_batch(steps, topo, row, image_size, flag_values))
