@@ -4,9 +4,11 @@ evaluation) and `<workdir>/scalars.jsonl` (one JSON line per logged training ste
 reports; the console's progress line (steps/s, ETA) and how long training waits for its
 input. Only process 0 writes.
 
-Both JSONL files are append-only across sessions, so a run resumed from a checkpoint
-earlier than its last logged step writes those steps again; `drop_superseded` keeps what
-the latest session wrote.
+A session that starts from step S first drops the lines of steps after S from both
+files (`MetricWriter.start_at`): a session killed after logging a step but before that
+step's checkpoint was complete (a kill during a save) logged steps the resumed session
+logs again, and the files hold each step once. `drop_superseded` does the same for a
+reader of files written before a session dropped anything.
 """
 from __future__ import annotations
 
@@ -37,6 +39,18 @@ class MetricWriter:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       os.makedirs(workdir, exist_ok=True)
       self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def start_at(self, step: int) -> None:
+    """A session starting from `step` (its checkpoint's, 0 for a new run): the lines
+    of later steps were written by a session that did not checkpoint them, and this
+    session writes them again."""
+    if not self._enabled:
+      return
+    for path in (self._metrics_path, self._scalars_path):
+      dropped = drop_lines_after(path, step)
+      if dropped:
+        log.info("%s: dropped %d lines of steps after %d, logged by a session that "
+                 "stopped before their checkpoint", path, dropped, step)
 
   def write_scalars(self, step: int, values: dict, prefix: str) -> None:
     """To TensorBoard and as one line of scalars.jsonl, keyed by TensorBoard tag
@@ -79,6 +93,32 @@ def append_json_line(path: str, record: dict) -> None:
       if f.read(1) != b"\n":
         text = "\n" + text
     f.write(text.encode())
+
+
+def _step_of(line: bytes) -> int | None:
+  """The step of one JSONL line, None for a line cut short by a killed writer."""
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
+def drop_lines_after(path: str, step: int) -> int:
+  """Removes the lines of steps after `step` from a JSONL file, atomically (a kill
+  leaves the old file or the new one); returns how many. Lines cut short are kept:
+  readers skip them and say so."""
+  if not os.path.exists(path):
+    return 0
+  with open(path, "rb") as f:
+    later = sum(1 for line in f if (_step_of(line) or 0) > step)
+  if not later:
+    return 0
+  with open(path, "rb") as f, open(path + ".tmp", "wb") as kept:
+    for line in f:
+      if (_step_of(line) or 0) <= step:
+        kept.write(line if line.endswith(b"\n") else line + b"\n")
+  os.replace(path + ".tmp", path)
+  return later
 
 
 def read_json_lines(path: str) -> list[dict]:

@@ -18,11 +18,14 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from affect_jax.errors import InputError
+
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-  pass
+class NonFiniteLossError(InputError, RuntimeError):
+  """A streak of non-finite steps: the message names the step, the frames and what to
+  change, so the command line prints it as one line."""
 
 
 class NonFiniteGuard:

@@ -21,6 +21,7 @@ from clu import parameter_overview
 from affect_jax import config_checks
 from affect_jax.data import augment, pipeline, records
 from affect_jax.data_parallel import create_mesh, local_batch_size
+from affect_jax.errors import InputError
 from affect_jax.eval.evaluation import evaluate
 from affect_jax.eval.writers import InputWaitMeter, MetricWriter, ProgressLogger
 from affect_jax.model import implementation
@@ -29,7 +30,7 @@ from affect_jax.train import checkpoints, init_from
 from affect_jax.train.feeds import DeviceFeed, HostFeed
 from affect_jax.train.guards import NonFiniteGuard, PreemptionNotice, _record_videos
 from affect_jax.train.optimizers import create_learning_rate_fn
-from affect_jax.train.run_config import check_and_write_config
+from affect_jax.train.run_config import check_and_write_config, dataset_identity
 from affect_jax.train.step_functions import (
   compile_eval_step,
   compile_train_step,
@@ -44,21 +45,46 @@ from affect_jax.train.train_state import (
 log = logging.getLogger(__name__)
 
 
-def dataset_metadata(config) -> dict:
-  """The built dataset's metadata: class names and the per-split label counts."""
+class MissingDatasetError(InputError, FileNotFoundError):
+  """The config's dataset is not built where it says (also a FileNotFoundError)."""
+
+
+def dataset_builder(config):
+  """The TFDS builder of the config's built dataset."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     builder = tfds.builder(config.dataset.name, data_dir=config.dataset.data_dir)
   except Exception as e:  # TFDS raises several types for a missing dataset
-    raise FileNotFoundError(
+    raise MissingDatasetError(
         f"dataset {config.dataset.name} not found in data_dir "
         f"{config.dataset.data_dir!r} (build it with affect-jax build): "
         f"{e}") from None
   if not builder.is_prepared():
-    raise FileNotFoundError(
+    raise MissingDatasetError(
         f"dataset {config.dataset.name} is not built in {builder.data_dir_root}; build "
         "it with affect-jax build")
-  return dict(builder.info.metadata)
+  return builder
+
+
+def builder_identity(config, builder) -> dict:
+  """run_config.dataset_identity of a built dataset."""
+  split_sizes = {name: (split.shard_lengths, int(split.num_bytes))
+                 for name, split in builder.info.splits.items()}
+  return dataset_identity(config.dataset.name, builder.info.version,
+                          builder.data_dir_root, dict(builder.info.metadata),
+                          split_sizes)
+
+
+def dataset_metadata(config) -> dict:
+  """The built dataset's metadata: class names and the per-split label counts."""
+  return dict(dataset_builder(config).info.metadata)
+
+
+def _local_batch(key: str, global_batch_size: int, mesh) -> int:
+  try:
+    return local_batch_size(global_batch_size, mesh)
+  except ValueError as e:  # says what is wrong; the key says where
+    raise InputError(f"{key}: {e}") from None
 
 
 class Trainer:
@@ -68,12 +94,16 @@ class Trainer:
     config_checks.validate_config(config)
     self.config = config
     self.workdir = workdir
-    self.metadata = dataset_metadata(config)
+    builder = dataset_builder(config)
+    self.metadata = dict(builder.info.metadata)
+    self.dataset_identity = builder_identity(config, builder)
     self._sources = {}
     config_checks.check_dataset_classes(config, self.metadata.get("expression_names"))
     self.mesh = create_mesh(devices)
-    self.local_batch = local_batch_size(config.input.batch_size, self.mesh)
-    self.local_eval_batch = local_batch_size(config.input.eval_batch_size, self.mesh)
+    self.local_batch = _local_batch("input.batch_size", config.input.batch_size,
+                                    self.mesh)
+    self.local_eval_batch = _local_batch("input.eval_batch_size",
+                                         config.input.eval_batch_size, self.mesh)
     # Decided once, for the mesh the steps are compiled for.
     self.implementation = implementation.implementation_for(config.model, self.mesh)
     compiler_options = implementation.compiler_options(self.implementation)
@@ -90,7 +120,7 @@ class Trainer:
     self.manager = checkpoints.create_checkpoint_manager(
         workdir, keep=config.checkpoint.keep,
         best_metric=config.checkpoint.best_metric or None,
-        asynchronous=config.checkpoint.asynchronous)
+        asynchronous=config.checkpoint.asynchronous, set_aside_unreadable=True)
 
   def _label_statistics(self):
     return self.metadata.get("summary", {}).get(self.config.dataset.train_split)
@@ -160,15 +190,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   from scratch), evaluates, checkpoints; SIGTERM saves and stops early. A caller that
   evaluates afterwards can pass its Trainer to reuse the compiled steps."""
   trainer = trainer or Trainer(config, workdir)
-  check_and_write_config(config, workdir)
+  check_and_write_config(config, workdir, trainer.dataset_identity)
   writer = MetricWriter(workdir)
   feed = trainer.train_feed()
-  latest = trainer.manager.latest_step()
-  if latest is not None:
-    log.info("resuming from checkpoint at step %d in %s", latest, workdir)
-    state = checkpoints.restore_checkpoint(trainer.manager, latest,
-                                           trainer.abstract_state(),
-                                           feed.checkpoint_iterator)
+  if trainer.manager.latest_step() is not None:
+    state = checkpoints.restore_newest_readable(trainer.manager, trainer.abstract_state(),
+                                                feed.checkpoint_iterator)
+    log.info("resuming from checkpoint at step %d in %s", int(state.step), workdir)
   else:
     state = trainer.new_state()
     if config.init_from.path:
@@ -177,6 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                                 config.init_from.step)
       log.info("initialised %s from %s", ", ".join(copied), config.init_from.path)
   start_step = int(state.step)
+  writer.start_at(start_step)
   if jax.process_index() == 0:
     log.info("parameters:\n%s", parameter_overview.get_parameter_overview(
         state.params, include_stats=False, max_lines=12))
