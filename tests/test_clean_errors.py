@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from affect_jax import cli, errors
+from affect_jax.data import augment, pipeline
 from affect_jax.train import init_from
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,6 +123,18 @@ def test_convert_and_demo_name_the_file(tmp_path, capsys):
   a_file.write_text("")
   assert run_command(["demo", "--workdir", str(a_file)], capsys) == (
       f"error: --workdir {a_file} is a file, not a folder")
+
+
+def test_refusals_name_the_config_key_to_change(tmp_path):
+  with pytest.raises(errors.InputError, match=f"config.init_from.path: {tmp_path} holds "
+                     "no converted weights"):
+    init_from.load_init_variables(str(tmp_path))  # a folder, but nothing Orbax wrote
+  with pytest.raises(errors.InputError, match="config.init_from.parts must be one of"):
+    init_from.merge_variables({}, {}, "heads")
+  with pytest.raises(errors.InputError, match="3 records, fewer than one batch of "
+                     "config.input.batch_size 8"):
+    pipeline.train_dataset([{}] * 3, global_batch_size=8, seed=0,
+                           augment=augment.AugmentConfig())
 
 
 def test_verbose_anywhere_before_a_double_dash_shows_the_traceback(tmp_path):

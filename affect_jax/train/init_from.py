@@ -43,9 +43,15 @@ def convert_pretrained(input_path: str, output_dir: str) -> dict:
   return variables
 
 
-def _read_raw(path: str):
-  with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(os.path.abspath(path))
+def _read_raw(path: str, what: str):
+  """The pytree stored at `path`; an InputError saying it holds no `what` when it is
+  not there (Orbax finds no metadata file)."""
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      return checkpointer.restore(os.path.abspath(path))
+  except FileNotFoundError as e:
+    raise errors.InputError(f"config.init_from.path: {path} holds no {what}: "
+                            f"{e}") from None
 
 
 def load_init_variables(path: str, step: int | None = None) -> dict:
@@ -55,16 +61,20 @@ def load_init_variables(path: str, step: int | None = None) -> dict:
   if os.path.isdir(checkpoints_dir):
     manager = ocp.CheckpointManager(os.path.abspath(checkpoints_dir),
                                     options=ocp.CheckpointManagerOptions(read_only=True))
-    step = step or manager.latest_step()
+    try:
+      step = step or manager.latest_step()
+    finally:
+      manager.close()
     if step is None:
       raise errors.InputError(f"config.init_from.path: no checkpoint in "
                               f"{checkpoints_dir}")
-    state = _read_raw(os.path.join(checkpoints_dir, str(step), "state"))
+    state = _read_raw(os.path.join(checkpoints_dir, str(step), "state"),
+                      f"checkpoint of step {step}")
     return {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}
   if not os.path.isdir(path):
     raise errors.InputError(f"config.init_from.path: {path} is neither a training "
                             "workdir nor converted weights (affect-jax convert)")
-  return _read_raw(path)
+  return _read_raw(path, "converted weights (affect-jax convert) and no training run")
 
 
 def merge_variables(target: dict, source: dict, parts: str) -> tuple[dict, list[str]]:
