@@ -1,6 +1,6 @@
 """Faces in any image or video: detection (dlib-bin's HOG detector), the largest of
-several faces, alignment by 5 landmarks (face_recognition_models), crops, per-frame
-predictions with plots, and bad inputs."""
+several faces, alignment by 5 landmarks (face_recognition_models), the faces command's
+outputs, and bad inputs (tests/test_video_analysis.py: tracking, the API, more)."""
 import csv
 import json
 import os
@@ -12,9 +12,10 @@ from PIL import Image
 import dlib  # noqa: F401  (the test extra installs dlib-bin)
 from skimage import data as skimage_data
 
-from affect_jax.train import checkpoints# noqa: E402
+from affect_jax import cli, data_parallel
+from affect_jax.errors import InputError
 from affect_jax.inference import faces
-from affect_jax import data_parallel
+from affect_jax.train import checkpoints
 from affect_jax.model import implementation, multitask
 from affect_jax.train import optimizers
 from affect_jax.train import run_config
@@ -178,39 +179,27 @@ def test_alignment_undoes_a_rotation_and_a_square_crop_does_not(
   assert abs(eye_line_degrees(found) + degrees - 3) < 4
 
 
-def test_frames_are_aligned_with_a_landmark_model_and_squares_without(
-    astronaut, detector, landmarks_predictor, tmp_path):
-  photo = str(tmp_path / "astronaut.png")
-  Image.fromarray(astronaut).save(photo)
+def test_aligned_and_square_crops_frame_the_face_differently(astronaut, detector,
+                                                           landmarks_predictor):
   box, _ = faces.find_face(detector, astronaut)
-  for name, predictor, expected in [
-      ("aligned", landmarks_predictor,
-       faces.align_face(astronaut, box, landmarks_predictor)),
-      ("square", None, faces.crop_face(astronaut, box))]:
-    media = faces.extract_faces(photo, name, str(tmp_path / "crops"), detector,
-                                landmarks_predictor=predictor)
-    assert media.boxes == {1: (box, 1)}
-    with Image.open(faces.crop_path(str(tmp_path / "crops"), name, 1)) as crop:
-      written = np.asarray(crop, np.float64)
-    assert np.abs(written - expected).mean() < 3  # as JPEG keeps it
   assert np.abs(faces.align_face(astronaut, box, landmarks_predictor).astype(float)
                 - faces.crop_face(astronaut, box)).mean() > 20  # not the same framing
 
 
 def test_align_always_without_the_model_says_what_to_install(tmp_path, monkeypatch):
   missing = str(tmp_path / "shape_predictor_5_face_landmarks.dat")
-  with pytest.raises(ImportError, match=f"{missing} does not exist: pip install "
+  with pytest.raises(InputError, match=f"{missing} does not exist: pip install "
                      "face_recognition_models"):
     faces.create_landmark_predictor("always", missing)
   with pytest.warns(UserWarning, match="not aligned, only cut as squares.*pip install "
                     "face_recognition_models"):
     assert faces.create_landmark_predictor("auto", missing) is None
   assert faces.create_landmark_predictor("never", missing) is None
-  with pytest.raises(ValueError, match="align must be one of auto, always, never"):
+  with pytest.raises(InputError, match="align must be one of auto, always, never"):
     faces.create_landmark_predictor("yes")
   monkeypatch.setattr(faces, "LANDMARK_MODEL_PACKAGE", "no_such_landmark_package")
   assert faces.landmark_model_path() is None
-  with pytest.raises(ImportError, match="no_such_landmark_package package is not "
+  with pytest.raises(InputError, match="no_such_landmark_package package is not "
                      "installed: pip install no_such_landmark_package"):
     faces.create_landmark_predictor("always")
 
@@ -227,14 +216,17 @@ def test_the_command_line_chooses_alignment(monkeypatch, capsys, untrained_run,
     assert faces.main(common + flags) == 0
   assert chosen == ["auto", "always", "never", "never", "auto"]
   capsys.readouterr()
-  # --align without the model stops before any work, saying what to install.
+  # --align without the model stops with one error line saying what to install.
   monkeypatch.setattr(faces, "analyse_media", real_analyse_media)
   monkeypatch.setattr(faces, "LANDMARK_MODEL_PACKAGE", "no_such_landmark_package")
   photo = tmp_path / "photo.png"
   Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(photo)
-  assert faces.main(["--workdir", untrained_run, "--input", str(photo), "--out",
-                     str(tmp_path / "out"), "--align"]) == 2
-  assert "pip install no_such_landmark_package" in capsys.readouterr().err
+  assert cli.main(["faces", "--workdir", untrained_run, "--input", str(photo), "--out",
+                   str(tmp_path / "out"), "--align"]) == 1
+  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+      "error: face alignment needs dlib's 5-point landmark model, and the "
+      "no_such_landmark_package package is not installed: pip install "
+      "no_such_landmark_package")
 
 
 def test_of_several_faces_the_largest_is_kept(astronaut, detector):
@@ -266,26 +258,27 @@ def test_images_and_videos_give_csvs_and_plots(astronaut, untrained_run, tmp_pat
   clip = str(tmp_path / "clip.gif")
   write_gif(clip, frames)
   out = str(tmp_path / "out")
-  summary = faces.analyse_media(untrained_run, [photo, clip], out, smooth_window=3)
+  # Detecting every frame: a face that comes back is found in its first frame.
+  summary = faces.analyse_media(untrained_run, [photo, clip], out, smooth_window=3,
+                                detect_every=1)
   assert summary["aligned"] == (faces.landmark_model_path() is not None)
   by_name = {s["name"]: s for s in summary["inputs"]}
   assert by_name["astronaut"]["frames"] == by_name["astronaut"]["frames_with_face"] == 1
   assert by_name["clip"]["frames"] == 5 and by_name["clip"]["frames_with_face"] == 4
-  with open(os.path.join(out, "predictions.csv")) as f:
+  with open(os.path.join(out, "faces.csv")) as f:
     rows = list(csv.DictReader(f))
-  assert [(r["video"], r["frame"]) for r in rows] == [
-      ("astronaut", "1"), ("clip", "1"), ("clip", "2"), ("clip", "4"), ("clip", "5")]
+  assert [(r["source"], r["frame"], r["face_id"]) for r in rows] == [
+      ("astronaut", "1", "1"), ("clip", "1", "1"), ("clip", "2", "1"),
+      ("clip", "4", "1"), ("clip", "5", "1")]
+  assert [float(r["timestamp"]) for r in rows] == [0, 0, 0.04, 0.12, 0.16]
   probabilities = np.float64([[r[f"p_{n}"] for n in faces_expression_names()]
                               for r in rows])
   np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-4)
-  with open(os.path.join(out, "faces.csv")) as f:
-    boxes = list(csv.DictReader(f))
-  assert len(boxes) == 5 and all(float(b["score"]) >= faces.MIN_SCORE for b in boxes)
-  for name in ("astronaut", "clip"):
+  assert all(float(r["detection_score"]) >= faces.MIN_SCORE for r in rows)
+  for name in ("astronaut_face1", "clip_face1"):
     with Image.open(os.path.join(out, f"{name}.png")) as plot:
       assert plot.size[0] > 500
-  with Image.open(os.path.join(out, "cropped_aligned", "clip", "00004.jpg")) as crop:
-    assert crop.size == (112, 112)
+  assert not os.path.exists(os.path.join(out, "cropped_aligned"))  # only when asked
   with open(os.path.join(out, "summary.json")) as f:
     assert json.load(f)["aligned"] == summary["aligned"]
 
@@ -295,21 +288,13 @@ def faces_expression_names():
   return annotations.EXPRESSION_NAMES_8
 
 
-def test_bad_inputs_name_the_file(tmp_path, detector, monkeypatch):
+def test_bad_inputs_name_the_file(tmp_path):
   not_image = tmp_path / "notes.jpg"
   not_image.write_text("not an image")
-  with pytest.raises(ValueError, match=f"{not_image}: cannot read"):
+  with pytest.raises(InputError, match=f"{not_image}: cannot read"):
     list(faces.read_frames(str(not_image)))
-  with pytest.raises(FileNotFoundError, match="no such file"):
+  with pytest.raises(InputError, match="no such file"):
     list(faces.read_frames(str(tmp_path / "missing.mp4")))
-  wall = tmp_path / "wall.png"
-  Image.fromarray(np.full((200, 200, 3), 90, np.uint8)).save(wall)
-  with pytest.raises(ValueError, match=f"{wall}: no face found in its 1 frame"):
-    faces.extract_faces(str(wall), "wall", str(tmp_path / "crops"), detector)
-  monkeypatch.setattr(faces, "read_frames", lambda path: iter(()))
-  with pytest.raises(ValueError, match="empty.gif: has no frames"):
-    faces.extract_faces(str(tmp_path / "empty.gif"), "empty", str(tmp_path / "crops"),
-                        detector)
   assert faces.unique_names(["a/clip.mp4", "b/clip.gif", "c/clip.png"]) == [
       "clip", "clip_2", "clip_3"]
 

@@ -146,6 +146,9 @@ def video_frames(path: str, max_pixels: int = MAX_FRAME_PIXELS) -> Iterator[Fram
       seconds = (milliseconds / 1000.0 if milliseconds >= 0 and (number == 1 or
                  milliseconds > 0) else (number - 1) / fps if fps > 0 else 0.0)
       yield Frame(number, seconds, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    if number == 0:  # FFmpeg opens some files it cannot decode (text named .jpg)
+      raise InputError(f"{path}: cannot read as an image or a video (no frame "
+                       "decodes)")
   finally:
     capture.release()
 
