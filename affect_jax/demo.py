@@ -23,16 +23,18 @@ log = logging.getLogger("affect_jax.demo")
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
+  # The bounds are the synthetic release's: a value outside them is a usage error here,
+  # not a traceback from the release writer.
   flags.DEFINE_string("workdir", "runs/demo", "Where every stage writes its output.",
                       flag_values=flag_values)
   flags.DEFINE_integer("num_videos", 40, "Videos of the synthetic release.",
-                       flag_values=flag_values)
+                       lower_bound=1, flag_values=flag_values)
   flags.DEFINE_integer("frames_per_video", 150, "Frames of each synthetic video.",
-                       flag_values=flag_values)
-  flags.DEFINE_integer("seed", 0, "The synthetic release's seed.",
+                       lower_bound=5, flag_values=flag_values)
+  flags.DEFINE_integer("seed", 0, "The synthetic release's seed.", lower_bound=0,
                        flag_values=flag_values)
   flags.DEFINE_integer("steps", None, "Training steps (default: configs/demo.py's).",
-                       flag_values=flag_values)
+                       lower_bound=1, flag_values=flag_values)
 
 
 def make_release(release_dir: str, args) -> dict:

@@ -86,6 +86,8 @@ def test_a_command_line_that_does_not_parse_says_why(capsys, tmp_path):
        "three"),
       (["validate", "--format", "mtl", "--test_list", "list.txt"], "SUBMISSION_DIR"),
       (["synthetic", "--out", str(tmp_path), "--generation", "abaw9"], "abaw9"),
+      (["demo", "--workdir", str(tmp_path), "--frames_per_video", "4"],
+       "--frames_per_video=4"),
   ]
   for argv, reason in cases:
     with pytest.raises(SystemExit) as exit_info:
