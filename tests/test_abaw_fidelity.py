@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from affect_jax.errors import InputError
-from affect_jax.inference import abaw_lists, predict, submission
+from affect_jax.inference import abaw_lists, predict, submission, submission_validator
 from tfds_affwild2 import synthetic
 
 
@@ -52,7 +52,7 @@ def test_submissions_for_each_list_cover_every_listed_frame(predicted_test_split
     folder = os.path.join(out, "submission",
                           os.path.splitext(os.path.basename(list_path))[0])
     for fmt in submission.FORMATS:
-      assert submission.validate_submission(
+      assert submission_validator.validate_submission(
           os.path.join(folder, fmt), fmt, list_path, sample_lists=[sample_list]) == []
     # Every listed frame, faces or not, in list order.
     mtl = lines_of(os.path.join(folder, "mtl", submission.MTL_FILE))
@@ -81,7 +81,7 @@ def test_a_submission_stopping_at_the_last_face_is_caught(predicted_test_split,
           os.path.join(folder, task, name))) + "\n")
   trailing = synthetic.TEST_FACELESS_ENDS[1]
   (short / "VA" / f"{video}.txt").write_text("\n".join(lines[:-trailing]) + "\n")
-  problems = [str(p) for p in submission.validate_submission(
+  problems = [str(p) for p in submission_validator.validate_submission(
       str(short), "per_video", video_list, sample_lists=[sample_list])]
   assert problems == [
       f"{short / 'VA' / f'{video}.txt'}:{length + 1 - trailing}: {length - trailing} "
@@ -89,7 +89,7 @@ def test_a_submission_stopping_at_the_last_face_is_caught(predicted_test_split,
       f"first frame without a line is {length - trailing + 1}"]
   # Without the sample list nothing says what N is: the check refuses to guess.
   with pytest.raises(InputError, match="unknown"):
-    submission.validate_submission(str(short), "per_video", video_list)
+    submission_validator.validate_submission(str(short), "per_video", video_list)
 
 
 def write_video(path, frames):
@@ -117,7 +117,7 @@ def test_n_from_the_release_video_files(tmp_path):
   submission.write_image_location_files(
       str(out), predictions, submission.listed_images(entries, counts), tasks=["expr"])
   assert len(lines_of(out / "EXPR.txt")) == 1 + 7 + 4
-  assert submission.validate_submission(str(out), "image_location", str(listing),
+  assert submission_validator.validate_submission(str(out), "image_location", str(listing),
                                         video_dir=str(tmp_path), tasks=["expr"]) == []
   with pytest.raises(InputError, match="--video_dir .*: no such folder"):
     abaw_lists.video_file_frame_counts(str(tmp_path / "nowhere"), ["clip"])

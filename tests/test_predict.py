@@ -19,7 +19,7 @@ from affect_jax.inference import predict
 from affect_jax.inference import restore
 from affect_jax.inference import sources
 from affect_jax.inference import tuning
-from affect_jax.inference import submission
+from affect_jax.inference import submission, submission_validator
 from affect_jax.eval import evaluation
 from affect_jax.train import loop
 from affect_jax.train import step_functions
@@ -188,9 +188,9 @@ def test_test_list_predictions_csv_and_submissions(trained_run, tmp_path):
     assert os.path.isfile(row["image_path"]) and row["record_index"] == "-1"
   sample_folder = os.path.splitext(synthetic.TEST_SAMPLE_LIST)[0]
   for fmt in submission.FORMATS:
-    assert submission.validate_submission(os.path.join(out, "submission", fmt), fmt,
+    assert submission_validator.validate_submission(os.path.join(out, "submission", fmt), fmt,
                                           list_path, sample_lists=[sample_path]) == []
-    assert submission.validate_submission(
+    assert submission_validator.validate_submission(
         os.path.join(out, "submission", sample_folder, fmt), fmt, sample_path) == []
   # Frames without a face image carry the previous face frame's prediction, up to N.
   by_frame = {(r["video"], int(r["frame"])): r for r in rows}

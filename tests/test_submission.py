@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from affect_jax.errors import InputError
-from affect_jax.inference import abaw_lists, submission
+from affect_jax.inference import abaw_lists, submission, submission_validator
 from tfds_affwild2 import annotations, synthetic
 from tfds_affwild2.annotations import AnnotationError
 
@@ -107,7 +107,7 @@ def test_per_video_files_cover_every_frame_and_read_back(tmp_path, test_release,
       assert expr[frame - 1].value == known.expression[row]
       np.testing.assert_allclose(va[frame - 1].value, known.va[row], atol=1e-6)
       np.testing.assert_array_equal(au[frame - 1].value, known.aus[row])
-  assert submission.validate_submission(
+  assert submission_validator.validate_submission(
       out, "per_video", list_path, frame_counts=COUNTS,
       num_expr_classes=num_classes) == []
 
@@ -134,7 +134,7 @@ def test_mtl_file_has_one_line_per_listed_image_and_reads_back(tmp_path, test_re
     assert row.labels["expr"].value == known.expression[i]
     np.testing.assert_allclose(row.labels["va"].value, known.va[i], atol=1e-6)
     np.testing.assert_array_equal(row.labels["au"].value, known.aus[i])
-  assert submission.validate_submission(out, "mtl", list_path,
+  assert submission_validator.validate_submission(out, "mtl", list_path,
                                         frame_counts=COUNTS) == []
 
 
@@ -151,7 +151,7 @@ def test_image_location_files_pass_the_validator(tmp_path, test_release):
   # v2/00007.jpg has no face image: it carries the class of frame 4, the last face
   # frame before it, although frame 4 itself is not listed.
   assert lines[12] == f"v2/00007.jpg,{predictions['v2'].expression[1]}"
-  assert submission.validate_submission(out, "image_location", list_path,
+  assert submission_validator.validate_submission(out, "image_location", list_path,
                                         frame_counts=COUNTS) == []
 
 
@@ -185,10 +185,10 @@ def test_abaw1_au_files_carry_its_eight_aus(tmp_path, test_release):
     expected = [known[row][annotations.AU_NAMES.index(n)] if n != "AU20" else 0
                 for n in submission.ABAW1_AU_NAMES]
     assert line == ",".join(map(str, expected))
-  assert submission.validate_submission(
+  assert submission_validator.validate_submission(
       out, "per_video", list_path, frame_counts=COUNTS, tasks=["au"],
       au_names=submission.ABAW1_AU_NAMES) == []
-  problems = problems_as_text(submission.validate_submission(
+  problems = problems_as_text(submission_validator.validate_submission(
       out, "per_video", list_path, frame_counts=COUNTS, tasks=["au"]))
   assert "header 'AU1,AU2,AU4,AU6,AU12,AU15,AU20,AU25'" in problems
 
@@ -227,7 +227,7 @@ def test_validator_names_file_and_line_of_each_problem(tmp_path, test_release):
   lines = lines_of(au_file)
   lines[2] = "1,0,1,0,1,0,1,0,1,0,1,2"  # AU26 = 2, frame 2 (line 3)
   rewrite(au_file, lines)
-  problems = problems_as_text(submission.validate_submission(
+  problems = problems_as_text(submission_validator.validate_submission(
       out, "per_video", list_path, frame_counts=COUNTS))
   assert (f"{va_file}:9: 8 frame lines, expected 10 (one per frame 1..10 of the "
           "video): the first frame without a line is 9") in problems
@@ -240,7 +240,7 @@ def test_validator_names_file_and_line_of_each_problem(tmp_path, test_release):
   lines = lines_of(mtl)
   lines[2] = lines[2].split(",", 1)[0] + ",1.5,0.2," + lines[2].split(",", 4)[4]
   rewrite(mtl, lines + [lines[1]])  # valence 1.5 on line 3; line 1 repeated
-  problems = problems_as_text(submission.validate_submission(
+  problems = problems_as_text(submission_validator.validate_submission(
       out, "mtl", list_path, frame_counts=COUNTS))
   assert f"{mtl}:3: valence 1.5 outside [-1, 1]" in problems
   assert f"{mtl}:20: 19 image lines, expected 18" in problems
@@ -248,7 +248,7 @@ def test_validator_names_file_and_line_of_each_problem(tmp_path, test_release):
   # A submission that stops at the last face frame misses the video's faceless end:
   # the first missing frame is named, with the list line that asks for it.
   rewrite(mtl, [line for line in lines if not line.startswith("v1/00010.jpg")])
-  problems = problems_as_text(submission.validate_submission(
+  problems = problems_as_text(submission_validator.validate_submission(
       out, "mtl", list_path, frame_counts=COUNTS))
   assert (f"{mtl}: 1 listed images have no line; the first: v1/00010.jpg (asked for "
           f"at {list_path}:2)") in problems
@@ -272,7 +272,7 @@ def test_n_of_each_video_comes_from_counts_lists_or_nowhere(tmp_path, test_relea
                             "v3_left": "organisers' list"}
   with pytest.raises(InputError, match=r"frames of 1 listed videos is unknown "
                      rf"\({list_path}\), e.g. v2: .*--frame_counts, --video_dir"):
-    submission.validate_submission(str(tmp_path), "mtl", list_path,
+    submission_validator.validate_submission(str(tmp_path), "mtl", list_path,
                                    sample_lists=[str(sample)])
   counts = abaw_lists.resolve_frame_counts(["v2"], face_frames=FACES)
   assert counts.counts == {"v2": 8} and counts.origins == {"v2": "last face frame"}
@@ -285,7 +285,7 @@ def test_validator_reports_missing_and_unlisted_files(tmp_path, test_release):
   grouped["stray"] = grouped["v1"]
   submission.write_per_video_files(out, grouped, {"v1": 10, "v2": 8, "stray": 3},
                                    tasks=["va"])
-  problems = problems_as_text(submission.validate_submission(
+  problems = problems_as_text(submission_validator.validate_submission(
       out, "per_video", list_path, frame_counts=COUNTS, tasks=["va", "au"]))
   assert f"{os.path.join(out, 'VA', 'stray.txt')}: video not in the test list" in problems
   assert f"{os.path.join(out, 'VA', 'v3_left.txt')}: missing file" in problems
@@ -360,6 +360,6 @@ def test_synthetic_release_test_lists_round_trip(tmp_path):
                                    submission.video_lengths(entries, counts))
   submission.write_mtl_file(out, predictions, submission.listed_images(entries, counts))
   for fmt in ("per_video", "mtl"):
-    assert submission.validate_submission(out, fmt, list_path,
+    assert submission_validator.validate_submission(out, fmt, list_path,
                                           sample_lists=[sample_path]) == []
-    assert submission.validate_submission(out, fmt, sample_path) == []
+    assert submission_validator.validate_submission(out, fmt, sample_path) == []
