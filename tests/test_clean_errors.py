@@ -2,13 +2,15 @@
 command and from the commands' `python -m` forms; `--verbose` shows their traceback;
 a bug keeps its traceback. Each case is a mistake a user makes (a config, dataset,
 workdir, checkpoint or file that is not there) and fails before any training."""
+import io
+import logging
 import os
 import subprocess
 import sys
 
 import pytest
 
-from affect_jax import cli, errors
+from affect_jax import cli, cli_logging, errors
 from affect_jax.data import augment, pipeline
 from affect_jax.train import init_from
 
@@ -147,6 +149,23 @@ def test_verbose_anywhere_before_a_double_dash_shows_the_traceback(tmp_path):
                                        "--output", str(tmp_path / "weights")])
   assert cli.split_verbose(["a", "--verbose", "--", "--verbose"]) == (
       ["a", "--", "--verbose"], True)
+
+
+def test_a_root_handler_made_by_a_library_import_gets_the_console_format():
+  # Importing Orbax logs through absl before a command starts its logging, which gives
+  # the root logger a plain handler in Python's default format ("INFO:name:message").
+  stream = io.StringIO()
+  handler = logging.StreamHandler(stream)
+  handler.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
+  root = logging.getLogger()
+  root.addHandler(handler)
+  try:
+    cli_logging.start_console_logging()
+    logging.getLogger("affect_jax.some_command").info("started")
+  finally:
+    root.removeHandler(handler)
+  assert stream.getvalue().endswith(" I affect_jax.some_command: started\n"), (
+      stream.getvalue())
 
 
 def test_a_bug_keeps_its_traceback():
