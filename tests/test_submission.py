@@ -278,6 +278,20 @@ def test_n_of_each_video_comes_from_counts_lists_or_nowhere(tmp_path, test_relea
   assert counts.counts == {"v2": 8} and counts.origins == {"v2": "last face frame"}
 
 
+def test_a_frame_count_below_a_face_image_is_refused(tmp_path, test_release):
+  """v1 has a face image of frame 9: N=8 cannot be its frame count."""
+  list_path, roots, predictions = test_release
+  entries, counts = covered(list_path)
+  out = str(tmp_path / "sub")
+  submission.write_mtl_file(out, predictions, submission.listed_images(entries, counts))
+  assert submission_validator.validate_submission(
+      out, "mtl", list_path, frame_counts=COUNTS, image_roots=roots) == []
+  with pytest.raises(InputError, match=r"video v1 has a face image of frame 9, beyond "
+                     r"its N=8 \(from --frame_counts\)"):
+    submission_validator.validate_submission(
+        out, "mtl", list_path, frame_counts={**COUNTS, "v1": 8}, image_roots=roots)
+
+
 def test_validator_reports_missing_and_unlisted_files(tmp_path, test_release):
   list_path, roots, predictions = test_release
   out = str(tmp_path / "sub")

@@ -184,6 +184,18 @@ def resolve_frame_counts(videos: Iterable[str], *, given: Mapping[str, int] | No
   return FrameCounts(counts, origins)
 
 
+def check_counts_cover_faces(frame_counts: FrameCounts,
+                             face_frames: Mapping[str, Sequence[int]]) -> None:
+  """A face image of a frame beyond N means N is wrong (a frame count of another cut
+  of the video, a list that stops early): an InputError naming the video."""
+  for video, n in frame_counts.counts.items():
+    last = max(face_frames.get(video) or [0])
+    if last > n:
+      raise InputError(f"video {video} has a face image of frame {last}, beyond its "
+                       f"N={n} (from {frame_counts.origins[video]}): the frame count "
+                       "is not this video's")
+
+
 # ----------------------------------------------------------------------------------
 # What a submission covers.
 # ----------------------------------------------------------------------------------

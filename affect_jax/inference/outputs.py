@@ -97,6 +97,8 @@ def plan_submissions(opened: OpenedSource | None, test_lists: Sequence[str] = ()
       listed=abaw_lists.listed_frame_counts(lists),
       face_frames=None if (source_list or lists) else table_frames,
       listed_in=", ".join(lists) or "")
+  if source_list:
+    abaw_lists.check_counts_cover_faces(counts, opened.face_frames)
   return SubmissionPlan(targets, counts)
 
 

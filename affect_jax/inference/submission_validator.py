@@ -21,6 +21,8 @@ from affect_jax import cli
 from affect_jax.errors import InputError
 from affect_jax.inference.abaw_lists import (
   TestEntry,
+  check_counts_cover_faces,
+  face_frames_of,
   listed_frame_counts,
   listed_images,
   read_frame_counts,
@@ -183,21 +185,26 @@ def _validate_image_rows(path, lines, expect: Expectations, row_tasks,
 
 def submission_expectations(test_list, *, frame_counts: Mapping[str, int] | None = None,
                             video_dir: str | None = None,
-                            sample_lists: Sequence[str] = (), num_expr_classes: int = 8,
+                            sample_lists: Sequence[str] = (),
+                            image_roots: Sequence[str] = (), num_expr_classes: int = 8,
                             au_names: Sequence[str] = AU_NAMES) -> Expectations:
   """Every image and every video length a submission for `test_list` must cover. N of
   each video: --frame_counts, its video file, the lists' own frames (see abaw_lists);
-  never the last face frame, which is what a short submission would also stop at."""
+  never the last face frame, which is what a short submission would also stop at.
+  With `image_roots`, N is checked against the video's face images."""
   if isinstance(test_list, (str, os.PathLike)):
     list_name, entries = os.fspath(test_list), read_test_list(test_list)
   else:
     list_name, entries = "the test list", list(test_list)
   lists = {list_name: entries, **{p: read_test_list(p) for p in sample_lists}}
   videos = [entry.video for entry in entries]
-  counts = resolve_frame_counts(
+  resolved = resolve_frame_counts(
       videos, given=frame_counts,
       video_files=video_file_frame_counts(video_dir, videos) if video_dir else None,
-      listed=listed_frame_counts(lists), listed_in=list_name).counts
+      listed=listed_frame_counts(lists), listed_in=list_name)
+  if image_roots:
+    check_counts_cover_faces(resolved, face_frames_of(entries, image_roots))
+  counts = resolved.counts
   listed_at = {}
   for entry in entries:
     frames = [entry.frame] if entry.frame is not None else range(1, counts[entry.video]
@@ -221,6 +228,7 @@ def validate_submission(path: str, format: str,  # noqa: A002
                         test_list: str | os.PathLike | Sequence[TestEntry], *,
                         frame_counts: Mapping[str, int] | None = None,
                         video_dir: str | None = None, sample_lists: Sequence[str] = (),
+                        image_roots: Sequence[str] = (),
                         num_expr_classes: int = 8, tasks: Sequence[str] = TASKS,
                         au_names: Sequence[str] = AU_NAMES) -> list[Problem]:
   """Every problem of a submission folder (empty list: none).
@@ -228,13 +236,15 @@ def validate_submission(path: str, format: str,  # noqa: A002
   `test_list` is a path or a list of TestEntry. Per-image files need a line for every
   listed image and every frame 1..N of every listed video, per-video files one line per
   frame 1..N; N comes from `frame_counts`, the videos in `video_dir` or the frames the
-  lists (the test list and `sample_lists`) name. The first missing frame is named.
+  lists (the test list and `sample_lists`) name, checked against the face images in
+  `image_roots` when given. The first missing frame is named.
   """
   if format not in FORMATS:
     raise InputError(f"unknown format {format!r}; expected one of {FORMATS}")
   tasks = _checked_tasks(tasks)
   expect = submission_expectations(test_list, frame_counts=frame_counts,
                                    video_dir=video_dir, sample_lists=sample_lists,
+                                   image_roots=image_roots,
                                    num_expr_classes=num_expr_classes, au_names=au_names)
   if format == "per_video":
     return _validate_per_video(path, expect, tasks)
@@ -263,7 +273,8 @@ and prints every problem as path:line: what (exit status 1 when there is one).
 Every frame 1..N of every listed video must have a line (per-image files: every listed
 image too); N comes from --frame_counts, the video files in --video_dir, or the frames
 the lists name (the test list itself and each --sample_list, as the organisers' sample
-files list every frame). A listed video whose N none of them gives is an error.
+files list every frame). A listed video whose N none of them gives is an error; with
+--image_root, so is a face image beyond N.
 """
 
 
@@ -279,6 +290,9 @@ def define_validate_flags(flag_values: flags.FlagValues) -> None:
                       "CSV).", flag_values=flag_values)
   flags.DEFINE_string("video_dir", None, "The release's video files: N of each video "
                       "from its file.", flag_values=flag_values)
+  flags.DEFINE_multi_string("image_root", [], "A cropped_aligned folder (repeat for "
+                            "several): N is checked against the videos' face images.",
+                            flag_values=flag_values)
   flags.DEFINE_integer("num_expr_classes", 8, "Expression classes (7: ABAW2).",
                        lower_bound=7, upper_bound=8, flag_values=flag_values)
   flags.DEFINE_enum("au_set", "abaw", sorted(AU_SETS), "AU columns: 'abaw' the 12 of "
@@ -299,7 +313,7 @@ def validate_main(argv: Sequence[str] | None = None) -> int:
       path, args.format, args.test_list,
       frame_counts=read_frame_counts(args.frame_counts) if args.frame_counts else None,
       video_dir=args.video_dir, sample_lists=args.sample_list,
-      num_expr_classes=args.num_expr_classes, tasks=args.tasks,
+      image_roots=args.image_root, num_expr_classes=args.num_expr_classes, tasks=args.tasks,
       au_names=AU_SETS[args.au_set])
   for problem in problems[:args.max_shown]:
     print(problem)
