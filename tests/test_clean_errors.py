@@ -127,6 +127,15 @@ def test_convert_and_demo_name_the_file(tmp_path, capsys):
       f"error: --workdir {a_file} is a file, not a folder")
 
 
+def test_a_study_report_of_a_study_dir_that_does_not_exist_is_refused(tmp_path,
+                                                                     capsys):
+  missing = tmp_path / "no_study"
+  assert run_command(["study", "--config", os.path.join(REPO, "configs", "study.py"),
+                      "--study_dir", str(missing), "--report_only"], capsys) == (
+      f"error: --study_dir {missing} does not exist: nothing to report")
+  assert not missing.exists()
+
+
 def test_refusals_name_the_config_key_to_change(tmp_path):
   with pytest.raises(errors.InputError, match=f"config.init_from.path: {tmp_path} holds "
                      "no converted weights"):

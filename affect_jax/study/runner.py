@@ -176,6 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                               flag_values.shard_count):
       print(f"{variant.name:32s} {variant.group:15s} {variant.description}")
     return 0
+  if flag_values.report_only and not os.path.isdir(study_dir):
+    raise errors.InputError(f"--study_dir {flag_values.study_dir} does not exist: "
+                            "nothing to report")
   if not flag_values.report_only:
     record_command(study_dir, ["", *argv])  # the command's own arguments
     enable_compilation_cache(study_dir)
