@@ -146,8 +146,20 @@ def test_wrapped_checkpoint_is_unwrapped(torch_model, tmp_path):
 def test_pickled_objects_are_refused(tmp_path):
   path = tmp_path / "code.pth"
   torch.save({"conv1.weight": torch.zeros(1), "payload": functools.partial(print, "hi")}, path)
-  with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported"):
+  with pytest.raises(pretrained.WeightImportError,
+                     match="code.pth is not a torch state dict that can be read safely: "
+                           ".*([Ww]eights only load failed|Unsupported)"):
     pretrained.load_torch_state_dict(path)
+
+
+@pytest.mark.parametrize("name", ["notes.pth", "notes.safetensors"])
+def test_a_file_that_is_no_weights_file_is_one_clear_error(tmp_path, name):
+  path = tmp_path / name
+  path.write_text("these are not weights\n")
+  with pytest.raises(pretrained.WeightImportError, match=f"{name} is not a"):
+    pretrained.load_state_dict(path)
+  from affect_jax import errors
+  assert errors.is_expected(pretrained.WeightImportError("x"))
 
 
 def test_conversion_maps_every_backbone_tensor(numpy_state_dict):

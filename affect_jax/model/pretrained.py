@@ -19,13 +19,16 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from flax import traverse_util
 
+from affect_jax.errors import InputError
+
 RESNET18_STAGE_SIZES = (2, 2, 2, 2)
 # Checkpoint files often wrap the state dict together with optimizer state, epoch, ...
 WRAPPER_KEYS = ("state_dict", "model")
 
 
-class WeightImportError(ValueError):
-  """A state dict that does not fit the backbone; the message names the key."""
+class WeightImportError(InputError):
+  """A weights file that cannot be read, or a state dict that does not fit the
+  backbone; the message names the file or the key."""
 
 
 def is_ignored_key(key: str) -> bool:
@@ -124,7 +127,15 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """
   import torch  # Optional dependency: only needed to read torch files.
 
-  checkpoint = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+  try:
+    checkpoint = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+  except FileNotFoundError:
+    raise
+  except Exception as error:  # pylint: disable=broad-except  # torch raises many kinds
+    # weights_only refuses any pickle that is not plain tensors (UnpicklingError); a
+    # file that is no torch file at all fails in zipfile or pickle (RuntimeError, ...).
+    raise WeightImportError(f"{os.fspath(path)} is not a torch state dict that can be "
+                            f"read safely: {str(error).splitlines()[0][:300]}") from error
   state_dict = {}
   for key, tensor in _unwrap_checkpoint(checkpoint).items():
     if not isinstance(tensor, torch.Tensor):
@@ -141,7 +152,13 @@ def load_safetensors_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray
   """Reads a ``.safetensors`` file (e.g. timm's resnet18, torchvision key names)."""
   from safetensors.numpy import load_file  # Optional dependency.
 
-  return load_file(os.fspath(path))
+  try:
+    return load_file(os.fspath(path))
+  except FileNotFoundError:
+    raise
+  except Exception as error:  # pylint: disable=broad-except  # SafetensorError, OSError
+    raise WeightImportError(f"{os.fspath(path)} is not a readable safetensors file: "
+                            f"{str(error).splitlines()[0][:300]}") from error
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -13,7 +13,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from affect_jax.errors import InputError
 from affect_jax.eval.writers import drop_superseded, read_metrics, read_scalars
+
+
+class UnknownOverrideError(InputError, KeyError):
+  """A variant's override names a config field that does not exist."""
+
+  def __str__(self):  # KeyError would quote the message
+    return str(self.args[0])
 
 RUN_RECORD = "study_run.json"  # in each variant's workdir
 COMMANDS_LOG = "study_commands.txt"  # in the study directory
@@ -56,7 +64,7 @@ def search_variants(search, variants: Sequence[Variant]) -> list[Variant]:
     return []
   by_name = {v.name: v for v in variants}
   if search.base_variant not in by_name:
-    raise ValueError(f"search.base_variant {search.base_variant!r} is not a variant")
+    raise InputError(f"search.base_variant {search.base_variant!r} is not a variant")
   base = by_name[search.base_variant]
   keys = [key for key, _, _ in search.space]
   abbreviations = [abbreviation for _, abbreviation, _ in search.space]
@@ -68,7 +76,7 @@ def search_variants(search, variants: Sequence[Variant]) -> list[Variant]:
     count = min(search.trials, len(grid))
     chosen = sorted(rng.choice(len(grid), size=count, replace=False).tolist())
   else:
-    raise ValueError(f"search.kind must be random or grid, got {search.kind!r}")
+    raise InputError(f"search.kind must be random or grid, got {search.kind!r}")
   trials = []
   for index in chosen:
     point = grid[index]
@@ -90,10 +98,10 @@ def study_variants(study_config) -> list[Variant]:
   names = [v.name for v in variants]
   duplicates = sorted({n for n in names if names.count(n) > 1})
   if duplicates:
-    raise ValueError(f"variant names must be unique; repeated: {duplicates}")
+    raise InputError(f"variant names must be unique; repeated: {duplicates}")
   for v in variants:
     if v.init_from_variant and v.init_from_variant not in names:
-      raise ValueError(f"{v.name}: init_from_variant {v.init_from_variant!r} is not a "
+      raise InputError(f"{v.name}: init_from_variant {v.init_from_variant!r} is not a "
                        "variant of this study")
   return variants
 
@@ -109,7 +117,7 @@ def order_by_dependencies(variants: Sequence[Variant]) -> list[Variant]:
                   or v.init_from_variant in done or v.init_from_variant not in names),
                  None)
     if ready is None:
-      raise ValueError("init_from_variant forms a cycle among "
+      raise InputError("init_from_variant forms a cycle among "
                        f"{[v.name for v in remaining]}")
     ordered.append(ready)
     done.add(ready.name)
@@ -123,7 +131,7 @@ def with_dependencies(variants: Sequence[Variant], selected: Sequence[str]
   by_name = {v.name: v for v in variants}
   unknown = [n for n in selected if n not in by_name]
   if unknown:
-    raise ValueError(f"unknown variants {unknown}; the study has {sorted(by_name)}")
+    raise InputError(f"unknown variants {unknown}; the study has {sorted(by_name)}")
   wanted: set[str] = set()
   for name in selected:
     while name and name not in wanted:
@@ -143,7 +151,7 @@ def shard_variants(variants: Sequence[Variant], shard_index: int, shard_count: i
   """This shard's variants. Whole dependency chains go to one shard (the emptiest so
   far, in the study's order), so every shard runs without waiting for another."""
   if not 0 <= shard_index < shard_count:
-    raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
+    raise InputError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
   by_name = {v.name: v for v in variants}
   chains: dict[str, list[Variant]] = {}
   for v in variants:
@@ -180,10 +188,10 @@ def apply_overrides(config, overrides: Sequence[tuple[str, Any]]):
     *parents, leaf = key.split(".")
     for parent in parents:
       if parent not in node:
-        raise KeyError(f"override {key!r}: the config has no {parent!r}")
+        raise UnknownOverrideError(f"override {key!r}: the config has no {parent!r}")
       node = node[parent]
     if leaf not in node:
-      raise KeyError(f"override {key!r}: the config has no field {leaf!r}")
+      raise UnknownOverrideError(f"override {key!r}: the config has no field {leaf!r}")
     node[leaf] = value
   return config
 
