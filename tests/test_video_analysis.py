@@ -4,6 +4,7 @@ rows, summaries and plots, the Python API on arrays of any layout, and bad input
 skipped and counted. Videos are made from scikit-image's astronaut."""
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -234,3 +235,36 @@ def test_bad_inputs_are_skipped_counted_or_refused(analyzer, tmp_path, monkeypat
                    str(empty), "--out", str(tmp_path / "none")]) == 1
   error = capsys.readouterr().err.strip().splitlines()
   assert error[-1] == (f"error: no face in any input: {reasons[0]}; {reasons[2]}")
+
+
+def test_an_export_runs_without_the_run_and_predicts_the_same(analyzer, astronaut,
+                                                              uninterrupted_run,
+                                                              tmp_path):
+  import jax
+  from affect_jax.video import export
+  _, workdir = uninterrupted_run("xla")
+  out = str(tmp_path / "export")
+  assert export.main(["--workdir", workdir, "--out", out, "--platforms", "cpu"]) == 0
+  with open(os.path.join(out, "model.json")) as f:
+    metadata = json.load(f)
+  assert metadata["outputs"] == ["au", "expression", "va"]
+  assert metadata["image_size"] == analyzer.model.image_size
+  with open(os.path.join(out, "model.jax_export"), "rb") as f:
+    exported = jax.export.deserialize(bytearray(f.read()))
+  size = metadata["image_size"]
+  images = np.random.default_rng(0).integers(0, 256, (8, size, size, 3), np.uint8)
+  ours = analyzer.model.predict(images)
+  for batch in (8, 3):  # any batch size
+    theirs = exported.call(images[:batch])
+    for task in ("expression", "au", "va"):
+      np.testing.assert_allclose(np.asarray(theirs[task]),
+                                 np.asarray(ours[task])[:batch], atol=1e-5)
+  from_export = analyzer_lib.Analyzer.from_export(out, batch_size=8)
+  row, reference = (a.analyze_image(astronaut).rows[0]
+                    for a in (from_export, analyzer))
+  assert row.box == reference.box
+  np.testing.assert_allclose(row.va, reference.va, atol=1e-5)
+  np.testing.assert_allclose(row.au, reference.au, atol=1e-5)
+  (tmp_path / "bad").mkdir()
+  with pytest.raises(InputError, match="model.jax_export does not exist"):
+    analyzer_lib.Analyzer.from_export(str(tmp_path / "bad"))

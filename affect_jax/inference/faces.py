@@ -279,9 +279,9 @@ def unique_names(paths: Sequence[str]) -> list[str]:
 def smooth_rows(rows: list, window: int) -> list:
   """Expression probabilities and VA of each face averaged over a centred window of
   its frames (frame_table.centred_moving_average, a face's id as its video)."""
-  from affect_jax.inference import frame_table  # pylint: disable=g-import-not-at-top
   if window == 1 or not rows:
     return rows
+  from affect_jax.inference import frame_table  # pylint: disable=g-import-not-at-top
   keys = np.asarray([f"{r.source}#{r.face_id}" for r in rows])
   frames = np.asarray([r.frame for r in rows])
   smoothed = list(rows)
@@ -318,11 +318,13 @@ def analyse_media(workdir: str, inputs: Sequence[str], out_dir: str, *, config=N
   """Every face of each input -> OUT/faces.csv, a plot per face, OUT/summary.json
   (returned). An input that cannot be read, or shows no face, is skipped and listed
   under "skipped"; when no input has a face, that is an InputError."""
-  from affect_jax.inference import frame_table  # pylint: disable=g-import-not-at-top
   from affect_jax.video import analyzer as analyzer_lib, rows as rows_lib, tracking  # pylint: disable=g-import-not-at-top
   if not inputs:
     raise InputError("no input image or video given (--input)")
-  frame_table.check_window(smooth_window)
+  if smooth_window < 1 or smooth_window % 2 == 0:  # frame_table.check_window's rule:
+    # that module is imported only to smooth (it brings the input pipeline with it)
+    raise InputError(f"--smooth_window must be a positive odd number of frames, got "
+                     f"{smooth_window}")
   os.makedirs(out_dir, exist_ok=True)
   if analyzer is None:
     analyzer = analyzer_lib.Analyzer.from_workdir(
@@ -382,6 +384,9 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_bool("save_crops", False, "Also write each face crop as "
                     "OUT/cropped_aligned/<name>_face<id>/<frame>.jpg.",
                     flag_values=flag_values)
+  flags.DEFINE_bool("compilation_cache", True, "Keep the compiled model between runs "
+                    "(in $AFFECT_JAX_CACHE/jax, default ~/.cache/affect_jax/jax).",
+                    flag_values=flag_values)
   flags.DEFINE_bool("tuned_au_thresholds", True, "Use <workdir>/au_thresholds.json "
                     "when it was tuned for this checkpoint.", flag_values=flag_values)
   flags.DEFINE_enum("align", "auto", ALIGN_CHOICES, "Align faces by their landmarks: "
@@ -404,11 +409,26 @@ def expand_align_shorthands(argv: Sequence[str]) -> list[str]:
   return expanded
 
 
+def enable_compilation_cache() -> str:
+  """The model's programs kept between runs (compiling them is seconds of a short
+  video's analysis): in $JAX_COMPILATION_CACHE_DIR when set, else
+  $AFFECT_JAX_CACHE/jax (default ~/.cache/affect_jax/jax)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  folder = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+      os.environ.get("AFFECT_JAX_CACHE") or os.path.join(
+          os.path.expanduser("~"), ".cache", "affect_jax"), "jax")
+  jax.config.update("jax_compilation_cache_dir", folder)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  return folder
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = expand_align_shorthands(sys.argv[1:] if argv is None else argv)
   args, _ = cli.parse_flags(argv, define_flags, __doc__)
   cli_logging.start_console_logging()
   host_setup.prepare_before_jax()  # before JAX starts its threads
+  if args.compilation_cache:
+    enable_compilation_cache()
   summary = analyse_media(args.workdir, args.input, args.out, step=args.step,
                           smooth_window=args.smooth_window,
                           use_tuned_thresholds=args.tuned_au_thresholds,

@@ -8,6 +8,7 @@ per (frame, face).
   analysis.rows             # FaceRow: frame, timestamp, face_id, box, probabilities, VA
   analysis.data_frame()     # the same as a pandas DataFrame (when pandas is installed)
   analysis.summary()        # per face: frames seen, mean VA, expression shares
+  Analyzer.from_export("runs/mtl/export")  # the same from `affect-jax export`'s files
   analyzer.analyze_image(numpy_array_or_path)
   for row in analyzer.stream(webcam_frames): ...   # rows as soon as their batch is done
 
@@ -114,6 +115,23 @@ def model_from_workdir(workdir: str, step: int | None = None, config=None,
                thresholds, f"{workdir} step {predictor.step} (AU thresholds: {origin})")
 
 
+def model_from_export(out_dir: str, batch_size: int = BATCH_SIZE,
+                      warm_up: bool = True) -> Model:
+  """A model exported by `affect-jax export` (affect_jax.video.export): no training
+  code, config or checkpoint needed."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from affect_jax.video import export  # pylint: disable=g-import-not-at-top
+  exported, metadata = export.load_export(out_dir)
+  predict = jax.jit(exported.call)
+  size = int(metadata["image_size"])
+  if warm_up:
+    predict = compiled_in_background(predict, np.zeros((batch_size, size, size, 3),
+                                                       np.uint8))
+  return Model(predict, size, 1, np.asarray(metadata["au_thresholds"], np.float32),
+               f"{out_dir} (jax.export of {metadata['workdir']} step "
+               f"{metadata['step']})")
+
+
 def compiled_in_background(predict: Callable[[np.ndarray], dict],
                            example: np.ndarray) -> Callable[[np.ndarray], dict]:
   """`predict`, called once on `example` in a thread at once (XLA compiles without
@@ -170,6 +188,13 @@ class Analyzer:
     model = model_from_workdir(workdir, step, config, devices, use_tuned_thresholds,
                                batch_size)
     return cls(model, batch_size=batch_size, **options)
+
+  @classmethod
+  def from_export(cls, out_dir: str, *, batch_size: int = BATCH_SIZE,
+                  **options) -> "Analyzer":
+    """A model written by `affect-jax export`; `options` as from_workdir's."""
+    return cls(model_from_export(out_dir, batch_size), batch_size=batch_size,
+               **options)
 
   @property
   def aligned(self) -> bool:

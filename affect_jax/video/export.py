@@ -1,0 +1,140 @@
+"""A trained model as a portable, serialised function (jax.export: StableHLO with the
+weights inside): uint8 face images in, the three tasks out; it runs without the
+training code, the config or the checkpoint (the export command).
+
+  affect-jax export --workdir runs/mtl --out runs/mtl/export [--step N]
+  (or python -m affect_jax.video.export ...)
+
+Writes OUT/model.jax_export (jax.export's serialisation: images uint8 [batch, size,
+size, 3], any batch, RGB faces aligned as ABAW's cropped_aligned images -> a dict of
+"expression" probabilities [batch, classes], "au" probabilities [batch, 12], "va"
+[batch, 2], whichever tasks the model has) and OUT/model.json (the image size, the
+class and AU names, the AU thresholds, where it came from). The network is written
+with XLA's own layers (the "xla" implementation, no foreign calls), lowered for CPU and
+CUDA. To run it with JAX alone:
+
+  exported = jax.export.deserialize(open("model.jax_export", "rb").read())
+  outputs = exported.call(images)
+
+and Analyzer.from_export(OUT) analyses photos and videos with it.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from typing import Sequence
+
+import numpy as np
+from absl import flags
+
+from affect_jax import cli, cli_logging, vocabulary
+from affect_jax.errors import InputError
+
+EXPORT_FILE = "model.jax_export"
+METADATA_FILE = "model.json"
+PLATFORMS = ("cpu", "cuda")
+
+
+def forward(variables, apply_fn, images, *, dtype):
+  """uint8 images -> probabilities and VA, as the predict step computes them."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from affect_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  outputs = apply_fn(variables, pipeline.normalize_images(images, dtype), train=False)
+  result = {}
+  if "expression" in outputs:
+    result["expression"] = jax.nn.softmax(outputs["expression"].astype(jnp.float32), -1)
+  if "au" in outputs:
+    result["au"] = jax.nn.sigmoid(outputs["au"].astype(jnp.float32))
+  if "va" in outputs:
+    result["va"] = outputs["va"].astype(jnp.float32)
+  return result
+
+
+def export_run(workdir: str, out_dir: str, step: int | None = None, config=None,
+               platforms: Sequence[str] = PLATFORMS,
+               use_tuned_thresholds: bool = True) -> dict:
+  """Exports checkpoint `step` (default: the best, else the latest) of a run; returns
+  the metadata written beside it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from affect_jax import data_parallel  # pylint: disable=g-import-not-at-top
+  from affect_jax.inference import restore, tuning  # pylint: disable=g-import-not-at-top
+  from affect_jax.model import multitask  # pylint: disable=g-import-not-at-top
+  from affect_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(restore.load_config(workdir, config).to_dict())
+  config.model.implementation = "xla"  # portable: no foreign calls in the program
+  mesh = data_parallel.create_mesh(jax.devices()[:1])
+  state = checkpoints.restore_for_eval(config, workdir, mesh, step)
+  variables = jax.tree.map(np.asarray, {"params": state.params["model"],
+                                        "batch_stats": state.batch_stats})
+  size = int(config.input.image_size)
+  batch = jax.export.symbolic_shape("batch")[0]
+  images = jax.ShapeDtypeStruct((batch, size, size, 3), np.uint8)
+  function = jax.jit(functools.partial(forward, variables, state.apply_fn,
+                                       dtype=multitask.DTYPES[config.model.dtype]))
+  exported = jax.export.export(function, platforms=tuple(platforms))(images)
+  thresholds, origin = tuning.au_thresholds_for(workdir, int(state.step), 1,
+                                                 use_tuned_thresholds)
+  metadata = {
+      "format": "jax.export", "file": EXPORT_FILE, "image_size": size,
+      "input": "uint8 [batch, size, size, 3] RGB faces aligned as ABAW's "
+               "cropped_aligned images",
+      "outputs": sorted(exported.out_tree.unflatten(range(len(exported.out_avals)))),
+      "expression_names": list(vocabulary.expression_names(
+          int(config.model.num_expr_classes))),
+      "au_names": list(vocabulary.AU_NAMES),
+      "au_thresholds": [float(t) for t in thresholds], "au_thresholds_from": origin,
+      "platforms": list(platforms), "workdir": os.path.abspath(workdir),
+      "step": int(state.step), "jax_version": jax.__version__}
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, EXPORT_FILE), "wb") as f:
+    f.write(exported.serialize())
+  with open(os.path.join(out_dir, METADATA_FILE), "w") as f:
+    json.dump(metadata, f, indent=2)
+  return metadata
+
+
+def load_export(out_dir: str):
+  """(the deserialised jax.export.Exported, its metadata)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  paths = [os.path.join(out_dir, name) for name in (EXPORT_FILE, METADATA_FILE)]
+  for path in paths:
+    if not os.path.isfile(path):
+      raise InputError(f"{path} does not exist: `affect-jax export` writes it")
+  with open(paths[1]) as f:
+    metadata = json.load(f)
+  with open(paths[0], "rb") as f:
+    try:
+      exported = jax.export.deserialize(bytearray(f.read()))
+    except Exception as error:  # pylint: disable=broad-except  # any decoding failure
+      raise InputError(f"{paths[0]}: not a jax.export serialisation: {error}") from None
+  return exported, metadata
+
+
+def define_flags(flag_values: flags.FlagValues) -> None:
+  flags.DEFINE_string("workdir", None, "The training run's folder.",
+                      flag_values=flag_values)
+  flags.DEFINE_string("out", None, "Output folder.", flag_values=flag_values)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: best, else latest).",
+                       flag_values=flag_values)
+  flags.DEFINE_list("platforms", list(PLATFORMS), "Platforms to lower for.",
+                    flag_values=flag_values)
+  flags.DEFINE_bool("tuned_au_thresholds", True, "Record <workdir>/au_thresholds.json "
+                    "when it was tuned for this checkpoint.", flag_values=flag_values)
+  flags.mark_flags_as_required(["workdir", "out"], flag_values=flag_values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args, _ = cli.parse_flags(argv, define_flags, __doc__)
+  cli_logging.start_console_logging()
+  metadata = export_run(args.workdir, args.out, args.step, platforms=args.platforms,
+                        use_tuned_thresholds=args.tuned_au_thresholds)
+  print(json.dumps(metadata, indent=2))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(cli.run_reporting_errors(main))
