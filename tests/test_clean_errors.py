@@ -192,3 +192,11 @@ def test_the_python_m_form_prints_one_error_line(tmp_path):
       cwd=REPO, capture_output=True, text=True, timeout=120)
   assert error_line(result.returncode, result.stderr) == (
       f"error: --input {missing}: no such file")
+
+
+@pytest.mark.parametrize("window", [0, 4, -3])
+def test_a_bad_smoothing_window_is_an_expected_error_naming_the_flag(window):
+  from affect_jax import errors
+  from affect_jax.inference import frame_table
+  with pytest.raises(errors.InputError, match=f"--smooth_window: .* got {window}"):
+    frame_table.check_window(window)

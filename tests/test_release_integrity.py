@@ -349,19 +349,19 @@ def test_a_release_of_abaw1_au_files_builds_with_the_aus_it_annotates(tmp_path):
 def test_build_errors_are_one_error_line(tmp_path, capsys):
   missing = str(tmp_path / "nowhere")
   argv = ["--manual_dir", missing, "--data_dir", str(tmp_path / "tfds")]
-  assert build.script_main(argv) == 1
+  assert cli.run_as_script(build.main, argv) == 1
   err = capsys.readouterr().err.strip().splitlines()[-1]
   assert err == f"error: --manual_dir {missing}: no such folder (the unpacked ABAW " \
                 "release)"
   assert cli.main(["build", *argv]) == 1
   assert capsys.readouterr().err.strip().splitlines()[-1] == err
   with pytest.raises(MissingReleasePartError):  # --verbose: the traceback
-    build.script_main([*argv, "--verbose"])
+    cli.run_as_script(build.main, [*argv, "--verbose"])
   root = tiny_release(tmp_path / "release")
   video, files = next(iter(train_files(root).items()))
   with open(files[0][1], "ab") as f:
     f.write(b"1,2\x0c3\n")
-  assert build.script_main(["--manual_dir", root, "--data_dir",
+  assert cli.run_as_script(build.main, ["--manual_dir", root, "--data_dir",
                             str(tmp_path / "tfds")]) == 1
   err = capsys.readouterr().err
   errors = [line for line in err.splitlines() if line.startswith("error:")]
@@ -370,6 +370,6 @@ def test_build_errors_are_one_error_line(tmp_path, capsys):
 
 
 def test_a_layout_flag_that_is_not_json_is_an_error_line(tmp_path, capsys):
-  assert build.script_main(["--manual_dir", str(tmp_path), "--data_dir",
+  assert cli.run_as_script(build.main, ["--manual_dir", str(tmp_path), "--data_dir",
                             str(tmp_path / "tfds"), "--layout", "{image_roots: x}"]) == 1
   assert "error: --layout is not JSON" in capsys.readouterr().err

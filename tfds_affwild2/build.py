@@ -170,7 +170,7 @@ def run_build(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
   """`affect-jax build`: an expected error (bad data, a missing folder) propagates to
   the dispatcher, which prints it as one `error:` line (with its traceback under
-  `--verbose`); `script_main` does the same for `python -m tfds_affwild2.build`."""
+  `--verbose`); `python -m tfds_affwild2.build` reports it the same way."""
   # The project's one command line (absl flags, no JAX); the builder itself imports
   # nothing from affect_jax.
   from affect_jax import cli  # pylint: disable=g-import-not-at-top
@@ -178,15 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   return run_build(args)
 
 
-def script_main(argv: Sequence[str] | None = None) -> int:
-  """`python -m tfds_affwild2.build`: main, its expected errors reported as the
-  dispatcher reports them (one `error:` line, exit status 1; `--verbose`: traceback)."""
-  from affect_jax import cli  # pylint: disable=g-import-not-at-top
-  argv = list(sys.argv[1:] if argv is None else argv)
-  verbose = cli.VERBOSE_FLAG in argv
-  argv = [arg for arg in argv if arg != cli.VERBOSE_FLAG]
-  return cli.run_reporting_errors(lambda: main(argv), verbose)
-
-
 if __name__ == "__main__":
-  sys.exit(script_main())
+  # The dispatcher's error reporting; tfds_affwild2 otherwise imports nothing from
+  # affect_jax.
+  from affect_jax import cli  # pylint: disable=g-import-not-at-top
+  sys.exit(cli.run_as_script(main))

@@ -10,6 +10,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from affect_jax import data_parallel, vocabulary
+from affect_jax.errors import InputError
 from affect_jax.data import pipeline
 from affect_jax.eval import metrics
 from affect_jax.inference.restore import Predictor
@@ -94,8 +95,8 @@ def predict_frames(predictor: Predictor, data, worker_count: int = 0) -> FrameTa
 
 def check_window(window: int) -> None:
   if window < 1 or window % 2 == 0:
-    raise ValueError(f"the smoothing window must be a positive odd number of frames, "
-                     f"got {window}")
+    raise InputError(f"--smooth_window: the smoothing window must be a positive odd "
+                     f"number of frames, got {window}")
 
 
 def centred_moving_average(values: np.ndarray, video, frame, window: int) -> np.ndarray:

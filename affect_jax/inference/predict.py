@@ -296,8 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   """`python -m affect_jax.inference.predict [--mode tune] ...`."""
   flag_values = _parse_and_start(argv, define_mode_flags, __doc__)
   command = tune if flag_values.mode == "tune" else predict
-  return cli.run_reporting_errors(lambda: command(flag_values))
+  return command(flag_values)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.run_as_script(main))

@@ -286,4 +286,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from affect_jax import cli  # noqa: PLC0415
+  sys.exit(cli.run_as_script(main))

@@ -332,4 +332,4 @@ def main(argv: Sequence[str] | None = None) -> int:
           "[flags]  (the same as affect-jax validate)", file=sys.stderr)
     return cli.USAGE_ERROR
   rest = argv[1:] if argv[:1] == ["validate"] else argv
-  return cli.run_reporting_errors(lambda: validate_main(rest))
+  return validate_main(rest)
