@@ -115,10 +115,13 @@ def train_step(state: TrainState, batch: dict, *, settings: LossSettings,
   # weights: the update is skipped, the step still counts, the host counts the streak.
   finite = jnp.isfinite(total) & jnp.all(jnp.array(
       [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-  updated = state.apply_gradients(grads=grads,
-                                  batch_stats=new_model_state["batch_stats"])
-  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated,
-                           state.replace(step=updated.step))
+  # A branch, not a select over the whole state: the optimizer's update is computed
+  # only when it is applied, and no copy of parameters and momentum is read twice.
+  new_state = jax.lax.cond(
+      finite,
+      lambda: state.apply_gradients(grads=grads,
+                                    batch_stats=new_model_state["batch_stats"]),
+      lambda: state.replace(step=state.step + 1))
   step_metrics = {f"loss_{task}": value for task, value in per_task.items()}
   step_metrics["loss"] = sum(per_task.values())
   step_metrics["finite"] = finite.astype(jnp.float32)
