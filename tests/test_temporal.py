@@ -11,10 +11,12 @@ import pytest
 from affect_jax.data import records
 from affect_jax.eval import metrics
 from affect_jax.inference import frame_table, sources
-from affect_jax.temporal import embed, loop, prediction, steps, windows
+from affect_jax.temporal import command, embed, loop, prediction, steps, windows
 from affect_jax.temporal.store import LABEL_FIELDS, EmbeddingStore, StoreWriter, row_dtype
 from affect_jax.train import checkpoints, guards, losses, optimizers, step_functions
 from configs import temporal
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def temporal_config(embeddings_dir, frame_workdir="", **overrides):
@@ -238,7 +240,7 @@ def final_scores(workdir):
 # one warm-up step leaves the schedule out of the program).
 REFERENCE = {"model.hidden_dim": 16, "input.batch_size": 16, "input.eval_batch_size": 16,
              "window.length": 16, "window.train_stride": 2, "window.eval_stride": 8,
-             "optimizer.learning_rate": 0.02, "optimizer.schedule": "constant",
+             "optimizer.learning_rate": 0.03, "optimizer.schedule": "constant",
              "num_train_steps": 8, "eval_every_steps": 4}
 
 
@@ -256,7 +258,8 @@ def test_a_temporal_model_learns_what_single_frames_cannot_tell(synthetic_stores
   config = temporal_config(tmp_path, **{**REFERENCE, "num_train_steps": 150,
                                         "log_every_steps": 50, "eval_every_steps": 150,
                                         "checkpoint_every_steps": 150})
-  trained(config, tmp_path / "gru", synthetic_stores)
+  # One device: the steps of test_one_device_equals_eight, faster than eight here.
+  trained(config, tmp_path / "gru", synthetic_stores, jax.devices()[:1])
   temporal_p_va = final_scores(tmp_path / "gru")["p_va"]
   # The best any linear function of a frame's own features does, fitted on the very
   # frames it is scored on (an optimistic bound for a frame-level model).
@@ -266,7 +269,7 @@ def test_a_temporal_model_learns_what_single_frames_cannot_tell(synthetic_stores
   fitted = features @ np.linalg.lstsq(features, rows["valence_arousal"], rcond=None)[0]
   frame_p_va = float(np.mean(losses.concordance_per_dimension(
       fitted, rows["valence_arousal"], np.ones(len(rows)))))
-  assert temporal_p_va > 0.6 and frame_p_va < 0.4, (temporal_p_va, frame_p_va)
+  assert temporal_p_va > 0.55 and frame_p_va < 0.3, (temporal_p_va, frame_p_va)
 
 
 def test_resume_after_a_kill_equals_the_uninterrupted_run(synthetic_stores,
@@ -365,6 +368,32 @@ def test_predictions_per_video_equal_the_batched_pass_and_its_scores(
     assert scores[key] == pytest.approx(from_table[key], abs=1e-6), key
   assert np.asarray(scores["expr_confusion"]).sum() == int(
       table.labels["expression_mask"].sum())
+
+
+def test_the_command_trains_then_predicts_a_split(
+    frame_stores, tmp_path):
+  config, stores = frame_stores
+  workdir, out = str(tmp_path / "run"), str(tmp_path / "out")
+  overrides = [f"--config.{key}={config[section][name]}" for key in (
+      "frame_run.workdir", "frame_run.data_dir", "embeddings.dir")
+      for section, name in [key.split(".")]]
+  overrides += [f"--config.{key}={value}" for key, value in {
+      "window.length": 8, "window.train_stride": 4, "window.eval_stride": 4,
+      "input.batch_size": 8, "input.eval_batch_size": 8, "model.hidden_dim": 8,
+      "num_train_steps": 4, "eval_every_steps": 4, "checkpoint_every_steps": 4}.items()]
+  assert command.main(["--config", os.path.join(REPO, "configs", "temporal.py"),
+                       "--workdir", workdir, *overrides]) == 0
+  assert command.main(["--mode", "predict", "--workdir", workdir, "--source",
+                       "tfds:validation", "--out", out]) == 0
+  with open(os.path.join(out, "summary.json")) as f:
+    summary = json.load(f)
+  assert summary["frames"] == len(stores["eval"]) == 46
+  assert summary["frame_step"] == stores["eval"].index["frame_step"]
+  logged = final_scores(workdir)  # the evaluation of the same checkpoint in training
+  assert summary["scores"] == pytest.approx(
+      {k: v for k, v in logged.items() if isinstance(v, float)}, abs=1e-9)
+  with open(os.path.join(out, "predictions.csv")) as f:
+    assert len(f.read().splitlines()) == 1 + 46
 
 
 def test_a_bad_temporal_config_is_named(tmp_path):

@@ -145,11 +145,16 @@ def write_embeddings(frame_config, frame_workdir: str, data, folder: str, *,
   return store
 
 
+def store_folder(config, workdir: str, split: str) -> str:
+  """Where a temporal run keeps the embeddings of a split."""
+  return os.path.join(config.embeddings.dir or os.path.join(workdir, "embeddings"),
+                      split)
+
+
 def split_store(config, workdir: str, split: str) -> EmbeddingStore:
   """The embeddings of `split` of the frame run's dataset: read when a complete store
   of the same frame run (and step, when the config names one) exists, else computed."""
-  folder = os.path.join(config.embeddings.dir or os.path.join(workdir, "embeddings"),
-                        split)
+  folder = store_folder(config, workdir, split)
   frame_workdir = config.frame_run.workdir
   if os.path.exists(os.path.join(folder, INDEX_FILE)):
     store = EmbeddingStore(folder)

@@ -5,21 +5,26 @@ thresholds, smoothing, scores and submission writers take as they are."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import json
+import os
+from typing import Any, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
 from affect_jax import data_parallel
-from affect_jax.inference import restore
+from affect_jax.eval.metrics import DEFAULT_AU_THRESHOLD
+from affect_jax.inference import restore, sources
+from affect_jax.inference.outputs import write_predictions_csv
 from affect_jax.inference.frame_table import LABEL_KEYS, FrameTable
-from affect_jax.temporal import loop, steps, windows
+from affect_jax.temporal import embed, loop, steps, windows
 from affect_jax.temporal.model import create_model
 from affect_jax.temporal.embed import host_arrays
-from affect_jax.temporal.store import EmbeddingStore, row_dtype
+from affect_jax.temporal.store import INDEX_FILE, EmbeddingStore, row_dtype
 from affect_jax.train import checkpoints
 from affect_jax.train.optimizers import create_learning_rate_fn
+from affect_jax.vocabulary import NUM_AUS
 
 
 @dataclasses.dataclass
@@ -134,3 +139,63 @@ def frame_columns(store: EmbeddingStore) -> dict:
     for key in ("frame", "source_index") + LABEL_KEYS:
       columns.setdefault(key, []).append(np.array(rows[key]))
   return {k: np.concatenate(v) for k, v in columns.items()}
+
+
+def trained_frame_step(config, workdir: str) -> int | None:
+  """The frame run's checkpoint step whose embeddings the temporal run trained on."""
+  index = os.path.join(embed.store_folder(config, workdir, config.frame_run.train_split),
+                       INDEX_FILE)
+  if os.path.exists(index):
+    with open(index) as f:
+      return int(json.load(f)["frame_step"])
+  return config.frame_run.step
+
+
+def predict_source_frames(config, workdir: str, data, embeddings_folder: str, *,
+                          step: int | None = None, devices=None, description: str = ""
+                          ) -> tuple[FrameTable, dict, int]:
+  """What `frame_table.predict_frames` is for the frame model: every frame of a
+  prediction source (inference.sources' TfdsRecords or ImageFiles) as a FrameTable
+  sorted by video and frame, here predicted by checkpoint `step` (default: the best,
+  else the latest) of the temporal run in `workdir` (config: its config.json). The
+  frames are embedded first into `embeddings_folder`, by the frame run's checkpoint the
+  temporal run trained on. Returns (table, scores of labelled frames, step)."""
+  frame_workdir = config.frame_run.workdir
+  frame_config = restore.load_config(frame_workdir, data_dir=config.frame_run.data_dir)
+  store = embed.write_embeddings(
+      frame_config, frame_workdir, data, embeddings_folder,
+      step=trained_frame_step(config, workdir), batch_size=config.embeddings.batch_size,
+      devices=devices, description=description)
+  predictor = restore_temporal_predictor(workdir, store.embedding_dim, step, config,
+                                         devices)
+  table, scores = predict_store(predictor, store, data)
+  return table, scores, predictor.step
+
+
+def run_prediction(config, workdir: str, source: str, out_dir: str, *,
+                   step: int | None = None, image_roots: Sequence[str] = (),
+                   devices=None) -> dict:
+  """Predicts every face frame of `source` (tfds:SPLIT, folder:PATH or list:PATH, as
+  `affect-jax predict` names sources) with the temporal run; writes predictions.csv
+  and summary.json (with exact scores for labelled frames) into out_dir."""
+  frame_config = restore.load_config(config.frame_run.workdir,
+                                     data_dir=config.frame_run.data_dir)
+  opened = sources.open_source(source, frame_config, image_roots)
+  table, scores, step = predict_source_frames(
+      config, workdir, opened.data, os.path.join(out_dir, "embeddings"), step=step,
+      devices=devices, description=source)
+  summary = {"workdir": workdir, "step": step, "source": source,
+             "frame_run": config.frame_run.workdir,
+             "frame_step": trained_frame_step(config, workdir), "frames": len(table),
+             "videos": len(set(table.video.tolist()))}
+  if table.labels is not None and any(np.any(table.labels[k] > 0) for k in (
+      "expression_mask", "au_mask", "va_mask")):  # a test split has no labels
+    summary["scores"] = {k: v for k, v in scores.items() if isinstance(v, float)}
+  if jax.process_index() != 0:
+    return summary
+  summary["predictions_csv"] = write_predictions_csv(
+      os.path.join(out_dir, "predictions.csv"), table,
+      np.full(NUM_AUS, DEFAULT_AU_THRESHOLD, np.float32))
+  with open(os.path.join(out_dir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary
