@@ -80,14 +80,13 @@ def predict_video(predictor: TemporalPredictor, embeddings: np.ndarray) -> dict:
   rows = np.zeros(n, row_dtype(embeddings.shape[1]))  # no labels: masks 0
   rows["embedding"] = embeddings
   starts = windows.window_starts(n, settings)
-  assembled = [windows.assemble_window(
-      rows[max(s, 0):s + settings.length], int(s), n, settings) for s in starts]
   local = predictor.local_batch_size
   batch = local * jax.process_count()
   mine = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
   outputs: dict[str, np.ndarray] = {}
-  for first in range(0, len(assembled), batch):
-    chunk = assembled[first:first + batch]
+  for first in range(0, len(starts), batch):  # a batch of windows at a time
+    chunk = [windows.assemble_window(rows[max(s, 0):s + settings.length], int(s), n,
+                                     settings) for s in starts[first:first + batch]]
     inputs = np.zeros((batch, settings.length, embeddings.shape[1]), np.float32)
     inputs[:len(chunk)] = [w["embedding"] for w in chunk]
     placed = data_parallel.device_batch({"embedding": inputs[mine]}, predictor.mesh)
