@@ -35,6 +35,7 @@ analysed. Inputs are read by affect_jax.inference.media_frames.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import logging
@@ -211,38 +212,52 @@ def apply_transform(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
   return np.asarray(points, np.float64) @ matrix[:, :2].T + matrix[:, 2]
 
 
-def landmark_template(size: int = FACE_SIZE) -> np.ndarray:
-  """Where the 5 points go in the aligned `size` square, in pixels (pixel i's centre
-  at i): dlib's template, moved, turned and scaled so that its eye centres are level,
-  EYE_DISTANCE of the side apart, at EYE_HEIGHT, centred."""
+@functools.lru_cache(maxsize=8)
+def _landmark_template(size: int) -> np.ndarray:
   eyes = DLIB_5_POINT_TEMPLATE[[2, 0]] + DLIB_5_POINT_TEMPLATE[[3, 1]]  # x2: centres
   half = EYE_DISTANCE * size / 2
   centre = np.array([size / 2, EYE_HEIGHT * size]) - 0.5
   target = np.array([centre - (half, 0), centre + (half, 0)])
-  return apply_transform(umeyama(eyes / 2, target), DLIB_5_POINT_TEMPLATE)
+  template = apply_transform(umeyama(eyes / 2, target), DLIB_5_POINT_TEMPLATE)
+  template.flags.writeable = False  # shared by every call
+  return template
+
+
+def landmark_template(size: int = FACE_SIZE) -> np.ndarray:
+  """Where the 5 points go in the aligned `size` square, in pixels (pixel i's centre
+  at i): dlib's template, moved, turned and scaled so that its eye centres are level,
+  EYE_DISTANCE of the side apart, at EYE_HEIGHT, centred (computed once per size)."""
+  return _landmark_template(size).copy()
 
 
 def warp_to_square(image: np.ndarray, matrix: np.ndarray, size: int = FACE_SIZE
                    ) -> np.ndarray:
   """The `size` square that `matrix` (2x3, pixels of the image -> pixels of the output,
-  pixel i's centre at i) maps the image onto: bilinear, black outside the image. Where
-  it shrinks by 2 or more, blocks of pixels are averaged first (Pillow's reduce), as
-  bilinear sampling alone would alias."""
+  pixel i's centre at i) maps the image onto: bilinear, black outside the image
+  (OpenCV). Where it shrinks by 2 or more, blocks of pixels are averaged first
+  (Pillow's reduce, then its bilinear transform), as bilinear sampling alone would
+  alias."""
   matrix = np.asarray(matrix, np.float64)
   inverse = np.linalg.inv(matrix[:, :2])  # output -> image
   shift = -inverse @ matrix[:, 2]
-  source = Image.fromarray(image)
   factor = int(np.sqrt(abs(np.linalg.det(inverse))))
-  if factor >= 2:
-    corners = np.array([[0, 0], [0, size], [size, 0], [size, size]]) - 0.5
-    reach = corners @ inverse.T + shift
-    left, top = np.floor(reach.min(0)).astype(int) - factor
-    right, bottom = np.ceil(reach.max(0)).astype(int) + factor
-    source = source.crop((left, top, right, bottom)).reduce(factor)  # black outside
-    # Pixel j of the reduced crop averages its pixels j * factor ... j * factor +
-    # factor - 1: its centre lies at left + j * factor + (factor - 1) / 2 of the image.
-    shift = (shift - (left, top) - (factor - 1) / 2) / factor
-    inverse = inverse / factor
+  if factor < 2:
+    # OpenCV samples the image in place (Pillow would copy the whole frame first),
+    # with the same convention: pixel i's centre at i.
+    import cv2  # pylint: disable=g-import-not-at-top
+    return cv2.warpAffine(np.ascontiguousarray(image), matrix, (size, size),
+                          flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=0)
+  source = Image.fromarray(image)
+  corners = np.array([[0, 0], [0, size], [size, 0], [size, size]]) - 0.5
+  reach = corners @ inverse.T + shift
+  left, top = np.floor(reach.min(0)).astype(int) - factor
+  right, bottom = np.ceil(reach.max(0)).astype(int) + factor
+  source = source.crop((left, top, right, bottom)).reduce(factor)  # black outside
+  # Pixel j of the reduced crop averages its pixels j * factor ... j * factor +
+  # factor - 1: its centre lies at left + j * factor + (factor - 1) / 2 of the image.
+  shift = (shift - (left, top) - (factor - 1) / 2) / factor
+  inverse = inverse / factor
   # Pillow samples output pixel (x, y) at (x + 0.5, y + 0.5); pixel i spans [i, i+1].
   offset = shift + 0.5 - inverse @ (0.5, 0.5)
   data = (inverse[0, 0], inverse[0, 1], offset[0], inverse[1, 0], inverse[1, 1],

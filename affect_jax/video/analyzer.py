@@ -209,7 +209,9 @@ class Analyzer:
     """The face as the model takes it: aligned by its landmarks (or a square around
     its box) at 112, then resized to the model's size as the evaluation pipeline
     resizes."""
-    if face.landmarks is not None:
+    if face.aligned is not None:
+      crop = face.aligned
+    elif face.landmarks is not None:
       crop = faces.warp_to_square(image, faces.alignment_matrix(face.landmarks))
     elif self.landmarks_predictor is not None:
       crop = faces.align_face(image, face.box, self.landmarks_predictor)

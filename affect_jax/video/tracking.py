@@ -54,6 +54,7 @@ class TrackedFace:
   box: faces.FaceBox
   detected: bool
   landmarks: np.ndarray | None = None  # [5, 2] pixels, when aligned by landmarks
+  aligned: np.ndarray | None = None  # the face aligned on them, 112 x 112 RGB
 
 
 @dataclasses.dataclass
@@ -62,13 +63,14 @@ class Track:
   box: faces.FaceBox
   tracker: object = None  # dlib.correlation_tracker, without landmarks
   landmarks: np.ndarray | None = None
+  aligned: np.ndarray | None = None
   box_in_landmarks: np.ndarray | None = None  # centre offset, side: in spreads
   signature: np.ndarray | None = None
   chip: np.ndarray | None = None  # its face at the latest detection, for re-id
   descriptor: np.ndarray | None = None
 
   def face(self, detected: bool) -> TrackedFace:
-    return TrackedFace(self.face_id, self.box, detected, self.landmarks)
+    return TrackedFace(self.face_id, self.box, detected, self.landmarks, self.aligned)
 
 
 def iou(a: faces.FaceBox, b: faces.FaceBox) -> float:
@@ -195,10 +197,11 @@ class FaceTracker:
     spread, previous = landmark_spread(landmarks), landmark_spread(track.landmarks)
     if not (previous / MAX_SCALE_CHANGE <= spread <= previous * MAX_SCALE_CHANGE):
       return False
-    signature = appearance(image, landmarks)
+    aligned = faces.warp_to_square(image, faces.alignment_matrix(landmarks))
+    signature = appearance(aligned)
     if correlation(signature, track.signature) < MIN_APPEARANCE_CORRELATION:
       return False
-    track.landmarks, track.signature = landmarks, signature
+    track.landmarks, track.aligned, track.signature = landmarks, aligned, signature
     track.box = box_from_landmarks(landmarks, track.box_in_landmarks, track.box.score,
                                    image.shape)
     return True
@@ -214,7 +217,8 @@ class FaceTracker:
       return
     track.landmarks = faces.detect_landmarks(self.landmarks_predictor, image, box)
     track.box_in_landmarks = landmarks_frame_of(box, track.landmarks)
-    track.signature = appearance(image, track.landmarks)
+    track.aligned = faces.warp_to_square(image, faces.alignment_matrix(track.landmarks))
+    track.signature = appearance(track.aligned)
 
   def chip(self, image: np.ndarray, box: faces.FaceBox) -> np.ndarray | None:
     """The face as the descriptor network takes it (150 px, aligned by dlib)."""
@@ -226,7 +230,7 @@ class FaceTracker:
     return np.asarray(dlib.get_face_chip(image, shape, size=CHIP_SIZE))
 
   def end(self, track: Track) -> None:
-    track.tracker = track.signature = None
+    track.tracker = track.signature = track.aligned = None
     if self.reidentifier is not None and track.chip is not None:
       self.ended.append(track)
 
@@ -297,14 +301,11 @@ def box_from_landmarks(landmarks: np.ndarray, frame: np.ndarray, score: float,
   return faces.FaceBox(left, top, max(right, left + 1), max(bottom, top + 1), score)
 
 
-def appearance(image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+def appearance(aligned: np.ndarray) -> np.ndarray:
   """A small grey picture of the aligned face, zero mean and unit norm."""
   import cv2  # pylint: disable=g-import-not-at-top
-  size = 2 * SIGNATURE_SIZE  # sampled at twice the size, then averaged: less aliasing
-  matrix = faces.alignment_matrix(landmarks, size)
-  picture = cv2.resize(cv2.warpAffine(image, matrix, (size, size)),
-                       (SIGNATURE_SIZE, SIGNATURE_SIZE), interpolation=cv2.INTER_AREA
-                       ).astype(np.float32).mean(-1)
+  picture = cv2.resize(aligned, (SIGNATURE_SIZE, SIGNATURE_SIZE),
+                       interpolation=cv2.INTER_AREA).astype(np.float32).mean(-1)
   picture -= picture.mean()
   return picture / max(float(np.linalg.norm(picture)), 1e-6)
 
