@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from affect_jax.data import records
+from affect_jax.errors import InputError
 from affect_jax.eval import metrics
 from affect_jax.inference import frame_table, sources
 from affect_jax.temporal import command, embed, loop, prediction, steps, windows
@@ -398,8 +399,11 @@ def test_the_command_trains_then_predicts_a_split(
 
 
 def test_a_bad_temporal_config_is_named(tmp_path):
-  config = temporal_config(tmp_path, **{"model.kind": "lstm", "window.eval_stride": 9})
-  with pytest.raises(ValueError, match="model.kind='lstm'"):
+  config = temporal_config(tmp_path, **{"model.kind": "lstm", "window.eval_stride": 9,
+                                        "window.padding": "mirror"})
+  with pytest.raises(InputError) as error:
     loop.validate_config(config)
-  with pytest.raises(ValueError, match="window stride 9 must be in 1..window length 8"):
-    loop.window_settings(temporal_config(tmp_path, **{"window.eval_stride": 9}), False)
+  assert str(error.value).splitlines()[1:] == [
+      "  model.kind='lstm'; expected one of ('gru', 'transformer')",
+      "  window.eval_stride=9 must be in 1..window.length (8)",
+      "  window.padding='mirror'; expected one of ('edge', 'zeros')"]

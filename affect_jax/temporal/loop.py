@@ -49,6 +49,14 @@ def config_problems(config) -> list[str]:
     value = config[section][name] if section else config[name]
     if not isinstance(value, int) or value < 1:
       problems.append(f"{key}={value!r} must be a positive integer")
+  for key in ("train_stride", "eval_stride"):
+    stride = config.window[key]
+    if isinstance(stride, int) and not 1 <= stride <= config.window.length:
+      problems.append(f"window.{key}={stride} must be in 1..window.length "
+                      f"({config.window.length})")
+  if config.window.padding not in windows.PADDING_MODES:
+    problems.append(f"window.padding={config.window.padding!r}; expected one of "
+                    f"{windows.PADDING_MODES}")
   if not config.frame_run.workdir and not config.embeddings.dir:
     problems.append("frame_run.workdir is empty: name the trained frame model's workdir")
   return problems
@@ -181,11 +189,10 @@ def train_and_evaluate(config, workdir: str, trainer: TemporalTrainer | None = N
   check_and_write_config(config, workdir)
   writer = MetricWriter(workdir)
   iterator = trainer.train_iterator()
-  latest = trainer.manager.latest_step()
-  if latest is not None:
-    log.info("resuming from checkpoint at step %d in %s", latest, workdir)
-    state = checkpoints.restore_checkpoint(trainer.manager, latest,
-                                           trainer.abstract_state(), iterator)
+  if trainer.manager.latest_step() is not None:
+    state = checkpoints.restore_newest_readable(trainer.manager,
+                                                trainer.abstract_state(), iterator)
+    log.info("resuming from checkpoint at step %d in %s", int(state.step), workdir)
   else:
     state = trainer.new_state()
   progress = ProgressLogger(config.num_train_steps, int(state.step),
