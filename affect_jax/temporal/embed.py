@@ -55,6 +55,7 @@ class LoadRanked(grain.transforms.Map):
     self._order = order
 
   def map(self, rank):
+    rank = int(rank)
     example = (self._data.padding() if rank < 0
                else self._data.example(int(self._order[rank])))
     example["rank"] = np.int32(rank)
@@ -108,9 +109,9 @@ def write_embeddings(frame_config, frame_workdir: str, data, folder: str, *,
   order, videos, _ = frame_order(data)
   global_batch = restore.prediction_batch_size(batch_size, mesh.devices.size)
   local = global_batch // jax.process_count()
-  ranks = list(range(jax.process_index(), len(order), jax.process_count()))
+  ranks = np.arange(jax.process_index(), len(order), jax.process_count())
   batches = pipeline.eval_num_batches(len(order), local, jax.process_count())
-  ranks += [-1] * (batches * local - len(ranks))
+  ranks = np.concatenate([ranks, np.full(batches * local - len(ranks), -1)])
   ds = grain.MapDataset.source(ranks).map(LoadRanked(data, order)).batch(local)
   metadata = {"frame_workdir": os.path.abspath(frame_workdir), "frame_step":
               int(state.step), "source": description, "has_labels": data.has_labels,
@@ -170,4 +171,5 @@ def split_store(config, workdir: str, split: str) -> EmbeddingStore:
   return write_embeddings(frame_config, frame_workdir, data, folder,
                           step=config.frame_run.step,
                           batch_size=config.embeddings.batch_size,
+                          worker_count=frame_config.input.worker_count,
                           description=f"{name} {split}")

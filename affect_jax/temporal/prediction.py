@@ -164,7 +164,8 @@ def predict_source_frames(config, workdir: str, data, embeddings_folder: str, *,
   store = embed.write_embeddings(
       frame_config, frame_workdir, data, embeddings_folder,
       step=trained_frame_step(config, workdir), batch_size=config.embeddings.batch_size,
-      devices=devices, description=description)
+      devices=devices, worker_count=frame_config.input.worker_count,
+      description=description)
   predictor = restore_temporal_predictor(workdir, store.embedding_dim, step, config,
                                          devices)
   table, scores = predict_store(predictor, store, data)
