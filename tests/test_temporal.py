@@ -12,7 +12,15 @@ from affect_jax.data import records
 from affect_jax.errors import InputError
 from affect_jax.eval import metrics
 from affect_jax.inference import frame_table, sources
-from affect_jax.temporal import command, embed, loop, prediction, steps, windows
+from affect_jax.temporal import (
+  command,
+  compare,
+  embed,
+  loop,
+  prediction,
+  steps,
+  windows,
+)
 from affect_jax.temporal.store import LABEL_FIELDS, EmbeddingStore, StoreWriter, row_dtype
 from affect_jax.train import checkpoints, guards, losses, optimizers, step_functions
 from configs import temporal
@@ -372,8 +380,7 @@ def test_predictions_per_video_equal_the_batched_pass_and_its_scores(
       table.labels["expression_mask"].sum())
 
 
-def test_the_command_trains_then_predicts_a_split(
-    frame_stores, tmp_path):
+def test_the_command_trains_then_predicts_a_split(frame_stores, tmp_path, capsys):
   config, stores = frame_stores
   workdir, out = str(tmp_path / "run"), str(tmp_path / "out")
   overrides = [f"--config.{key}={config[section][name]}" for key in (
@@ -396,6 +403,65 @@ def test_the_command_trains_then_predicts_a_split(
       {k: v for k, v in logged.items() if isinstance(v, float)}, abs=1e-9)
   with open(os.path.join(out, "predictions.csv")) as f:
     assert len(f.read().splitlines()) == 1 + 46
+  capsys.readouterr()
+  assert command.main(["--mode", "compare", "--workdir", workdir,
+                       "--replicates", "20"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert [line.split(":")[0] for line in lines] == ["expr_f1", "au_f1", "p_va", "p_mtl"]
+  assert f"temporal {logged['p_mtl']:.4f}, frame " in lines[-1]
+  assert lines[-1].endswith("over 2 videos): within noise") or lines[-1].endswith(
+      "over 2 videos): clear of noise")
+
+
+def labelled_table(rng, videos, quality: float) -> frame_table.FrameTable:
+  """Predictions that are the labels with probability `quality`, else noise."""
+  names = np.repeat([f"v{i}" for i in range(len(videos))], videos)
+  n = len(names)
+  expression = rng.integers(0, 8, n)
+  au = (rng.random((n, 12)) < 0.3).astype(np.float32)
+  va = rng.uniform(-1, 1, (n, 2)).astype(np.float32)
+  right = rng.random(n) < quality
+  guess = np.where(right, expression, rng.integers(0, 8, n))
+  probabilities = np.full((n, 8), 0.02, np.float32)
+  probabilities[np.arange(n), guess] = 0.86
+  au_p = np.where(right[:, None], 0.1 + 0.8 * au, rng.random((n, 12))).astype(np.float32)
+  va_p = np.where(right[:, None], va, rng.uniform(-1, 1, (n, 2))).astype(np.float32)
+  labels = {"expression": expression.astype(np.int32),
+            "expression_mask": np.ones(n, np.float32), "au": au,
+            "au_mask": np.ones((n, 12), np.float32), "valence_arousal": va,
+            "va_mask": np.ones(n, np.float32)}
+  return frame_table.FrameTable(names, np.arange(n, dtype=np.int32),
+                                np.full(n, "", str), np.full(n, -1, np.int32),
+                                probabilities, au_p, va_p, labels)
+
+
+def test_paired_bootstrap_over_videos_tells_a_real_difference_from_noise():
+  rng = np.random.default_rng(0)
+  videos = [30, 50, 20, 40, 35, 25, 45, 30]
+  tables = {name: labelled_table(rng, videos, quality) for name, quality in
+            (("good", 0.8), ("weak", 0.3), ("weak_again", 0.3))}
+  statistics = compare.common_videos({name: compare.per_video_statistics(table, 8)
+                                      for name, table in tables.items()})
+  # Per-video statistics add up to the exact scores of the whole table.
+  whole = frame_table.table_scores(tables["good"], 8)
+  for key in ("p_va", "expr_f1", "au_f1", "au_f1_best_thresholds", "p_mtl"):
+    assert compare.mean_score([statistics["good"]], key) == pytest.approx(
+        whole[key], abs=1e-9), key
+  clear = compare.paired_difference([statistics["good"]], [statistics["weak"]],
+                                    "p_mtl", replicates=200)
+  assert clear["clear"] and 0 < clear["low"] < clear["difference"] < clear["high"]
+  noise = compare.paired_difference([statistics["weak_again"]], [statistics["weak"]],
+                                    "p_mtl", replicates=200)
+  assert not noise["clear"] and noise["low"] < 0 < noise["high"]
+  same = compare.paired_difference([statistics["weak"]], [statistics["weak"]], "p_va",
+                                   replicates=50)
+  assert same["difference"] == same["low"] == same["high"] == 0.0
+  # Several runs (seeds) of a model: the mean of their scores.
+  seeds = compare.paired_difference([statistics["weak"], statistics["weak_again"]],
+                                    [statistics["good"]], "expr_f1", replicates=50)
+  assert seeds["a"] == pytest.approx(np.mean([compare.mean_score(
+      [statistics[n]], "expr_f1") for n in ("weak", "weak_again")]))
+  assert "difference -" in compare.format_difference(seeds)
 
 
 def test_a_bad_temporal_config_is_named(tmp_path):

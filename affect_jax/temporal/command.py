@@ -6,12 +6,15 @@ frame embeddings of a trained run.
   affect-jax temporal --mode eval --workdir runs/temporal [--step N]
   affect-jax temporal --mode predict --workdir runs/temporal --source tfds:validation \\
       --out OUT
+  affect-jax temporal --mode compare --workdir runs/temporal [--replicates 1000]
 
 train computes the embeddings of both splits once (under <workdir>/embeddings/), then
 trains, resuming from the workdir's latest checkpoint. predict embeds the source's
 frames with the frame run's checkpoint the temporal model was trained on (under
 OUT/embeddings/), then writes predictions.csv (one row per face frame, AU threshold
-0.5) and summary.json (with exact scores for a labelled split).
+0.5) and summary.json (with exact scores for a labelled split). compare scores the
+temporal model and its frame model on every frame of the eval split's videos: each
+score's difference with a 95% paired bootstrap interval over the videos.
 """
 from __future__ import annotations
 
@@ -33,9 +36,12 @@ CONFIG_HELP = ("The temporal config (configs/temporal.py; default for eval and p
 def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_string("workdir", None, "The temporal run's folder.",
                       flag_values=flag_values)
-  flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "train (resuming), "
-                    "eval (a checkpoint) or predict (a source's frames).",
+  flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "compare"],
+                    "train (resuming), eval (a checkpoint), predict (a source's "
+                    "frames) or compare (with the frame model).",
                     flag_values=flag_values)
+  flags.DEFINE_integer("replicates", 1000, "compare: bootstrap replicates.",
+                       flag_values=flag_values)
   flags.DEFINE_integer("step", None, "Checkpoint step for eval and predict (default: "
                        "the best, else the latest).", flag_values=flag_values)
   flags.DEFINE_string("source", None, "predict: tfds:SPLIT, folder:PATH or list:PATH.",
@@ -81,6 +87,16 @@ def predict(config, workdir: str, flag_values) -> int:
   return 0
 
 
+def compare(config, workdir: str, flag_values) -> int:
+  from affect_jax.temporal import prediction  # pylint: disable=g-import-not-at-top
+  from affect_jax.temporal.compare import format_difference  # pylint: disable=g-import-not-at-top
+  results = prediction.compare_with_frame_model(config, workdir, step=flag_values.step,
+                                                replicates=flag_values.replicates)
+  for result in results:
+    print(format_difference(result, ("temporal", "frame")))
+  return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   flag_values, _ = cli.parse_flags(argv, define_flags, __doc__, config=CONFIG_HELP)
   cli_logging.start_console_logging()
@@ -95,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   config = restore.load_config(workdir, flag_values.config)
   if flag_values.mode == "eval":
     return evaluate(config, workdir, flag_values.step)
+  if flag_values.mode == "compare":
+    return compare(config, workdir, flag_values)
   return predict(config, workdir, flag_values)
 
 

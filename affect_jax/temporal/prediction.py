@@ -15,16 +15,18 @@ import numpy as np
 
 from affect_jax import data_parallel
 from affect_jax.eval.metrics import DEFAULT_AU_THRESHOLD
+from affect_jax.data import records
 from affect_jax.inference import restore, sources
+from affect_jax.inference.frame_table import predict_frames
 from affect_jax.inference.outputs import write_predictions_csv
 from affect_jax.inference.frame_table import LABEL_KEYS, FrameTable
-from affect_jax.temporal import embed, loop, steps, windows
+from affect_jax.temporal import compare, embed, loop, steps, windows
 from affect_jax.temporal.model import create_model
 from affect_jax.temporal.embed import host_arrays
 from affect_jax.temporal.store import INDEX_FILE, EmbeddingStore, row_dtype
 from affect_jax.train import checkpoints
 from affect_jax.train.optimizers import create_learning_rate_fn
-from affect_jax.vocabulary import NUM_AUS
+from affect_jax.vocabulary import NUM_AUS, TASK_SCORE, TASKS
 
 
 @dataclasses.dataclass
@@ -199,3 +201,38 @@ def run_prediction(config, workdir: str, source: str, out_dir: str, *,
   with open(os.path.join(out_dir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   return summary
+
+
+def compared_scores(tasks_a, tasks_b) -> list[str]:
+  """The scores two models both have: each shared task's own, and P_MTL when both
+  have all three tasks."""
+  shared = [t for t in TASKS if t in tasks_a and t in tasks_b]
+  return [TASK_SCORE[t] for t in shared] + (["p_mtl"] if len(shared) == len(TASKS)
+                                            else [])
+
+
+def compare_with_frame_model(config, workdir: str, *, step: int | None = None,
+                             replicates: int = 1000, devices=None) -> list[dict]:
+  """What the temporal stage adds: on every frame of the eval split's videos, each
+  score of the temporal model (checkpoint `step`, default the best) minus the frame
+  model it was trained on, with a paired bootstrap interval over the videos."""
+  store = embed.split_store(config, workdir, config.frame_run.eval_split)
+  predictor = restore_temporal_predictor(workdir, store.embedding_dim, step, config,
+                                         devices)
+  temporal_table, _ = predict_store(predictor, store)
+  frame_workdir = config.frame_run.workdir
+  frame_config = restore.load_config(frame_workdir, data_dir=config.frame_run.data_dir)
+  frame_predictor = restore.restore_predictor(
+      frame_config, frame_workdir, store.index["frame_step"], devices)
+  split = config.frame_run.eval_split
+  raw = records.open_data_source(frame_config.dataset.name, split,
+                                 frame_config.dataset.data_dir)
+  data = sources.TfdsRecords(raw, frame_config.input.image_size, split)
+  frame_tbl = predict_frames(frame_predictor, data, frame_config.input.worker_count)
+  classes = int(config.model.num_expr_classes)
+  statistics = compare.common_videos({
+      "temporal": compare.per_video_statistics(temporal_table, classes),
+      "frame": compare.per_video_statistics(frame_tbl, classes)})
+  return [compare.paired_difference([statistics["temporal"]], [statistics["frame"]], key,
+                                    replicates=replicates)
+          for key in compared_scores(config.model.tasks, frame_config.model.tasks)]
