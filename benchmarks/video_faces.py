@@ -8,7 +8,9 @@ included), before and after the video analysis, in the same run on the same vide
   run as a script over today's package: it keeps the largest face, runs the detector
   on every frame and round-trips each crop through a JPEG file);
 - "after": today's `python -m affect_jax.inference.faces` (tracking, batches in memory),
-  with a cold compilation cache (its own empty folder) and then a warm one;
+  with a cold compilation cache (its own empty folder) in the first round, then warm;
+  before and after alternate over `--rounds` rounds (the load of a shared machine
+  drifts: compare medians of the same run);
 - the same "after" on videos with 1, 2 and 4 faces;
 - decoding alone, OpenCV against imageio-ffmpeg (the reader before).
 The model is ResNet-18 (configs/default.py) at initialisation (benchmarks/video_run.py):
@@ -101,6 +103,7 @@ def main() -> int:
   parser.add_argument("--before_revision", default="2e6ded6")
   parser.add_argument("--workdir", default=None, help="an existing run to restore")
   parser.add_argument("--skip_before", action="store_true")
+  parser.add_argument("--rounds", type=int, default=2)
   args = parser.parse_args()
   from affect_jax.video import sample_videos  # pylint: disable=g-import-not-at-top
   folder = tempfile.mkdtemp(prefix="video_faces_")
@@ -127,21 +130,22 @@ def main() -> int:
     results.append(result)
 
   frames = int(args.seconds * fps)
-  if not args.skip_before:
-    script = old_faces_script(args.before_revision, folder)
-    out = os.path.join(folder, "before")
-    load = os.getloadavg()
-    seconds, _ = run_timed([PYTHON, script, "--workdir", workdir, "--input", one_face,
-                            "--out", out], env)
-    record("before", one_face, frames, seconds, os.path.join(out, "predictions.csv"),
-           load, revision=args.before_revision)
-  for cache in ("cold", "warm"):
-    out = os.path.join(folder, f"after_{cache}")
+  script = old_faces_script(args.before_revision, folder)
+  for round_number in range(1, args.rounds + 1):
+    if not args.skip_before:
+      out = os.path.join(folder, f"before_{round_number}")
+      load = os.getloadavg()
+      seconds, _ = run_timed([PYTHON, script, "--workdir", workdir, "--input",
+                              one_face, "--out", out], env)
+      record("before", one_face, frames, seconds, os.path.join(out, "predictions.csv"),
+             load, revision=args.before_revision, round=round_number)
+    cache = "cold" if round_number == 1 else "warm"
+    out = os.path.join(folder, f"after_{round_number}")
     load = os.getloadavg()
     seconds, _ = run_timed([PYTHON, "-m", "affect_jax.inference.faces", "--workdir",
                             workdir, "--input", one_face, "--out", out], env)
     record(f"after_{cache}_cache", one_face, frames, seconds,
-           os.path.join(out, "faces.csv"), load)
+           os.path.join(out, "faces.csv"), load, round=round_number)
   for count in (1, 2, 4):
     frames = int(args.faces_seconds * fps)
     video = sample_videos.write_video(
