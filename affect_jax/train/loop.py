@@ -10,6 +10,7 @@ gradient (the transpose of the implicit broadcast is a psum), so one code path s
 CPU, 8 GPUs and a multi-host pod, and 1-device and 8-device steps agree."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -50,20 +51,11 @@ class MissingDatasetError(InputError, FileNotFoundError):
 
 
 def dataset_builder(config):
-  """The TFDS builder of the config's built dataset."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  """The TFDS builder of the config's built dataset (records.built_dataset_builder)."""
   try:
-    builder = tfds.builder(config.dataset.name, data_dir=config.dataset.data_dir)
-  except Exception as e:  # TFDS raises several types for a missing dataset
-    raise MissingDatasetError(
-        f"dataset {config.dataset.name} not found in data_dir "
-        f"{config.dataset.data_dir!r} (build it with affect-jax build): "
-        f"{e}") from None
-  if not builder.is_prepared():
-    raise MissingDatasetError(
-        f"dataset {config.dataset.name} is not built in {builder.data_dir_root}; build "
-        "it with affect-jax build")
-  return builder
+    return records.built_dataset_builder(config.dataset.name, config.dataset.data_dir)
+  except InputError as e:
+    raise MissingDatasetError(str(e)) from None
 
 
 def builder_identity(config, builder) -> dict:
@@ -73,11 +65,6 @@ def builder_identity(config, builder) -> dict:
   return dataset_identity(config.dataset.name, builder.info.version,
                           builder.data_dir_root, dict(builder.info.metadata),
                           split_sizes)
-
-
-def dataset_metadata(config) -> dict:
-  """The built dataset's metadata: class names and the per-split label counts."""
-  return dict(dataset_builder(config).info.metadata)
 
 
 def _local_batch(key: str, global_batch_size: int, mesh) -> int:
@@ -117,10 +104,16 @@ class Trainer:
     self.eval_fn = compile_eval_step(self.mesh, compiler_options,
                                      num_expr_classes=config.model.num_expr_classes,
                                      dtype=self.dtype)
-    self.manager = checkpoints.create_checkpoint_manager(
-        workdir, keep=config.checkpoint.keep,
-        best_metric=config.checkpoint.best_metric or None,
-        asynchronous=config.checkpoint.asynchronous, set_aside_unreadable=True)
+
+  @functools.cached_property
+  def manager(self):
+    """The run's checkpoints, opened at first use: a run refused for another config or
+    dataset creates nothing in the workdir, and an evaluation restores through its own
+    manager. Checkpoints whose scores cannot be read are moved aside."""
+    return checkpoints.create_checkpoint_manager(
+        self.workdir, keep=self.config.checkpoint.keep,
+        best_metric=self.config.checkpoint.best_metric or None,
+        asynchronous=self.config.checkpoint.asynchronous, set_aside_unreadable=True)
 
   def _label_statistics(self):
     return self.metadata.get("summary", {}).get(self.config.dataset.train_split)
@@ -191,9 +184,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   evaluates afterwards can pass its Trainer to reuse the compiled steps."""
   trainer = trainer or Trainer(config, workdir)
   check_and_write_config(config, workdir, trainer.dataset_identity)
+  latest = trainer.manager.latest_step()  # opened by every process at this point
   writer = MetricWriter(workdir)
   feed = trainer.train_feed()
-  if trainer.manager.latest_step() is not None:
+  if latest is not None:
     state = checkpoints.restore_newest_readable(trainer.manager, trainer.abstract_state(),
                                                 feed.checkpoint_iterator)
     log.info("resuming from checkpoint at step %d in %s", int(state.step), workdir)
