@@ -2,7 +2,7 @@
 weights inside): uint8 face images in, the three tasks out; it runs without the
 training code, the config or the checkpoint (the export command).
 
-  affect-jax export --workdir runs/mtl --out runs/mtl/export [--step N]
+  affect-jax export --workdir runs/mtl --out runs/mtl/export [--step N] [--onnx]
   (or python -m affect_jax.video.export ...)
 
 Writes OUT/model.jax_export (jax.export's serialisation: images uint8 [batch, size,
@@ -16,7 +16,8 @@ CUDA. To run it with JAX alone:
   exported = jax.export.deserialize(open("model.jax_export", "rb").read())
   outputs = exported.call(images)
 
-and Analyzer.from_export(OUT) analyses photos and videos with it.
+and Analyzer.from_export(OUT) analyses photos and videos with it. `--onnx` also writes
+OUT/model.onnx (affect_jax.video.onnx_export).
 """
 from __future__ import annotations
 
@@ -53,15 +54,13 @@ def forward(variables, apply_fn, images, *, dtype):
   return result
 
 
-def export_run(workdir: str, out_dir: str, step: int | None = None, config=None,
-               platforms: Sequence[str] = PLATFORMS,
-               use_tuned_thresholds: bool = True) -> dict:
-  """Exports checkpoint `step` (default: the best, else the latest) of a run; returns
-  the metadata written beside it."""
+def restored_forward(workdir: str, step: int | None = None, config=None):
+  """(images -> outputs with the checkpoint's weights as constants, image size, step,
+  config) of a run, the network in XLA's own layers."""
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   from affect_jax import data_parallel  # pylint: disable=g-import-not-at-top
-  from affect_jax.inference import restore, tuning  # pylint: disable=g-import-not-at-top
+  from affect_jax.inference import restore  # pylint: disable=g-import-not-at-top
   from affect_jax.model import multitask  # pylint: disable=g-import-not-at-top
   from affect_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(restore.load_config(workdir, config).to_dict())
@@ -70,14 +69,30 @@ def export_run(workdir: str, out_dir: str, step: int | None = None, config=None,
   state = checkpoints.restore_for_eval(config, workdir, mesh, step)
   variables = jax.tree.map(np.asarray, {"params": state.params["model"],
                                         "batch_stats": state.batch_stats})
-  size = int(config.input.image_size)
-  batch = jax.export.symbolic_shape("batch")[0]
-  images = jax.ShapeDtypeStruct((batch, size, size, 3), np.uint8)
-  function = jax.jit(functools.partial(forward, variables, state.apply_fn,
-                                       dtype=multitask.DTYPES[config.model.dtype]))
-  exported = jax.export.export(function, platforms=tuple(platforms))(images)
-  thresholds, origin = tuning.au_thresholds_for(workdir, int(state.step), 1,
-                                                 use_tuned_thresholds)
+  function = functools.partial(forward, variables, state.apply_fn,
+                               dtype=multitask.DTYPES[config.model.dtype])
+  return function, int(config.input.image_size), int(state.step), config
+
+
+def images_spec(size: int):
+  """uint8 [batch, size, size, 3], the batch symbolic (any batch at run time)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.ShapeDtypeStruct(jax.export.symbolic_shape(f"batch, {size}, {size}, 3"),
+                              np.uint8)
+
+
+def export_run(workdir: str, out_dir: str, step: int | None = None, config=None,
+               platforms: Sequence[str] = PLATFORMS,
+               use_tuned_thresholds: bool = True, onnx: bool = False) -> dict:
+  """Exports checkpoint `step` (default: the best, else the latest) of a run; returns
+  the metadata written beside it. `onnx`: also OUT/model.onnx
+  (affect_jax.video.onnx_export)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from affect_jax.inference import tuning  # pylint: disable=g-import-not-at-top
+  function, size, step, config = restored_forward(workdir, step, config)
+  exported = jax.export.export(jax.jit(function), platforms=tuple(platforms))(
+      images_spec(size))
+  thresholds, origin = tuning.au_thresholds_for(workdir, step, 1, use_tuned_thresholds)
   metadata = {
       "format": "jax.export", "file": EXPORT_FILE, "image_size": size,
       "input": "uint8 [batch, size, size, 3] RGB faces aligned as ABAW's "
@@ -88,13 +103,24 @@ def export_run(workdir: str, out_dir: str, step: int | None = None, config=None,
       "au_names": list(vocabulary.AU_NAMES),
       "au_thresholds": [float(t) for t in thresholds], "au_thresholds_from": origin,
       "platforms": list(platforms), "workdir": os.path.abspath(workdir),
-      "step": int(state.step), "jax_version": jax.__version__}
+      "step": step, "jax_version": jax.__version__}
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, EXPORT_FILE), "wb") as f:
     f.write(exported.serialize())
-  with open(os.path.join(out_dir, METADATA_FILE), "w") as f:
-    json.dump(metadata, f, indent=2)
+  write_metadata(out_dir, metadata)
+  if onnx:  # after the jax.export files, which stand whatever ONNX conversion does
+    from affect_jax.video import onnx_export  # pylint: disable=g-import-not-at-top
+    metadata["onnx"] = onnx_export.write_onnx(function, size, metadata["outputs"],
+                                              out_dir)
+    write_metadata(out_dir, metadata)
   return metadata
+
+
+def write_metadata(out_dir: str, metadata: dict) -> str:
+  path = os.path.join(out_dir, METADATA_FILE)
+  with open(path, "w") as f:
+    json.dump(metadata, f, indent=2)
+  return path
 
 
 def load_export(out_dir: str):
@@ -122,6 +148,9 @@ def define_flags(flag_values: flags.FlagValues) -> None:
                        flag_values=flag_values)
   flags.DEFINE_list("platforms", list(PLATFORMS), "Platforms to lower for.",
                     flag_values=flag_values)
+  flags.DEFINE_bool("onnx", False, "Also write OUT/model.onnx through jax2onnx (pip "
+                    "install jax2onnx onnxruntime), checked against JAX with "
+                    "onnxruntime.", flag_values=flag_values)
   flags.DEFINE_bool("tuned_au_thresholds", True, "Record <workdir>/au_thresholds.json "
                     "when it was tuned for this checkpoint.", flag_values=flag_values)
   flags.mark_flags_as_required(["workdir", "out"], flag_values=flag_values)
@@ -131,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args, _ = cli.parse_flags(argv, define_flags, __doc__)
   cli_logging.start_console_logging()
   metadata = export_run(args.workdir, args.out, args.step, platforms=args.platforms,
-                        use_tuned_thresholds=args.tuned_au_thresholds)
+                        use_tuned_thresholds=args.tuned_au_thresholds, onnx=args.onnx)
   print(json.dumps(metadata, indent=2))
   return 0
 
