@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from affect_jax import data_parallel
+from affect_jax import data_parallel, errors
 from affect_jax.model import implementation, multitask
 from affect_jax.train import guards
 from affect_jax.train import loop
@@ -60,9 +60,11 @@ def test_non_finite_guard_stops_after_a_streak_naming_step_and_videos():
   guard.check(2, 1.0, np.array([3]))  # a finite step ends the streak
   guard.check(3, 0.0, np.array([4]))
   guard.check(4, 0.0, np.array([5]))
-  with pytest.raises(guards.NonFiniteLossError, match=r"3 steps in a row.*step 5.*\[6, 7\]"):
+  with pytest.raises(guards.NonFiniteLossError, match=r"3 steps in a row.*step 5.*\[6, 7\]"
+                     ) as stop:
     guard.check(5, 0.0, np.array([7, 6]))
   assert guard.total == 4
+  assert errors.is_expected(stop.value)  # one `error:` line, the advice in it
 
 
 def test_workdir_of_another_run_is_refused(tmp_path):
