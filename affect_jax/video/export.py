@@ -105,8 +105,13 @@ def export_run(workdir: str, out_dir: str, step: int | None = None, config=None,
       "platforms": list(platforms), "workdir": os.path.abspath(workdir),
       "step": step, "jax_version": jax.__version__}
   os.makedirs(out_dir, exist_ok=True)
+  try:
+    serialised = exported.serialize()
+  except ImportError as error:  # jax serialises with flatbuffers, not a jax dependency
+    raise InputError(f"writing a jax.export file needs flatbuffers ({error}): pip "
+                     "install flatbuffers") from None
   with open(os.path.join(out_dir, EXPORT_FILE), "wb") as f:
-    f.write(exported.serialize())
+    f.write(serialised)
   write_metadata(out_dir, metadata)
   if onnx:  # after the jax.export files, which stand whatever ONNX conversion does
     from affect_jax.video import onnx_export  # pylint: disable=g-import-not-at-top
