@@ -151,14 +151,13 @@ def check_and_write_config(config, workdir: str, dataset: dict | None = None) ->
   differences = saved_config_differences(config, workdir)
   other_dataset = saved_dataset_differences(config, workdir, dataset)
   refusing = processes_refusing(bool(differences or other_dataset))
-  advice = ("use a new --workdir, or pass --config.allow_config_change=True to resume "
-            "with the new values")
+  advice = "use a new --workdir, or pass --config.allow_config_change=True to resume"
   if differences:
     raise InputError(
         f"{workdir} holds a run with another config (different: "
-        f"{', '.join(differences)}); {advice}")
+        f"{', '.join(differences)}); {advice} with the new values")
   if other_dataset:
-    raise InputError(f"{other_dataset}; {advice}")
+    raise InputError(f"{other_dataset}; {advice} on this dataset")
   if refusing:  # only another process saw a different config.json or dataset.json
     raise InputError(
         f"processes {refusing} found a run with another config or dataset in "
