@@ -145,7 +145,9 @@ def compiled_in_background(predict: Callable[[np.ndarray], dict],
     except Exception as error:  # pylint: disable=broad-except  # raised by the caller
       failure.append(error)
 
-  thread = threading.Thread(target=compile_once, name="compile_predict", daemon=True)
+  # Not a daemon: the interpreter waits for it at exit (XLA aborts the process when
+  # it is torn down in the middle of a compilation).
+  thread = threading.Thread(target=compile_once, name="compile_predict")
   thread.start()
 
   def predict_after_warm_up(images: np.ndarray) -> dict:
