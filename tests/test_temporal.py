@@ -159,6 +159,29 @@ def test_a_store_refuses_rows_it_could_not_index(tmp_path):
     EmbeddingStore(str(tmp_path))  # no index until close
 
 
+def test_weighted_losses_take_the_training_stores_label_counts(tmp_path):
+  writer = StoreWriter(str(tmp_path / "store"), 2, {})
+  rows = np.zeros(50, row_dtype(2))
+  rows["frame"] = np.arange(50)
+  rows["expression"] = np.arange(50) % 2 * 3  # classes 0 and 3 only, of 8
+  rows["expression_mask"] = np.arange(50) % 5 > 0
+  rows["au"] = np.arange(600).reshape(50, 12) % 7 == 0
+  rows["au_mask"] = np.arange(50)[:, None] % 3 > 0
+  writer.add(["v"] * 50, rows)
+  store = writer.close()
+  labelled = rows["expression"][rows["expression_mask"] > 0]
+  config = temporal_config(tmp_path, **{"loss.expression": "weighted_ce",
+                                        "loss.au": "weighted_bce"})
+  settings = step_functions.loss_settings_from_config(
+      config, loop.label_statistics(store, 8))
+  counts = np.bincount(labelled, minlength=8)
+  np.testing.assert_allclose(settings.class_weights,
+                             losses.class_weights_from_counts(counts))
+  au_labelled = rows["au_mask"][:, 0] > 0
+  np.testing.assert_allclose(settings.au_pos_weights, losses.pos_weights_from_counts(
+      rows["au"][au_labelled].sum(0), np.full(12, au_labelled.sum())))
+
+
 # ---------------------------------------------------------------------------------
 # 2. Windows, losses, metrics, training.
 # ---------------------------------------------------------------------------------

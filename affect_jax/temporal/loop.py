@@ -83,6 +83,15 @@ def check_store(config, store: EmbeddingStore) -> None:
                      f"{config.model.num_expr_classes}")
 
 
+def label_statistics(store: EmbeddingStore, num_expr_classes: int) -> dict:
+  """The training store's label counts as weighted losses read them: a count for each
+  of the model's classes (a class no frame has counts 0, and gets weight 0)."""
+  statistics = dict(store.label_statistics)
+  counts = list(statistics["expr_class_counts"])
+  statistics["expr_class_counts"] = counts + [0] * (num_expr_classes - len(counts))
+  return statistics
+
+
 class TemporalTrainer:
   """Stores, mesh, model, compiled steps and checkpoint manager of one run."""
 
@@ -102,7 +111,7 @@ class TemporalTrainer:
     self.embedding_dim = self.stores["train"].embedding_dim
     self.learning_rate_fn = create_learning_rate_fn(config)
     settings = step_functions.loss_settings_from_config(
-        config, self.stores["train"].label_statistics)
+        config, label_statistics(self.stores["train"], config.model.num_expr_classes))
     self.train_fn = steps.compile_train_step(
         self.mesh, settings=settings, learning_rate_fn=self.learning_rate_fn,
         seed=config.seed)
