@@ -311,3 +311,17 @@ def test_an_onnx_export_gives_jax_s_outputs_or_says_what_to_install(
     theirs = onnx_export.run_onnx(os.path.join(out, "model.onnx"), images[:batch])
     for task, values in zip(metadata["outputs"], theirs):
       np.testing.assert_allclose(values, np.asarray(ours[task])[:batch], atol=1e-4)
+
+
+def test_smoothing_averages_each_face_over_its_own_frames():
+  def row(frame, face_id, valence):
+    return rows_lib.FaceRow("clip", frame, frame / 30, face_id, (0, 0, 1, 1), 1.0, True,
+                            expression=np.array([valence, 1 - valence]),
+                            va=np.array([valence, 0.0]))
+  rows = [row(1, 1, 0.0), row(1, 2, 1.0), row(2, 1, 0.3), row(2, 2, 0.5),
+          row(3, 1, 0.6), row(5, 1, 0.9)]  # face 1 is gone in frame 4
+  smoothed = rows_lib.smooth_rows(rows, 3)
+  valence = [float(r.va[0]) for r in smoothed]
+  np.testing.assert_allclose(valence, [0.15, 0.75, 0.3, 0.75, 0.45, 0.9])
+  np.testing.assert_allclose([r.expression.sum() for r in smoothed], 1.0)
+  assert rows_lib.smooth_rows(rows, 1) is rows

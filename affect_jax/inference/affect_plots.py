@@ -4,6 +4,8 @@ show as gaps. Per video over frame numbers (the predict command), or per face ov
 seconds (the faces command)."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from affect_jax import vocabulary
@@ -127,3 +129,21 @@ def plot_face_over_time(path: str, title: str, frame_seconds: np.ndarray,
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
+
+
+def plot_faces(out_dir: str, analysis) -> list[str]:
+  """OUT/<name>_face<id>.png for each face of one input (an affect_jax.video
+  Analysis: its rows and the time of every frame)."""
+  by_face: dict = {}
+  for row in analysis.rows:
+    by_face.setdefault(row.face_id, []).append(row)
+  paths = []
+  for face_id, face_rows in sorted(by_face.items()):
+    stack = lambda name: (None if getattr(face_rows[0], name) is None  # noqa: E731
+                          else np.stack([getattr(r, name) for r in face_rows]))
+    paths.append(plot_face_over_time(
+        os.path.join(out_dir, f"{analysis.name}_face{face_id}.png"),
+        f"{analysis.path or analysis.name}: face {face_id}", analysis.frame_seconds,
+        np.asarray([r.frame for r in face_rows]), stack("expression"), stack("au"),
+        stack("va")))
+  return paths

@@ -50,7 +50,7 @@ from PIL import Image
 
 from affect_jax import cli, cli_logging, host_setup
 from affect_jax.errors import InputError
-from affect_jax.inference.affect_plots import plot_face_over_time
+from affect_jax.inference.affect_plots import plot_faces
 from affect_jax.inference.media_frames import read_frames  # noqa: F401  (kept for callers)
 
 log = logging.getLogger(__name__)
@@ -291,39 +291,6 @@ def unique_names(paths: Sequence[str]) -> list[str]:
   return names
 
 
-def smooth_rows(rows: list, window: int) -> list:
-  """Expression probabilities and VA of each face averaged over a centred window of
-  its frames (frame_table.centred_moving_average, a face's id as its video)."""
-  if window == 1 or not rows:
-    return rows
-  from affect_jax.inference import frame_table  # pylint: disable=g-import-not-at-top
-  keys = np.asarray([f"{r.source}#{r.face_id}" for r in rows])
-  frames = np.asarray([r.frame for r in rows])
-  smoothed = list(rows)
-  for name in ("expression", "va"):
-    if getattr(rows[0], name) is None:
-      continue
-    values = frame_table.centred_moving_average(
-        np.stack([getattr(r, name) for r in rows]), keys, frames, window)
-    smoothed = [dataclasses.replace(r, **{name: v}) for r, v in zip(smoothed, values)]
-  return smoothed
-
-
-def plot_faces(out_dir: str, analysis) -> list[str]:
-  """OUT/<name>_face<id>.png for each face of one input."""
-  from affect_jax.video import rows as rows_lib  # pylint: disable=g-import-not-at-top
-  paths = []
-  for face_id, face_rows in rows_lib.rows_by_face(analysis.rows).items():
-    stack = lambda name: (None if getattr(face_rows[0], name) is None  # noqa: E731
-                          else np.stack([getattr(r, name) for r in face_rows]))
-    paths.append(plot_face_over_time(
-        os.path.join(out_dir, f"{analysis.name}_face{face_id}.png"),
-        f"{analysis.path or analysis.name}: face {face_id}", analysis.frame_seconds,
-        np.asarray([r.frame for r in face_rows]), stack("expression"), stack("au"),
-        stack("va")))
-  return paths
-
-
 def analyse_media(workdir: str, inputs: Sequence[str], out_dir: str, *, config=None,
                   step: int | None = None, smooth_window: int = 1,
                   use_tuned_thresholds: bool = True, min_score: float = MIN_SCORE,
@@ -366,7 +333,7 @@ def analyse_media(workdir: str, inputs: Sequence[str], out_dir: str, *, config=N
       log.warning("skipped: %s", reason)
       summary["skipped"].append({"input": path, "reason": reason})
       continue
-    analysis.rows = smooth_rows(analysis.rows, smooth_window)
+    analysis.rows = rows_lib.smooth_rows(analysis.rows, smooth_window)
     all_rows += analysis.rows
     summary["inputs"].append({**analysis.summary(),
                               "plots": plot_faces(out_dir, analysis)})

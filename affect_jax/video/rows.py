@@ -140,3 +140,21 @@ def rows_by_face(rows: Sequence[FaceRow]) -> dict[int, list[FaceRow]]:
   for row in rows:
     by_face.setdefault(row.face_id, []).append(row)
   return dict(sorted(by_face.items()))
+
+
+def smooth_rows(rows: list, window: int) -> list:
+  """Expression probabilities and VA of each face averaged over a centred window of
+  its frames (frame_table.centred_moving_average, a face's id as its video)."""
+  if window == 1 or not rows:
+    return rows
+  from affect_jax.inference import frame_table  # pylint: disable=g-import-not-at-top
+  keys = np.asarray([f"{r.source}#{r.face_id}" for r in rows])
+  frames = np.asarray([r.frame for r in rows])
+  smoothed = list(rows)
+  for name in ("expression", "va"):
+    if getattr(rows[0], name) is None:
+      continue
+    values = frame_table.centred_moving_average(
+        np.stack([getattr(r, name) for r in rows]), keys, frames, window)
+    smoothed = [dataclasses.replace(r, **{name: v}) for r, v in zip(smoothed, values)]
+  return smoothed
