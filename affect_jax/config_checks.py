@@ -62,7 +62,7 @@ def _count(low: int) -> Range:
   return Range(low, integer=True)
 
 
-FRACTION = Range(0, 1, below_high=True)  # a probability that must leave something
+FRACTION = Range(0, 1, below_high=True)  # dropout, momentum: at 1 nothing is left
 NON_NEGATIVE = Range(0)
 # The keys that build the network: a restore for evaluation or prediction checks them.
 MODEL_RANGES = {
