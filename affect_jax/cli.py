@@ -62,6 +62,9 @@ COMMANDS = {
                        "write a synthetic release in the ABAW layout"),
   "convert": Command("affect_jax.train.init_from:main",
                      "convert torchvision / timm ResNet-18 weights for warm starts"),
+  "temporal": Command("affect_jax.temporal.command:main",
+                      "a GRU/Transformer over a run's frame embeddings: train, eval, "
+                      "predict, compare"),
   "compile": Command("affect_jax.aot.command:main",
                      "compile the steps ahead of time for TPUs/GPUs: HBM, roofline"),
   "demo": Command("affect_jax.demo:main",
