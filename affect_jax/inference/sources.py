@@ -44,6 +44,11 @@ class TfdsRecords:
     self._image_size = image_size
     self.description = description
 
+  @property
+  def records(self):
+    """The split's raw records (TFDS's random-access data source)."""
+    return self._source
+
   def __len__(self) -> int:
     return len(self._source)
 

@@ -35,7 +35,7 @@ def frame_order(data) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   sources.TfdsRecords or sources.ImageFiles. TFDS stores records shuffled: their
   video and frame fields are read once (no image is decoded)."""
   if isinstance(data, sources.TfdsRecords):
-    raw = data._source  # pylint: disable=protected-access  # the split's records
+    raw = data.records
     fields = [(raw[i]["video"], raw[i]["frame"]) for i in range(len(raw))]
     videos = np.array([v.decode() if isinstance(v, bytes) else str(v)
                        for v, _ in fields], dtype=str)
