@@ -176,12 +176,19 @@ def config_problems(config) -> list[str]:
                       f"input.augment={config.input.augment!r}")
   _one_of(problems, "init_from.parts", config.init_from.parts, INIT_PARTS)
   best = config.checkpoint.best_metric
-  known_scores = [s for t in tasks if t in vocabulary.SCORES_OF_TASK
-                  for s in vocabulary.SCORES_OF_TASK[t]]
-  if best and best not in known_scores + ["p_mtl"]:
+  known_scores = model_scores(tasks)
+  if best and best not in known_scores:
     problems.append(f"checkpoint.best_metric={best!r} is not a score of this model's "
-                    f"tasks: {', '.join(known_scores + ['p_mtl'])}")
+                    f"tasks: {', '.join(known_scores)}")
   return problems
+
+
+def model_scores(tasks) -> list[str]:
+  """The scores an evaluation of a model of `tasks` reports (eval/metrics.py): each
+  task's own, and p_mtl only for a model of all three."""
+  scores = [s for t in tasks if t in vocabulary.SCORES_OF_TASK
+            for s in vocabulary.SCORES_OF_TASK[t]]
+  return scores + (["p_mtl"] if set(vocabulary.TASKS) <= set(tasks) else [])
 
 
 def _raise_if_any(problems: list[str]) -> None:

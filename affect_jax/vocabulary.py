@@ -26,8 +26,8 @@ LABEL_KEYS = ("expression", "expression_mask", "au", "au_mask", "valence_arousal
 
 # Scores that compute_scores returns for each task a model has.
 SCORES_OF_TASK = {"va": ("p_va", "ccc_valence", "ccc_arousal"),
-                  "expression": ("expr_f1", "expr_accuracy"),
-                  "au": ("au_f1", "au_accuracy", "au_f1_best_thresholds")}
+                  "expression": ("expr_f1", "expr_accuracy", "p_expr_abaw2"),
+                  "au": ("au_f1", "au_accuracy", "au_f1_best_thresholds", "p_au_abaw2")}
 TASK_SCORE = {"expression": "expr_f1", "au": "au_f1", "va": "p_va"}  # each task's own
 
 

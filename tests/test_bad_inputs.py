@@ -124,6 +124,8 @@ def test_missing_image_folder_and_frames_are_counted_not_fatal(tmp_path):
     ("num_train_steps", -5, "num_train_steps=-5"),
     ("model.num_expr_classes", 6, "model.num_expr_classes=6"),
     ("checkpoint.best_metric", "au_f1", "checkpoint.best_metric='au_f1'"),
+    # p_mtl exists only for a model of all three tasks (a VA-only model has no p_mtl)
+    ("checkpoint.best_metric", "p_mtl", "checkpoint.best_metric='p_mtl'"),
     ("input.image_size", 16, "input.image_size=16"),
 ])
 def test_bad_config_values_name_their_key(key, value, message):

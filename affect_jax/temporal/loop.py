@@ -11,7 +11,7 @@ import logging
 import jax
 import numpy as np
 
-from affect_jax import data_parallel, vocabulary
+from affect_jax import config_checks, data_parallel, vocabulary
 from affect_jax.data import pipeline
 from affect_jax.errors import InputError
 from affect_jax.eval import metrics
@@ -57,6 +57,10 @@ def config_problems(config) -> list[str]:
   if config.window.padding not in windows.PADDING_MODES:
     problems.append(f"window.padding={config.window.padding!r}; expected one of "
                     f"{windows.PADDING_MODES}")
+  best = config.checkpoint.best_metric
+  if best and best not in config_checks.model_scores(model.tasks):
+    problems.append(f"checkpoint.best_metric={best!r} is not a score of this model's "
+                    f"tasks: {', '.join(config_checks.model_scores(model.tasks))}")
   if not config.frame_run.workdir and not config.embeddings.dir:
     problems.append("frame_run.workdir is empty: name the trained frame model's workdir")
   return problems

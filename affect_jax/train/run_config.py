@@ -31,7 +31,10 @@ RESUMABLE_CHANGES = ("log_every_steps", "eval_every_steps", "checkpoint_every_st
                      "input.eval_batch_size", "checkpoint.keep",
                      "checkpoint.asynchronous", "max_nonfinite_steps_in_row",
                      # same network, same parameters: results differ by rounding only
-                     "model.implementation")
+                     "model.implementation",
+                     # a temporal run's inputs moved, not changed (its embeddings store
+                     # records which frame run and step it holds)
+                     "frame_run.data_dir", "embeddings.dir", "embeddings.batch_size")
 
 
 def _flat_config(config_dict: dict, prefix: str = "") -> dict:
