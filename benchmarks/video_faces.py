@@ -11,7 +11,8 @@ included), before and after the video analysis, in the same run on the same vide
   with a cold compilation cache (its own empty folder) in the first round, then warm;
   before and after alternate over `--rounds` rounds (the load of a shared machine
   drifts: compare medians of the same run);
-- the same "after" on videos with 1, 2 and 4 faces;
+- the same "after" on videos with 1, 2 and 4 faces (and "before" on the two-face one:
+  one row a frame, the larger face);
 - decoding alone, OpenCV against imageio-ffmpeg (the reader before).
 The model is ResNet-18 (configs/default.py) at initialisation (benchmarks/video_run.py):
 speed does not depend on the weights. Videos: benchmarks' sample videos, 640x360 at
@@ -151,6 +152,14 @@ def main() -> int:
     video = sample_videos.write_video(
         os.path.join(folder, f"faces_{count}.mp4"), sample_videos.sample_frames(
             sample_videos.actors_for(count), frames), fps)
+    if count == 2 and not args.skip_before:  # what the faces command found before
+      out = os.path.join(folder, "before_faces_2")
+      load = os.getloadavg()
+      seconds, _ = run_timed([PYTHON, script, "--workdir", workdir, "--input", video,
+                              "--out", out], env)
+      record("before_2_faces", video, frames, seconds,
+             os.path.join(out, "predictions.csv"), load, faces_in_video=count,
+             revision=args.before_revision)
     out = os.path.join(folder, f"faces_{count}")
     load = os.getloadavg()
     seconds, _ = run_timed([PYTHON, "-m", "affect_jax.inference.faces", "--workdir",
