@@ -188,6 +188,22 @@ def test_frame_times_follow_the_container(tmp_path, astronaut):
                                     iter([small] * 5), fps=12.5)
   np.testing.assert_allclose([f.seconds for f in media_frames.iter_frames(video)],
                              np.arange(5) / 12.5, atol=1e-6)
+  # An MP4 of variable frame rate (FFmpeg's concat of frames with their durations;
+  # the faces extra's imageio-ffmpeg ships the binary): each frame keeps its time.
+  import subprocess
+  import imageio_ffmpeg
+  durations = [0.04, 0.04, 0.2, 0.04, 0.1]
+  listing = []
+  for i, duration in enumerate(durations):
+    Image.fromarray(np.roll(small, 8 * i, 1)).save(tmp_path / f"frame{i}.png")
+    listing += [f"file 'frame{i}.png'", f"duration {duration}"]
+  listing.append(f"file 'frame{len(durations) - 1}.png'")  # concat's last duration
+  (tmp_path / "list.txt").write_text("\n".join(listing) + "\n")
+  subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-f", "concat",
+                  "-safe", "0", "-i", "list.txt", "-fps_mode", "vfr", "-c:v", "mpeg4",
+                  "variable.mp4"], cwd=tmp_path, check=True)
+  seconds = [f.seconds for f in media_frames.iter_frames(str(tmp_path / "variable.mp4"))]
+  np.testing.assert_allclose(seconds[:5], [0, 0.04, 0.08, 0.28, 0.32], atol=1e-3)
 
 
 def test_bad_inputs_are_skipped_counted_or_refused(analyzer, tmp_path, monkeypatch,
