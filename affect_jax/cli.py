@@ -65,6 +65,8 @@ COMMANDS = {
   "temporal": Command("affect_jax.temporal.command:main",
                       "a GRU/Transformer over a run's frame embeddings: train, eval, "
                       "predict, compare"),
+  "export": Command("affect_jax.video.export:main",
+                    "a trained model as a portable jax.export function (StableHLO)"),
   "compile": Command("affect_jax.aot.command:main",
                      "compile the steps ahead of time for TPUs/GPUs: HBM, roofline"),
   "demo": Command("affect_jax.demo:main",

@@ -422,4 +422,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(cli.run_reporting_errors(main))
+  sys.exit(cli.run_as_script(main))
