@@ -7,7 +7,8 @@ pipeline: batches per second of augmented training batches, same run, interleave
 host:   pipeline.train_dataset (grain, in-process, one core) + data_parallel.device_batch
         (the copy onto the mesh): what the training loop waits for per step today.
 device: device_resident.compile_draw_batch on a split loaded once by
-        load_split_to_device: index draw, gather and augmentation inside one jit.
+        load_split_to_device (sharded over the devices): index draw, gather and
+        augmentation inside jit.
 On this CPU both run on the same core, so the figure compares the work per batch; on
 a GPU the device path runs on the accelerator and the host pipeline drops out of the
 step. Also reports the time to load the split (decode + upload) and its bytes.
@@ -47,7 +48,8 @@ def main():
   jax.block_until_ready(dataset)
   load_s = time.perf_counter() - start
   for policy in ("none", "basic", "strong"):
-    draw = device_resident.compile_draw_batch(mesh, global_batch_size=args.batch_size,
+    draw = device_resident.compile_draw_batch(mesh, dataset,
+                                              global_batch_size=args.batch_size,
                                               seed=0, augment=policy)
     jax.block_until_ready(draw(dataset, 0))
     host = pipeline.as_iterator(pipeline.train_dataset(

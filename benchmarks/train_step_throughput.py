@@ -40,7 +40,8 @@ from affect_jax import data_parallel  # noqa: E402
 from affect_jax.cpu import onednn_conv  # noqa: E402
 from affect_jax.data import device_resident  # noqa: E402
 from affect_jax.model import implementation, multitask  # noqa: E402
-from affect_jax.train import optimizers, step_functions, train_state  # noqa: E402
+from affect_jax.data_parallel import AXIS  # noqa: E402
+from affect_jax.train import feeds, optimizers, step_functions, train_state  # noqa: E402
 
 S_AFFWILD2_TRAIN_FRAMES = 142_000
 
@@ -54,13 +55,18 @@ def matmul_peak_tflops(dtype, n: int) -> float:
 
 
 def synthetic_device_split(mesh, num_records, image_size):
-  """A random uint8 split and labels, replicated on the mesh (no decoding)."""
-  host = bench_common.synthetic_batch(np.random.default_rng(1), num_records, image_size)
-  host["record_index"] = np.arange(num_records, dtype=np.int32)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  arrays = {k: jax.device_put(v, replicated) for k, v in host.items()}
+  """A random uint8 split and labels on the mesh, sharded over the data axis as
+  device_resident.load_split_to_device places a split (no decoding)."""
+  rows = num_records // mesh.devices.size
+  count = rows * mesh.devices.size
+  host = bench_common.synthetic_batch(np.random.default_rng(1), count, image_size)
+  host["record_index"] = np.arange(count, dtype=np.int32)
+  sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+  arrays = {k: jax.device_put(v, sharded) for k, v in host.items()}
   images = arrays.pop("image")
-  return device_resident.DeviceDataset(images=images, labels=arrays)
+  return device_resident.DeviceDataset(
+      images=images, labels=arrays, valid=jax.device_put(np.ones(count, bool), sharded),
+      num_records=count, rows_per_device=rows, shortest_shard=rows)
 
 
 def network_for(requested: str, mesh) -> str:
@@ -116,16 +122,29 @@ def measure(base_config, mesh, batch_size, image_size, dtype, network, steps, ro
   runs = {"train": run_train, "eval": run_eval}
   if use_device_data:
     split = synthetic_device_split(mesh, max(4 * batch_size, 4096), image_size)
-    draw = device_resident.compile_draw_batch(mesh, global_batch_size=batch_size,
-                                              seed=0, augment=augment)
     counter = [0]
+    if feeds.fuse_draw_and_step(mesh):  # one program, as the trainer runs it there
+      fused = step_functions.compile_resident_train_step(
+          mesh, device_resident.draw_settings(mesh, split, global_batch_size=batch_size,
+                                              seed=0, augment=augment), options,
+          settings=step_functions.loss_settings_from_config(config, None),
+          learning_rate_fn=lr_fn, dtype=multitask.DTYPES[dtype], seed=0)
 
-    def run_device_data_train():
-      for _ in range(steps):
-        device_batch = draw(split, counter[0])
-        counter[0] += 1
-        holder["state"], metrics = step_fn(holder["state"], device_batch)
-      jax.block_until_ready(metrics)
+      def run_device_data_train():
+        for _ in range(steps):
+          holder["state"], metrics, _ = fused(holder["state"], split, counter[0])
+          counter[0] += 1
+        jax.block_until_ready(metrics)
+    else:
+      draw = device_resident.compile_draw_batch(mesh, split, global_batch_size=batch_size,
+                                                seed=0, augment=augment)
+
+      def run_device_data_train():
+        for _ in range(steps):
+          device_batch = draw(split, counter[0])
+          counter[0] += 1
+          holder["state"], metrics = step_fn(holder["state"], device_batch)
+        jax.block_until_ready(metrics)
 
     runs["train_device_data"] = run_device_data_train
   for fn in runs.values():

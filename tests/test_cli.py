@@ -27,6 +27,8 @@ MAIN_OPTIONS = {
   "convert": ("--input", "--output"),
   "compile": ("--config", "--topology", "--batch_size", "--dtype", "--out"),
   "demo": ("--workdir", "--steps", "--num_videos"),
+  "export": ("--workdir", "--out", "--onnx"),
+  "temporal": ("--config", "--workdir", "--mode", "--source"),
 }
 
 
