@@ -137,7 +137,7 @@ def smooth_table(table: FrameTable, window: int, smooth_au: bool = False) -> Fra
                              au=smooth(table.au) if smooth_au else table.au)
 
 
-def _logits_from_probabilities(table: FrameTable, rows) -> dict:
+def logits_from_probabilities(table: FrameTable, rows) -> dict:
   """What metrics.batch_statistics takes: log-probabilities keep the argmax, and
   logit(p) gives back p under its sigmoid."""
   outputs = {}
@@ -161,7 +161,7 @@ def table_statistics(table: FrameTable, num_expr_classes: int,
   for start in range(0, len(table), STATISTICS_CHUNK):
     rows = slice(start, start + STATISTICS_CHUNK)
     accumulator.add(metrics.batch_statistics(
-        _logits_from_probabilities(table, rows),
+        logits_from_probabilities(table, rows),
         {k: v[rows] for k, v in table.labels.items()},
         num_expr_classes=num_expr_classes,
         au_thresholds=None if au_thresholds is None else

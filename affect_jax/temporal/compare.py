@@ -18,24 +18,15 @@ import jax
 import numpy as np
 
 from affect_jax.eval import metrics
-from affect_jax.inference.frame_table import FrameTable
+from affect_jax.inference.frame_table import FrameTable, logits_from_probabilities
 
 Statistics = dict  # name -> [videos, ...] array of per-video sufficient statistics
 
 
 def _outputs_and_labels(table: FrameTable, rows: np.ndarray) -> tuple[dict, dict]:
-  """What metrics.batch_statistics takes, for `rows` of the table: log-probabilities
-  keep the expression argmax, logit(p) gives back the AU probability p."""
-  outputs = {}
-  with np.errstate(divide="ignore"):
-    if table.expression is not None:
-      outputs["expression"] = np.log(table.expression[rows])
-    if table.au is not None:
-      p = table.au[rows].astype(np.float64)
-      outputs["au"] = (np.log(p) - np.log1p(-p)).astype(np.float32)
-  if table.va is not None:
-    outputs["va"] = table.va[rows]
-  return outputs, {k: v[rows] for k, v in table.labels.items()}
+  """What metrics.batch_statistics takes, for `rows` of the table."""
+  return (logits_from_probabilities(table, rows),
+          {k: v[rows] for k, v in table.labels.items()})
 
 
 @functools.partial(jax.jit, static_argnames=("num_expr_classes",))

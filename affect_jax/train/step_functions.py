@@ -152,11 +152,9 @@ def _compile(step, mesh: Mesh, out_specs, compiler_options: dict | None, **jit_k
   return jax.jit(sharded, compiler_options=compiler_options or None, **jit_kwargs)
 
 
-def predict_step(state, images, *, dtype):
-  """Per-device forward pass: expression and AU probabilities, VA (float32)."""
-  outputs = state.apply_fn({"params": state.params["model"],
-                            "batch_stats": state.batch_stats},
-                           pipeline.normalize_images(images, dtype), train=False)
+def task_probabilities(outputs: dict) -> dict:
+  """The network's outputs as predictions: expression and AU probabilities, VA
+  (float32), for the tasks the model has."""
   result = {}
   if "expression" in outputs:
     result["expression"] = jax.nn.softmax(outputs["expression"].astype(jnp.float32), -1)
@@ -165,6 +163,13 @@ def predict_step(state, images, *, dtype):
   if "va" in outputs:
     result["va"] = outputs["va"].astype(jnp.float32)
   return result
+
+
+def predict_step(state, images, *, dtype):
+  """Per-device forward pass: expression and AU probabilities, VA (float32)."""
+  return task_probabilities(state.apply_fn(
+      {"params": state.params["model"], "batch_stats": state.batch_stats},
+      pipeline.normalize_images(images, dtype), train=False))
 
 
 def compile_train_step(mesh: Mesh, compiler_options: dict | None = None, **step_kwargs):

@@ -40,18 +40,10 @@ PLATFORMS = ("cpu", "cuda")
 
 def forward(variables, apply_fn, images, *, dtype):
   """uint8 images -> probabilities and VA, as the predict step computes them."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from affect_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  outputs = apply_fn(variables, pipeline.normalize_images(images, dtype), train=False)
-  result = {}
-  if "expression" in outputs:
-    result["expression"] = jax.nn.softmax(outputs["expression"].astype(jnp.float32), -1)
-  if "au" in outputs:
-    result["au"] = jax.nn.sigmoid(outputs["au"].astype(jnp.float32))
-  if "va" in outputs:
-    result["va"] = outputs["va"].astype(jnp.float32)
-  return result
+  from affect_jax.train.step_functions import task_probabilities  # noqa: PLC0415
+  return task_probabilities(
+      apply_fn(variables, pipeline.normalize_images(images, dtype), train=False))
 
 
 def restored_forward(workdir: str, step: int | None = None, config=None):
