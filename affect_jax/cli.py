@@ -52,7 +52,7 @@ COMMANDS = {
                   "tune per-AU thresholds, compare smoothing windows"),
   "faces": Command("affect_jax.inference.faces:main",
                    "detect, align and predict the faces of photos and videos"),
-  "validate": Command("affect_jax.inference.submission:validate_main",
+  "validate": Command("affect_jax.inference.submission_validator:validate_main",
                       "check ABAW submission files against a test list"),
   "study": Command("affect_jax.study.runner:main",
                    "train a grid of variants and write the report comparing them"),

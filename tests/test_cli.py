@@ -101,7 +101,7 @@ def test_a_command_line_that_does_not_parse_says_why(capsys, tmp_path):
 def test_the_python_m_forms_run_the_same_commands():
   modules = ["affect_jax", "affect_jax.main", "affect_jax.demo",
              "affect_jax.inference.predict", "affect_jax.inference.faces",
-             "affect_jax.inference.submission", "affect_jax.study.runner",
+             "affect_jax.inference.submission_validator", "affect_jax.study.runner",
              "affect_jax.train.init_from", "affect_jax.video.export",
              "affect_jax.temporal.command", "tfds_affwild2.build",
              "tfds_affwild2.synthetic"]

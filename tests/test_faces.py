@@ -15,6 +15,7 @@ from skimage import data as skimage_data
 from affect_jax import cli, data_parallel
 from affect_jax.errors import InputError
 from affect_jax.inference import faces
+from affect_jax.video import face_crops
 from affect_jax.train import checkpoints
 from affect_jax.model import implementation, multitask
 from affect_jax.train import optimizers
@@ -197,7 +198,7 @@ def test_align_always_without_the_model_says_what_to_install(tmp_path, monkeypat
   assert faces.create_landmark_predictor("never", missing) is None
   with pytest.raises(InputError, match="align must be one of auto, always, never"):
     faces.create_landmark_predictor("yes")
-  monkeypatch.setattr(faces, "LANDMARK_MODEL_PACKAGE", "no_such_landmark_package")
+  monkeypatch.setattr(face_crops, "LANDMARK_MODEL_PACKAGE", "no_such_landmark_package")
   assert faces.landmark_model_path() is None
   with pytest.raises(InputError, match="no_such_landmark_package package is not "
                      "installed: pip install no_such_landmark_package"):
@@ -218,7 +219,7 @@ def test_the_command_line_chooses_alignment(monkeypatch, capsys, untrained_run,
   capsys.readouterr()
   # --align without the model stops with one error line saying what to install.
   monkeypatch.setattr(faces, "analyse_media", real_analyse_media)
-  monkeypatch.setattr(faces, "LANDMARK_MODEL_PACKAGE", "no_such_landmark_package")
+  monkeypatch.setattr(face_crops, "LANDMARK_MODEL_PACKAGE", "no_such_landmark_package")
   photo = tmp_path / "photo.png"
   Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(photo)
   assert cli.main(["faces", "--workdir", untrained_run, "--input", str(photo), "--out",

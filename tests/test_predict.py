@@ -289,7 +289,7 @@ def test_command_line(trained_run, tmp_path):
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]
   assert json.loads(result.stdout)["frames"] > 0
-  validate = [sys.executable, "-m", "affect_jax.inference.submission", "validate",
+  validate = [sys.executable, "-m", "affect_jax.inference.submission_validator", "validate",
               os.path.join(out, "submission", "mtl"), "--format", "mtl", "--test_list",
               list_path, f"--sample_list={sample_path}"]
   result = subprocess.run(validate, cwd=REPO, capture_output=True, text=True,

@@ -317,21 +317,21 @@ def test_validate_command(tmp_path, test_release, capsys):
   counts_file.write_text('{"v1": 10, "v2": 8, "v3_left": 6}')
   argv = ["validate", out, "--format", "mtl", "--test_list", list_path,
           "--frame_counts", str(counts_file)]
-  assert cli.run_as_script(submission.main, argv) == 0
+  assert cli.run_as_script(submission_validator.main, argv) == 0
   assert "OK" in capsys.readouterr().out
   lines = lines_of(path)
   rewrite(path, lines[:1] + [lines[1].replace(",", ";", 1)] + lines[2:])
-  assert cli.run_as_script(submission.main, argv) == 1
+  assert cli.run_as_script(submission_validator.main, argv) == 1
   printed = capsys.readouterr().out
   assert f"{path}:2: image 'v1/00001.jpg;" in printed and "1 listed images have no" \
       in printed
   # An unknown --tasks value is one clean error line, exit status 1, no traceback.
-  assert cli.run_as_script(submission.main, argv + ["--tasks", "va,valence"]) == 1
+  assert cli.run_as_script(submission_validator.main, argv + ["--tasks", "va,valence"]) == 1
   captured = capsys.readouterr()
   assert captured.err.strip() == ("error: --tasks: unknown task 'valence'; expected "
                                   "some of va, expr, au")
   # Without N for the listed videos the check cannot run: said in one line.
-  assert cli.run_as_script(submission.main, argv[:-2]) == 1
+  assert cli.run_as_script(submission_validator.main, argv[:-2]) == 1
   assert "error: the number of frames of 3 listed videos is unknown" in \
       capsys.readouterr().err
 

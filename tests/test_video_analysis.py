@@ -315,7 +315,7 @@ def test_an_onnx_export_gives_jax_s_outputs_or_says_what_to_install(
     import onnxruntime  # noqa: F401
   except ImportError:
     with pytest.raises(InputError, match="pip install jax2onnx onnxruntime"):
-      onnx_export.write_onnx(lambda images: {}, 8, [], out)
+      onnx_export.write_onnx(lambda images: {}, 8, [], out, input_spec=None)
     assert not os.path.exists(os.path.join(out, "model.onnx"))
     return
   metadata = export.export_run(workdir, out, onnx=True, platforms=["cpu"])

@@ -25,17 +25,12 @@ as 0 (absent).
 Everything here is pure Python and NumPy: writers take decisions already made (VA
 values, a class index, 0/1 AUs); `affect-jax predict` makes them from a model. What a
 submission must cover (test lists, frame counts) is affect_jax.inference.abaw_lists';
-the validator is affect_jax.inference.submission_validator's. The validate command:
-
-  affect-jax validate SUBMISSION_DIR --format mtl --test_list test_set.txt \\
-      --sample_list CVPR_6th_ABAW_Expr_test_set_sample.txt
-  (or python -m affect_jax.inference.submission validate SUBMISSION_DIR ...)
+the validator (`affect-jax validate`) is affect_jax.inference.submission_validator's.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -269,22 +264,3 @@ def write_image_location_files(out_dir: str,
                   for location, values, row in filled))
     written.append(path)
   return written
-
-
-# The validate command keeps its old entry points here; the validator imports this
-# module's formats and headers, so it is imported when called (no import cycle).
-def validate_main(argv: Sequence[str] | None = None) -> int:
-  """`affect-jax validate`: see affect_jax.inference.submission_validator."""
-  from affect_jax.inference import submission_validator  # noqa: PLC0415
-  return submission_validator.validate_main(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """`python -m affect_jax.inference.submission validate SUBMISSION_DIR ...`."""
-  from affect_jax.inference import submission_validator  # noqa: PLC0415
-  return submission_validator.main(argv)
-
-
-if __name__ == "__main__":
-  from affect_jax import cli  # noqa: PLC0415
-  sys.exit(cli.run_as_script(main))

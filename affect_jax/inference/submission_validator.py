@@ -5,7 +5,7 @@ that asks for it.
 
   affect-jax validate SUBMISSION_DIR --format mtl --test_list test_set.txt \\
       --sample_list CVPR_6th_ABAW_Expr_test_set_sample.txt
-  (or python -m affect_jax.inference.submission validate SUBMISSION_DIR ...)
+  (or python -m affect_jax.inference.submission_validator validate SUBMISSION_DIR ...)
 """
 from __future__ import annotations
 
@@ -325,11 +325,15 @@ def validate_main(argv: Sequence[str] | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """`python -m affect_jax.inference.submission validate SUBMISSION_DIR ...`."""
+  """`python -m affect_jax.inference.submission_validator validate SUBMISSION_DIR ...`."""
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv[:1] != ["validate"] and not cli.wants_help(argv):
-    print("usage: python -m affect_jax.inference.submission validate SUBMISSION_DIR "
+    print("usage: python -m affect_jax.inference.submission_validator validate SUBMISSION_DIR "
           "[flags]  (the same as affect-jax validate)", file=sys.stderr)
     return cli.USAGE_ERROR
   rest = argv[1:] if argv[:1] == ["validate"] else argv
   return validate_main(rest)
+
+
+if __name__ == "__main__":
+  sys.exit(cli.run_as_script(main))

@@ -14,7 +14,7 @@ per (frame, face).
 
 Frames stream through: decoded one at a time, faces detected every `detect_every`
 frames and tracked between (affect_jax.video.tracking), aligned as ABAW's
-cropped_aligned images (affect_jax.inference.faces) and predicted in batches in memory
+cropped_aligned images (affect_jax.video.face_crops) and predicted in batches in memory
 (affect_jax.video.batching). The `faces` command is a thin layer over this.
 """
 from __future__ import annotations
@@ -30,7 +30,8 @@ import cv2
 import numpy as np
 
 from affect_jax.errors import InputError
-from affect_jax.inference import faces, media_frames
+from affect_jax.inference import media_frames
+from affect_jax.video import face_crops
 from affect_jax.video import batching, rows as rows_lib, tracking
 
 log = logging.getLogger(__name__)
@@ -170,11 +171,11 @@ class Analyzer:
 
   def __init__(self, model: Model, *, align: str = "auto",
                detect_every: int = tracking.DETECT_EVERY,
-               min_score: float = faces.MIN_SCORE, batch_size: int = BATCH_SIZE,
+               min_score: float = face_crops.MIN_SCORE, batch_size: int = BATCH_SIZE,
                reidentify: bool = True):
     self.model = model
-    self.detector = faces.create_detector()
-    self.landmarks_predictor = faces.create_landmark_predictor(align)
+    self.detector = face_crops.create_detector()
+    self.landmarks_predictor = face_crops.create_landmark_predictor(align)
     self.reidentifier = tracking.create_reidentifier(
         reidentify and self.landmarks_predictor is not None)
     self.detect_every = detect_every
@@ -214,11 +215,11 @@ class Analyzer:
     if face.aligned is not None:
       crop = face.aligned
     elif face.landmarks is not None:
-      crop = faces.warp_to_square(image, faces.alignment_matrix(face.landmarks))
+      crop = face_crops.warp_to_square(image, face_crops.alignment_matrix(face.landmarks))
     elif self.landmarks_predictor is not None:
-      crop = faces.align_face(image, face.box, self.landmarks_predictor)
+      crop = face_crops.align_face(image, face.box, self.landmarks_predictor)
     else:
-      crop = faces.crop_face(image, face.box)
+      crop = face_crops.crop_face(image, face.box)
     size = self.model.image_size
     if crop.shape[0] != size:
       crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)

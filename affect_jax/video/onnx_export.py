@@ -53,12 +53,12 @@ def import_converters():
 
 
 def write_onnx(function: Callable, size: int, outputs: Sequence[str], out_dir: str,
-               seed: int = 0) -> dict:
+               seed: int = 0, *, input_spec) -> dict:
   """OUT/model.onnx of `function` (uint8 images -> {task: array}); its outputs on a
   random batch compared with JAX's: an error above MAX_DIFFERENCE. Returns what to
-  record (file, opset, the largest difference)."""
+  record (file, opset, the largest difference). `input_spec`: the images' abstract
+  shape (export.images_spec), the batch symbolic."""
   jax2onnx, onnxruntime = import_converters()
-  from affect_jax.video import export  # pylint: disable=g-import-not-at-top
   outputs = list(outputs)
 
   def as_tuple(images):
@@ -67,7 +67,7 @@ def write_onnx(function: Callable, size: int, outputs: Sequence[str], out_dir: s
 
   path = os.path.join(out_dir, ONNX_FILE)
   with onnx_convertible_pooling():
-    model = jax2onnx.to_onnx(as_tuple, [export.images_spec(size)],
+    model = jax2onnx.to_onnx(as_tuple, [input_spec],
                              model_name="affect_jax", input_names=["images"],
                              output_names=outputs)
   with open(path, "wb") as f:

@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from affect_jax.inference import faces
+from affect_jax.video import face_crops
 
 DETECT_EVERY = 10
 MIN_IOU = 0.3
@@ -51,7 +51,7 @@ class TrackedFace:
   """One face in one frame: its id, its box (from the detector on detection frames,
   from the tracker between them) and the score of its latest detection."""
   face_id: int
-  box: faces.FaceBox
+  box: face_crops.FaceBox
   detected: bool
   landmarks: np.ndarray | None = None  # [5, 2] pixels, when aligned by landmarks
   aligned: np.ndarray | None = None  # the face aligned on them, 112 x 112 RGB
@@ -60,7 +60,7 @@ class TrackedFace:
 @dataclasses.dataclass
 class Track:
   face_id: int
-  box: faces.FaceBox
+  box: face_crops.FaceBox
   tracker: object = None  # dlib.correlation_tracker, without landmarks
   landmarks: np.ndarray | None = None
   aligned: np.ndarray | None = None
@@ -73,7 +73,7 @@ class Track:
     return TrackedFace(self.face_id, self.box, detected, self.landmarks, self.aligned)
 
 
-def iou(a: faces.FaceBox, b: faces.FaceBox) -> float:
+def iou(a: face_crops.FaceBox, b: face_crops.FaceBox) -> float:
   """Intersection over union of two boxes."""
   width = min(a.right, b.right) - max(a.left, b.left)
   height = min(a.bottom, b.bottom) - max(a.top, b.top)
@@ -83,8 +83,8 @@ def iou(a: faces.FaceBox, b: faces.FaceBox) -> float:
   return inter / float(a.area + b.area - inter)
 
 
-def match_boxes(tracked: Sequence[faces.FaceBox], detected: Sequence[faces.FaceBox],
-                min_iou: float = MIN_IOU) -> list[tuple[int, int]]:
+def match_boxes(tracked: Sequence[face_crops.FaceBox],
+                detected: Sequence[face_crops.FaceBox], min_iou: float = MIN_IOU) -> list[tuple[int, int]]:
   """Pairs (track index, detection index), greedily by decreasing overlap, each at
   most once, overlapping by at least `min_iou`."""
   pairs = sorted(((iou(t, d), i, j) for i, t in enumerate(tracked)
@@ -102,7 +102,7 @@ def match_boxes(tracked: Sequence[faces.FaceBox], detected: Sequence[faces.FaceB
 
 def descriptor_model_path() -> str | None:
   """dlib's face descriptor network in the installed face_recognition_models, or None."""
-  model = faces.landmark_model_path()
+  model = face_crops.landmark_model_path()
   if model is None:
     return None
   path = os.path.join(os.path.dirname(os.path.dirname(model)), *DESCRIPTOR_MODEL_FILE)
@@ -129,7 +129,7 @@ class FaceTracker:
   """Faces of consecutive frames of one stream, with ids (see the module's doc)."""
 
   def __init__(self, detector, landmarks_predictor=None, *,
-               detect_every: int = DETECT_EVERY, min_score: float = faces.MIN_SCORE,
+               detect_every: int = DETECT_EVERY, min_score: float = face_crops.MIN_SCORE,
                upsample: Sequence[int] = (0,), reidentifier: Reidentifier | None = None,
                min_tracking_quality: float = MIN_TRACKING_QUALITY):
     if detect_every < 1:
@@ -147,10 +147,10 @@ class FaceTracker:
     self.frames_seen = 0
     self.detections_run = 0
 
-  def detect(self, image: np.ndarray) -> list[faces.FaceBox]:
+  def detect(self, image: np.ndarray) -> list[face_crops.FaceBox]:
     self.detections_run += 1
     for upsample in self.upsample:
-      boxes = [b for b in faces.detect_faces(self.detector, image, upsample)
+      boxes = [b for b in face_crops.detect_faces(self.detector, image, upsample)
                if b.score >= self.min_score]
       if boxes:
         return boxes
@@ -193,11 +193,11 @@ class FaceTracker:
       quality = track.tracker.update(image)
       track.box = box_of(track.tracker.get_position(), track.box.score)
       return quality >= self.min_tracking_quality
-    landmarks = faces.detect_landmarks(self.landmarks_predictor, image, track.box)
+    landmarks = face_crops.detect_landmarks(self.landmarks_predictor, image, track.box)
     spread, previous = landmark_spread(landmarks), landmark_spread(track.landmarks)
     if not (previous / MAX_SCALE_CHANGE <= spread <= previous * MAX_SCALE_CHANGE):
       return False
-    aligned = faces.warp_to_square(image, faces.alignment_matrix(landmarks))
+    aligned = face_crops.warp_to_square(image, face_crops.alignment_matrix(landmarks))
     signature = appearance(aligned)
     if correlation(signature, track.signature) < MIN_APPEARANCE_CORRELATION:
       return False
@@ -206,7 +206,7 @@ class FaceTracker:
                                    image.shape)
     return True
 
-  def restart(self, track: Track, image: np.ndarray, box: faces.FaceBox) -> None:
+  def restart(self, track: Track, image: np.ndarray, box: face_crops.FaceBox) -> None:
     """The track at a detection: its box, its landmarks and picture found afresh."""
     track.box = box
     if self.landmarks_predictor is None:
@@ -215,12 +215,13 @@ class FaceTracker:
         track.tracker = dlib.correlation_tracker()
       start_tracker(track, image)
       return
-    track.landmarks = faces.detect_landmarks(self.landmarks_predictor, image, box)
+    track.landmarks = face_crops.detect_landmarks(self.landmarks_predictor, image, box)
     track.box_in_landmarks = landmarks_frame_of(box, track.landmarks)
-    track.aligned = faces.warp_to_square(image, faces.alignment_matrix(track.landmarks))
+    track.aligned = face_crops.warp_to_square(
+        image, face_crops.alignment_matrix(track.landmarks))
     track.signature = appearance(track.aligned)
 
-  def chip(self, image: np.ndarray, box: faces.FaceBox) -> np.ndarray | None:
+  def chip(self, image: np.ndarray, box: face_crops.FaceBox) -> np.ndarray | None:
     """The face as the descriptor network takes it (150 px, aligned by dlib)."""
     if self.landmarks_predictor is None:
       return None
@@ -234,12 +235,12 @@ class FaceTracker:
     if self.reidentifier is not None and track.chip is not None:
       self.ended.append(track)
 
-  def start_track(self, image: np.ndarray, box: faces.FaceBox) -> Track:
+  def start_track(self, image: np.ndarray, box: face_crops.FaceBox) -> Track:
     track = Track(self.reidentified(image, box), box)
     self.restart(track, image, box)
     return track
 
-  def reidentified(self, image: np.ndarray, box: faces.FaceBox) -> int:
+  def reidentified(self, image: np.ndarray, box: face_crops.FaceBox) -> int:
     """The id of the nearest face no longer tracked, when it is the same person; else
     a new id. Descriptors are computed only here: when a face appears while others
     have gone (a fifth of a second each on a CPU)."""
@@ -266,9 +267,9 @@ def start_tracker(track: Track, image: np.ndarray) -> None:
                                                   box.bottom - 1))
 
 
-def box_of(rectangle, score: float) -> faces.FaceBox:
+def box_of(rectangle, score: float) -> face_crops.FaceBox:
   """A tracker's (float) rectangle as a FaceBox in whole pixels, right/bottom exclusive."""
-  return faces.FaceBox(int(round(rectangle.left())), int(round(rectangle.top())),
+  return face_crops.FaceBox(int(round(rectangle.left())), int(round(rectangle.top())),
                        int(round(rectangle.right())) + 1,
                        int(round(rectangle.bottom())) + 1, score)
 
@@ -278,7 +279,7 @@ def landmark_spread(landmarks: np.ndarray) -> float:
   return float(np.sqrt(((landmarks - landmarks.mean(0)) ** 2).sum(1).mean()))
 
 
-def landmarks_frame_of(box: faces.FaceBox, landmarks: np.ndarray) -> np.ndarray:
+def landmarks_frame_of(box: face_crops.FaceBox, landmarks: np.ndarray) -> np.ndarray:
   """Where the box lies relative to its landmarks: (centre offset x, y, side), in
   units of their spread; a detection's box, kept as the landmarks move."""
   centre, spread = landmarks.mean(0), landmark_spread(landmarks)
@@ -288,7 +289,7 @@ def landmarks_frame_of(box: faces.FaceBox, landmarks: np.ndarray) -> np.ndarray:
 
 
 def box_from_landmarks(landmarks: np.ndarray, frame: np.ndarray, score: float,
-                       shape: tuple) -> faces.FaceBox:
+                       shape: tuple) -> face_crops.FaceBox:
   """The box that stands to these landmarks as the detection stood to its own,
   clipped to the image."""
   spread = landmark_spread(landmarks)
@@ -298,7 +299,7 @@ def box_from_landmarks(landmarks: np.ndarray, frame: np.ndarray, score: float,
   left, top = max(0, int(round(centre[0] - half))), max(0, int(round(centre[1] - half)))
   right = min(width, int(round(centre[0] + half)))
   bottom = min(height, int(round(centre[1] + half)))
-  return faces.FaceBox(left, top, max(right, left + 1), max(bottom, top + 1), score)
+  return face_crops.FaceBox(left, top, max(right, left + 1), max(bottom, top + 1), score)
 
 
 def appearance(aligned: np.ndarray) -> np.ndarray:
