@@ -265,6 +265,8 @@ def restore_for_eval(config, workdir: str, mesh, step: int | None = None,
   folder = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(folder):
     raise MissingCheckpointError(f"no checkpoint folder {folder}")
+  if not _step_folders(folder):  # said before a manager (and its threads) is made
+    raise MissingCheckpointError(f"no checkpoint in {folder}")
   manager = create_checkpoint_manager(
       workdir, keep=config.checkpoint.keep,
       best_metric=config.checkpoint.best_metric or None, asynchronous=False)
