@@ -27,7 +27,7 @@ MAIN_OPTIONS = {
   "convert": ("--input", "--output"),
   "compile": ("--config", "--topology", "--batch_size", "--dtype", "--out"),
   "demo": ("--workdir", "--steps", "--num_videos"),
-  "export": ("--workdir", "--out", "--onnx"),
+  "export": ("--workdir", "--out", "--[no]onnx"),
   "temporal": ("--config", "--workdir", "--mode", "--source"),
 }
 
