@@ -410,7 +410,23 @@ def test_the_command_trains_then_predicts_a_split(frame_stores, tmp_path, capsys
   assert summary["scores"] == pytest.approx(
       {k: v for k, v in logged.items() if isinstance(v, float)}, abs=1e-9)
   with open(os.path.join(out, "predictions.csv")) as f:
-    assert len(f.read().splitlines()) == 1 + 46
+    predicted = f.read()
+  assert len(predicted.splitlines()) == 1 + 46
+  # The predict command with --temporal_workdir: the same predictions and scores.
+  from affect_jax.inference import predict
+  out_predict = str(tmp_path / "out_predict")
+  assert predict.predict_main([
+      "--workdir", config.frame_run.workdir, "--data_dir", config.frame_run.data_dir,
+      "--temporal_workdir", workdir, "--source", "tfds:validation",
+      "--out", out_predict]) == 0
+  with open(os.path.join(out_predict, "predictions.csv")) as f:
+    assert f.read() == predicted
+  with open(os.path.join(out_predict, "summary.json")) as f:
+    by_predict = json.load(f)
+  assert by_predict["model"] == "temporal" and by_predict["workdir"] == workdir
+  for key in ("p_mtl", "expr_f1", "au_f1", "p_va"):
+    assert by_predict["scores"]["raw"][key] == pytest.approx(summary["scores"][key],
+                                                            abs=1e-9)
   capsys.readouterr()
   assert command.main(["--mode", "compare", "--workdir", workdir,
                        "--replicates", "20"]) == 0

@@ -106,10 +106,11 @@ def run_prediction(config, workdir: str, source: str, out_dir: str, *,
                    frame_counts: dict | None = None, test_lists: Sequence[str] = (),
                    video_dir: str | None = None, fill: str = "previous",
                    au_set: str = "abaw", devices=None, batch_size: int | None = None,
-                   plot_video_count: int = 4) -> dict:
+                   plot_video_count: int = 4, temporal_workdir: str | None = None) -> dict:
   """Predicts every face frame of `source`, writes the CSV, the submissions, plots of
   the first `plot_video_count` videos and summary.json into out_dir; returns the
-  summary."""
+  summary. With `temporal_workdir`, the temporal run there (affect-jax temporal, over
+  the embeddings of a frame run) predicts the frames, `step` being its checkpoint."""
   check_window(smooth_window)  # before minutes of prediction, not after
   unknown = [f for f in formats if f not in submission.FORMATS]
   if unknown:
@@ -130,14 +131,22 @@ def run_prediction(config, workdir: str, source: str, out_dir: str, *,
     # Every listed video's N is known before minutes of prediction, or it is an error.
     plan = plan_submissions(opened, test_lists, frame_counts=frame_counts,
                             video_dir=video_dir)
-  predictor = restore_predictor(config, workdir, step, devices, batch_size)
-  table = predict_frames(predictor, opened.data,
-                         config.input.worker_count).sorted_by_video_and_frame()
+  if temporal_workdir:
+    table, predicted_step = _temporal_predictions(temporal_workdir, opened, out_dir,
+                                                  step, devices, source)
+    num_expr_classes = load_config(temporal_workdir).model.num_expr_classes
+    use_tuned_thresholds = False  # tuned on the frame model's outputs, not these
+  else:
+    predictor = restore_predictor(config, workdir, step, devices, batch_size)
+    table = predict_frames(predictor, opened.data,
+                           config.input.worker_count).sorted_by_video_and_frame()
+    predicted_step, num_expr_classes = predictor.step, predictor.num_expr_classes
   au_window = smooth_window if smooth_au else 1
-  thresholds, threshold_origin = au_thresholds_for(workdir, predictor.step, au_window,
+  thresholds, threshold_origin = au_thresholds_for(workdir, predicted_step, au_window,
                                                    use_tuned_thresholds)
   smoothed = smooth_table(table, smooth_window, smooth_au)
-  summary = {"workdir": workdir, "step": predictor.step, "source": source,
+  summary = {"workdir": temporal_workdir or workdir, "step": predicted_step,
+             "model": "temporal" if temporal_workdir else "frame", "source": source,
              "frames": len(table), "videos": len(set(table.video.tolist())),
              "smooth_window": smooth_window, "smooth_au": smooth_au,
              "au_thresholds": thresholds.tolist(), "au_thresholds_from": threshold_origin}
@@ -148,8 +157,7 @@ def run_prediction(config, workdir: str, source: str, out_dir: str, *,
       os.path.join(out_dir, "predictions.csv"), smoothed, thresholds)
   if opened.data.has_labels and any(np.any(table.labels[k] > 0) for k in (
       "expression_mask", "au_mask", "va_mask")):  # a test split has records, no labels
-    summary["scores"] = labelled_scores(table, smoothed, predictor.num_expr_classes,
-                                        thresholds)
+    summary["scores"] = labelled_scores(table, smoothed, num_expr_classes, thresholds)
   summary["plots"] = plot_videos(out_dir, smoothed, plot_video_count)
   if formats:
     if plan is None:
@@ -157,7 +165,7 @@ def run_prediction(config, workdir: str, source: str, out_dir: str, *,
                               table_frames=_frames_by_video(table))
     summary["submission"] = write_submissions(
         os.path.join(out_dir, "submission"), formats, smoothed, thresholds, plan,
-        predictor.num_expr_classes, au_names=submission.AU_SETS[au_set], fill=fill)
+        num_expr_classes, au_names=submission.AU_SETS[au_set], fill=fill)
     summary["frame_counts"] = plan.counts.counts
     summary["frame_counts_from"] = plan.counts.origins
   with open(os.path.join(out_dir, "summary.json"), "w") as f:
@@ -191,8 +199,22 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   flags.mark_flag_as_required("workdir", flag_values=flag_values)
 
 
+def _temporal_predictions(temporal_workdir: str, opened, out_dir: str, step, devices,
+                          source: str):
+  """(the FrameTable the temporal run predicts for the source's frames, its step)."""
+  from affect_jax.temporal import prediction  # pylint: disable=g-import-not-at-top
+  table, _, predicted_step = prediction.predict_source_frames(
+      load_config(temporal_workdir), temporal_workdir, opened.data,
+      os.path.join(out_dir, "embeddings"), step=step, devices=devices,
+      description=source)
+  return table, predicted_step
+
+
 def define_predict_flags(flag_values: flags.FlagValues) -> None:
   define_flags(flag_values)
+  flags.DEFINE_string("temporal_workdir", None, "A temporal run (affect-jax temporal) "
+                      "over this run's frame embeddings: it predicts the frames "
+                      "(--step: its checkpoint).", flag_values=flag_values)
   flags.DEFINE_string("source", None, "tfds:SPLIT, folder:PATH or list:PATH.",
                       flag_values=flag_values)
   flags.DEFINE_string("out", None, "Output folder.", flag_values=flag_values)
@@ -270,7 +292,8 @@ def predict(flag_values: flags.FlagValues) -> int:
       formats=flag_values.formats, frame_counts=frame_counts,
       test_lists=flag_values.test_list, video_dir=flag_values.video_dir,
       fill=flag_values.fill, au_set=flag_values.au_set,
-      batch_size=flag_values.batch_size, plot_video_count=flag_values.plot_videos)
+      batch_size=flag_values.batch_size, plot_video_count=flag_values.plot_videos,
+      temporal_workdir=flag_values.temporal_workdir)
   print(json.dumps({k: v for k, v in summary.items() if k != "au_thresholds"},
                    indent=2))
   return 0
