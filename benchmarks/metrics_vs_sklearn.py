@@ -36,7 +36,7 @@ from sklearn.metrics import f1_score
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common  # noqa: E402
-from affect_jax.eval import metrics  # noqa: E402
+from affect_jax.eval import accumulators, metrics  # noqa: E402
 
 NUM_CLASSES, NUM_AUS = 8, 12
 
@@ -80,14 +80,14 @@ def load_baseline_metrics(revision: str):
 
 def device_totals_scores(device_batches, statistics_fn, module=metrics) -> dict:
   """`module`: where compute_scores comes from (the baseline's reads its own keys)."""
-  accumulator = metrics.DeviceStatisticsAccumulator()
+  accumulator = accumulators.DeviceStatisticsAccumulator()
   for outputs, labels in device_batches:
     accumulator.add(statistics_fn(outputs, labels), frames=len(labels["expression"]))
   return module.compute_scores(accumulator.result())
 
 
 def affect_jax_scores(device_batches, statistics_fn, module=metrics) -> dict:
-  accumulator = module.StatisticsAccumulator()
+  accumulator = accumulators.StatisticsAccumulator()
   pending = None
   for outputs, labels in device_batches:
     statistics = statistics_fn(outputs, labels)

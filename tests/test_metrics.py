@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 from sklearn.metrics import accuracy_score, f1_score
 
-from affect_jax.eval import metrics
+from affect_jax.eval import accumulators, metrics
 
 NUM_CLASSES = 8
 NUM_AUS = 12
@@ -135,7 +135,7 @@ def test_absent_class_is_averaged_in(data):
 def test_accumulated_batches_equal_one_batch(data):
   outputs, batch = data
   whole = {k: np.asarray(v) for k, v in statistics_fn(outputs, batch).items()}
-  accumulator = metrics.StatisticsAccumulator()
+  accumulator = accumulators.StatisticsAccumulator()
   edges = [0, 1, 100, 357, 1024, 1500, 2048]  # uneven batches, one of a single frame
   for start, stop in zip(edges[:-1], edges[1:]):
     part = lambda tree: {k: v[start:stop] for k, v in tree.items()}  # noqa: E731
@@ -148,10 +148,10 @@ def test_accumulated_batches_equal_one_batch(data):
   assert_scores_match(metrics.compute_scores(summed), reference_scores(outputs, batch))
 
 
-@pytest.mark.parametrize("max_frames", [700, 1500, metrics.MAX_FRAMES_PER_DEVICE_TOTAL])
+@pytest.mark.parametrize("max_frames", [700, 1500, accumulators.MAX_FRAMES_PER_DEVICE_TOTAL])
 def test_device_totals_equal_host_totals_whenever_they_are_fetched(data, max_frames):
   outputs, batch = data
-  host, device = metrics.StatisticsAccumulator(), metrics.DeviceStatisticsAccumulator(
+  host, device = accumulators.StatisticsAccumulator(), accumulators.DeviceStatisticsAccumulator(
       max_frames)
   fetched = []
   original_get = jax.device_get
@@ -176,7 +176,7 @@ def test_device_totals_equal_host_totals_whenever_they_are_fetched(data, max_fra
   # take the totals past max_frames
   assert fetched == {700: [1024, 1500, 2048], 1500: [2048]}.get(max_frames, [])
   with pytest.raises(ValueError, match="more frames"):
-    metrics.DeviceStatisticsAccumulator(100).add(statistics, frames=548)
+    accumulators.DeviceStatisticsAccumulator(100).add(statistics, frames=548)
 
 
 def test_eight_devices_equal_one_device(data):
@@ -307,7 +307,7 @@ def test_constant_equal_values_give_zero_ccc_after_many_batches():
   give 0, not the ratio of two rounding errors."""
   values = np.full((512, 2), 0.2739, np.float32)
   statistics = jax.jit(metrics.va_statistics)(values, values, np.ones(512, np.float32))
-  accumulator = metrics.DeviceStatisticsAccumulator()
+  accumulator = accumulators.DeviceStatisticsAccumulator()
   for _ in range(300):
     accumulator.add(jax.tree.map(lambda a: a + 0, statistics), 512)
   scores = metrics.compute_scores(accumulator.result())
@@ -464,7 +464,7 @@ def test_errors_are_clear(data):
   outputs, batch = data
   with pytest.raises(ValueError, match="num_expr_classes"):
     metrics.batch_statistics(outputs, batch, num_expr_classes=7)
-  accumulator = metrics.StatisticsAccumulator()
+  accumulator = accumulators.StatisticsAccumulator()
   accumulator.add(metrics.batch_statistics({"va": outputs["va"]}, batch))
   with pytest.raises(ValueError, match="keys"):
     accumulator.add(metrics.batch_statistics({"au": outputs["au"]}, batch))

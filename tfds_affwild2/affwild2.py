@@ -17,9 +17,11 @@ import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-from tfds_affwild2 import annotations, release
-from tfds_affwild2 import layout as layout_lib
-from tfds_affwild2 import source_fingerprint as fingerprint_lib
+# Sibling modules by their full names: the package's __init__ imports this module.
+import tfds_affwild2.annotations as annotations
+import tfds_affwild2.layout as layout_lib
+import tfds_affwild2.release as release
+import tfds_affwild2.source_fingerprint as fingerprint_lib
 from tfds_affwild2.errors import MissingReleasePartError
 
 log = logging.getLogger(__name__)

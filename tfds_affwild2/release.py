@@ -33,7 +33,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from tfds_affwild2 import annotations
+import tfds_affwild2.annotations as annotations
 from tfds_affwild2.annotations import TASKS, AnnotationError, FrameLabel
 from tfds_affwild2.errors import MissingReleasePartError, ReleaseError
 from tfds_affwild2.layout import ReleaseLayout

@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 
 from affect_jax.data import pipeline
 from affect_jax.data_parallel import device_batch
-from affect_jax.eval import metrics
+from affect_jax.eval import accumulators, metrics
 
 if TYPE_CHECKING:  # evaluation imports nothing from training
   from affect_jax.train.train_state import TrainState
@@ -20,14 +20,14 @@ if TYPE_CHECKING:  # evaluation imports nothing from training
 
 def evaluate(eval_fn, state: TrainState, dataset, num_batches: int, mesh: Mesh, *,
              collect_outputs: bool = False, worker_count: int = 0,
-             max_frames_per_fetch: int = metrics.MAX_FRAMES_PER_DEVICE_TOTAL):
+             max_frames_per_fetch: int = accumulators.MAX_FRAMES_PER_DEVICE_TOTAL):
   """One pass over an eval dataset; exact scores from summed statistics, totalled on
   the device and fetched every `max_frames_per_fetch` frames and at the end.
 
   Returns (scores, collected) where collected holds per-frame outputs, labels and
   record indices (padding removed) when `collect_outputs`.
   """
-  accumulator = metrics.DeviceStatisticsAccumulator(max_frames_per_fetch)
+  accumulator = accumulators.DeviceStatisticsAccumulator(max_frames_per_fetch)
   collected: dict[str, list] = {}
   iterator = pipeline.as_iterator(dataset, worker_count)
   try:

@@ -6,8 +6,8 @@ devices and needs one pass with O(classes) state:
 1. `batch_statistics` (on device, jittable): sums for CCC, an expression confusion
    matrix, AU TP/FP/FN/TN counts and AU score histograms for one (per-device) batch.
    Inside a data-parallel step pass `axis_name` to sum them over devices.
-2. `StatisticsAccumulator` (host): adds the statistics of many batches in
-   float64 / int64.
+2. `accumulators.StatisticsAccumulator` (host) or `DeviceStatisticsAccumulator`
+   (devices, then host): adds the statistics of many batches in float64 / int64.
 3. `compute_scores` (host, NumPy): CCC, F1 and the ABAW P scores from the totals.
 
 Statistics keys (present only for the tasks present in the model outputs):
@@ -27,20 +27,18 @@ Few arrays on purpose: every output array of a jitted step costs XLA:CPU about 2
 to hand over (25 arrays made half the cost of a 512-frame eval batch).
 
 A mask entry counts as valid when it is > 0; masked labels may hold anything.
-
-(Over 450 lines on purpose: the device statistics and the host scores read one layout
-of the statistics, so both halves stay in one file.)
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from affect_jax.eval.accumulators import to_host
 
 DEFAULT_HISTOGRAM_BINS = 200
 DEFAULT_AU_THRESHOLD = 0.5
@@ -243,87 +241,8 @@ def batch_statistics(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.A
 
 
 # ----------------------------------------------------------------------------------
-# On the host: accumulation and scores.
+# On the host: scores from summed statistics (eval/accumulators.py sums them).
 # ----------------------------------------------------------------------------------
-
-
-def _to_host(value) -> np.ndarray:
-  """float64 for sums, int64 for counts: exact integer addition, no float32 drift."""
-  array = np.asarray(value)
-  if np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
-    return array.astype(np.int64)
-  return array.astype(np.float64)
-
-
-class StatisticsAccumulator:
-  """Sums statistics dicts of many batches on the host."""
-
-  def __init__(self):
-    self._totals: dict[str, np.ndarray] | None = None
-
-  def add(self, statistics: Mapping[str, Any]) -> None:
-    host = {key: _to_host(value) for key, value in statistics.items()}
-    if self._totals is None:
-      self._totals = host
-      return
-    if host.keys() != self._totals.keys():
-      raise ValueError(f"statistics keys {sorted(host)} differ from the keys "
-                       f"accumulated so far {sorted(self._totals)}")
-    for key, value in host.items():
-      if value.shape != self._totals[key].shape:
-        raise ValueError(f"statistic {key!r} has shape {value.shape}, "
-                         f"expected {self._totals[key].shape}")
-      self._totals[key] = self._totals[key] + value
-
-  def result(self) -> dict[str, np.ndarray]:
-    """The summed statistics (an empty dict before the first `add`)."""
-    return {key: value.copy() for key, value in (self._totals or {}).items()}
-
-
-# The int32 statistics (VA integer sums above all) stay exact for sums over fewer frames
-# than this: running totals on a device are moved to the host before reaching it.
-MAX_FRAMES_PER_DEVICE_TOTAL = 2_097_151
-
-
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _add_statistics(totals, statistics):
-  return jax.tree.map(jnp.add, totals, statistics)
-
-
-class DeviceStatisticsAccumulator:
-  """Sums statistics where they are computed: one small add on the device per batch
-  and no host round trip; the totals go to a host `StatisticsAccumulator` (int64 /
-  float64) before `max_frames` frames and at `result`. At eval batch 512 this cuts
-  the metric cost on XLA:CPU by a quarter (0.29 -> 0.21 s per 1M frames,
-  benchmarks/metrics_vs_sklearn.py), at 8192 by 4%."""
-
-  def __init__(self, max_frames: int = MAX_FRAMES_PER_DEVICE_TOTAL):
-    if not 0 < max_frames <= MAX_FRAMES_PER_DEVICE_TOTAL:
-      raise ValueError(f"max_frames must be in 1..{MAX_FRAMES_PER_DEVICE_TOTAL}")
-    self._max_frames = max_frames
-    self._host = StatisticsAccumulator()
-    self._totals = None
-    self._frames = 0
-
-  def add(self, statistics: Mapping[str, jax.Array], frames: int) -> None:
-    """`frames`: the number of frames (padding included) the statistics summed."""
-    if frames > self._max_frames:
-      raise ValueError(f"a batch of {frames} frames holds more frames than int32 "
-                       f"totals can sum exactly ({self._max_frames})")
-    if self._totals is not None and self._frames + frames > self._max_frames:
-      self._fetch()
-    self._totals = (dict(statistics) if self._totals is None
-                    else _add_statistics(self._totals, dict(statistics)))
-    self._frames += frames
-
-  def _fetch(self) -> None:
-    if self._totals is not None:
-      self._host.add(jax.device_get(self._totals))
-    self._totals, self._frames = None, 0
-
-  def result(self) -> dict[str, np.ndarray]:
-    self._fetch()
-    return self._host.result()
 
 
 def _safe_ratio(numerator, denominator) -> np.ndarray:
@@ -336,8 +255,8 @@ def _safe_ratio(numerator, denominator) -> np.ndarray:
 
 def va_moment_sums(statistics: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """float64 `n`, `sum_x`, `sum_y`, `sum_xx`, `sum_yy`, `sum_xy` [2] from VA statistics."""
-  integer_parts = _to_host(statistics["va_int"]).astype(np.float64)
-  remainders = _to_host(statistics["va_frac"])
+  integer_parts = to_host(statistics["va_int"]).astype(np.float64)
+  remainders = to_host(statistics["va_frac"])
   sums = {"n": integer_parts[0]}
   for row, (name, unit) in enumerate((("x", _VA_COARSE_SCALE), ("y", _VA_COARSE_SCALE),
                                       ("xx", _VA_COARSE_SCALE ** 2),
@@ -351,7 +270,7 @@ def va_rounding_scale(statistics: Mapping[str, Any]) -> np.ndarray:
   """[2] The size of the float32-rounded part of the CCC moments (per frame): the
   remainder sums of x*x and y*y and what the remainder sums of x and y add through the
   squared means. Rounding errors of the rebuilt moments are a small fraction of it."""
-  remainders = np.abs(_to_host(statistics["va_frac"]))
+  remainders = np.abs(to_host(statistics["va_frac"]))
   sums = va_moment_sums(statistics)
   n = sums["n"]
   mean_x, mean_y = _safe_ratio(sums["sum_x"], n), _safe_ratio(sums["sum_y"], n)
@@ -441,7 +360,7 @@ def compute_scores(statistics: Mapping[str, Any]) -> dict[str, Any]:
   `p_mtl` = p_va + expr_f1 + au_f1, only when all three tasks are present (a model of
   one or two tasks has no P_MTL).
   """
-  statistics = {key: _to_host(value) for key, value in statistics.items()}
+  statistics = {key: to_host(value) for key, value in statistics.items()}
   scores: dict[str, Any] = {}
   if "va_int" in statistics:
     ccc = ccc_from_statistics(statistics)

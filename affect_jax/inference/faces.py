@@ -90,7 +90,10 @@ def analyse_media(workdir: str, inputs: Sequence[str], out_dir: str, *, config=N
   """Every face of each input -> OUT/faces.csv, a plot per face, OUT/summary.json
   (returned). An input that cannot be read, or shows no face, is skipped and listed
   under "skipped"; when no input has a face, that is an InputError."""
-  from affect_jax.video import analyzer as analyzer_lib, rows as rows_lib, tracking  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  import affect_jax.video.analyzer as analyzer_lib
+  import affect_jax.video.rows as rows_lib
+  import affect_jax.video.tracking as tracking
   if not inputs:
     raise InputError("no input image or video given (--input)")
   if smooth_window < 1 or smooth_window % 2 == 0:  # frame_table.check_window's rule:

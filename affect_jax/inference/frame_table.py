@@ -12,7 +12,7 @@ from jax.experimental import multihost_utils
 from affect_jax import data_parallel, vocabulary
 from affect_jax.errors import InputError
 from affect_jax.data import pipeline
-from affect_jax.eval import metrics
+from affect_jax.eval import accumulators, metrics
 from affect_jax.inference.restore import Predictor
 from affect_jax.inference.sources import decode_names, prediction_dataset
 
@@ -157,7 +157,7 @@ def table_statistics(table: FrameTable, num_expr_classes: int,
   """Sufficient statistics of a labelled table, in chunks (bounded device memory)."""
   if table.labels is None:
     raise ValueError("scores need labels: predict a TFDS split")
-  accumulator = metrics.StatisticsAccumulator()
+  accumulator = accumulators.StatisticsAccumulator()
   for start in range(0, len(table), STATISTICS_CHUNK):
     rows = slice(start, start + STATISTICS_CHUNK)
     accumulator.add(metrics.batch_statistics(

@@ -10,7 +10,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from affect_jax.eval import metrics
+from affect_jax.eval import accumulators, metrics
 from affect_jax.inference.frame_table import (
   FrameTable,
   check_window,
@@ -52,7 +52,7 @@ def held_out_au_f1(table: FrameTable, num_expr_classes: int) -> float | None:
   if len(videos) < 2:
     return None
   in_first = np.isin(table.video, videos[::2])
-  accumulator = metrics.StatisticsAccumulator()
+  accumulator = accumulators.StatisticsAccumulator()
   for held_out in (in_first, ~in_first):
     tuned_on = table.take(np.flatnonzero(~held_out))
     thresholds = table_scores(tuned_on, num_expr_classes)["au_best_thresholds"]

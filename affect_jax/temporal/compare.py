@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from affect_jax.eval import metrics
+from affect_jax.eval.accumulators import to_host
 from affect_jax.inference.frame_table import FrameTable, logits_from_probabilities
 
 Statistics = dict  # name -> [videos, ...] array of per-video sufficient statistics
@@ -60,14 +61,8 @@ def per_video_statistics(table: FrameTable, num_expr_classes: int, au_thresholds
     per_video.append(jax.device_get(_statistics(
         outputs, labels, None if au_thresholds is None else
         np.asarray(au_thresholds, np.float32), num_expr_classes)))
-  return videos.tolist(), {k: np.stack([metrics_to_host(s[k]) for s in per_video])
+  return videos.tolist(), {k: np.stack([to_host(s[k]) for s in per_video])
                            for k in per_video[0]}
-
-
-def metrics_to_host(value) -> np.ndarray:
-  """int64 counts and float64 sums, as the host accumulator keeps them."""
-  array = np.asarray(value)
-  return array.astype(np.int64 if array.dtype.kind in "iub" else np.float64)
 
 
 def common_videos(tables: dict[str, tuple[list[str], Statistics]]

@@ -14,7 +14,7 @@ import numpy as np
 from affect_jax import config_checks, data_parallel, vocabulary
 from affect_jax.data import pipeline
 from affect_jax.errors import InputError
-from affect_jax.eval import metrics
+from affect_jax.eval import accumulators, metrics
 from affect_jax.eval.writers import MetricWriter, ProgressLogger
 from affect_jax.temporal import embed, steps, windows
 from affect_jax.temporal.model import KINDS, create_model
@@ -172,7 +172,7 @@ def evaluate_windows(eval_fn, state, store: EmbeddingStore,
   ds, num_batches = windows.eval_dataset(store, settings, local_batch_size=local_batch,
                                          process_index=jax.process_index(),
                                          process_count=jax.process_count())
-  accumulator = metrics.DeviceStatisticsAccumulator()
+  accumulator = accumulators.DeviceStatisticsAccumulator()
   collected: dict[str, list] = {}
   for local in (ds[i] for i in range(num_batches)):
     batch = data_parallel.device_batch(local, mesh)

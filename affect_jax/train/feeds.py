@@ -21,7 +21,23 @@ from affect_jax.train.step_functions import compile_resident_train_step
 log = logging.getLogger(__name__)
 
 
-class HostFeed:
+class Feed:
+  """What the loop asks of a feed: `next_batch(step)`, `train(train_fn, state, drawn)`,
+  `close()`, and `checkpoint_iterator` (None: no data position to save)."""
+
+  checkpoint_iterator = None
+
+  def train(self, train_fn: Callable, state, drawn) -> tuple[Any, dict, Any]:
+    """(new state, step metrics, record indices) of train_fn on next_batch's output,
+    a (global batch, its record indices) pair."""
+    batch, record_index = drawn
+    return (*train_fn(state, batch), record_index)
+
+  def close(self) -> None:
+    pass
+
+
+class HostFeed(Feed):
   """Training batches from the grain pipeline: each process's rows placed on the mesh;
   the iterator's position goes into every checkpoint."""
 
@@ -35,11 +51,6 @@ class HostFeed:
     local = next(self.checkpoint_iterator)
     return device_batch(local, self._mesh), local["record_index"]
 
-  def train(self, train_fn: Callable, state, drawn) -> tuple[Any, dict, Any]:
-    """(new state, step metrics, record indices) of train_fn on next_batch's output."""
-    batch, record_index = drawn
-    return (*train_fn(state, batch), record_index)
-
   def close(self) -> None:
     if hasattr(self.checkpoint_iterator, "close"):
       self.checkpoint_iterator.close()
@@ -52,16 +63,14 @@ def fuse_draw_and_step(mesh) -> bool:
   return implementation.mesh_platform(mesh) != "cpu"
 
 
-class DeviceFeed(HostFeed):
+class DeviceFeed(Feed):
   """`config.input.device_resident`: the split decoded once onto the devices (sharded
   over the data axis), each batch drawn and augmented there
   (affect_jax/data/device_resident.py). Batch s is a function of (seed, s) alone, so
   checkpoints carry no data position and a resumed run continues with the very batches
   it would have drawn."""
 
-  checkpoint_iterator = None
-
-  def __init__(self, trainer):  # pylint: disable=super-init-not-called
+  def __init__(self, trainer):  # the loop's Trainer, which builds its feed
     config = trainer.config
     start = time.perf_counter()
     self.dataset = device_resident.load_split_to_device(
@@ -95,6 +104,3 @@ class DeviceFeed(HostFeed):
     if self._fused is None:
       return super().train(train_fn, state, drawn)
     return self._fused(state, self.dataset, drawn[0])
-
-  def close(self) -> None:
-    pass

@@ -31,8 +31,11 @@ import numpy as np
 
 from affect_jax.errors import InputError
 from affect_jax.inference import media_frames
-from affect_jax.video import face_crops
-from affect_jax.video import batching, rows as rows_lib, tracking
+# Sibling modules by their full names: the package's __init__ imports this module.
+import affect_jax.video.batching as batching
+import affect_jax.video.face_crops as face_crops
+import affect_jax.video.rows as rows_lib
+import affect_jax.video.tracking as tracking
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +124,7 @@ def model_from_export(out_dir: str, batch_size: int = BATCH_SIZE,
   """A model exported by `affect-jax export` (affect_jax.video.export): no training
   code, config or checkpoint needed."""
   import jax  # pylint: disable=g-import-not-at-top
-  from affect_jax.video import export  # pylint: disable=g-import-not-at-top
+  import affect_jax.video.export as export  # pylint: disable=g-import-not-at-top
   exported, metadata = export.load_export(out_dir)
   predict = jax.jit(exported.call)
   size = int(metadata["image_size"])

@@ -106,7 +106,7 @@ def export_run(workdir: str, out_dir: str, step: int | None = None, config=None,
     f.write(serialised)
   write_metadata(out_dir, metadata)
   if onnx:  # after the jax.export files, which stand whatever ONNX conversion does
-    from affect_jax.video import onnx_export  # pylint: disable=g-import-not-at-top
+    import affect_jax.video.onnx_export as onnx_export  # pylint: disable=g-import-not-at-top
     metadata["onnx"] = onnx_export.write_onnx(function, size, metadata["outputs"],
                                               out_dir, input_spec=images_spec(size))
     write_metadata(out_dir, metadata)

@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from affect_jax.video import face_crops
+import affect_jax.video.face_crops as face_crops
 
 DETECT_EVERY = 10
 MIN_IOU = 0.3
