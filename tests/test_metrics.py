@@ -273,33 +273,63 @@ def test_aus_the_data_does_not_annotate_leave_the_mean(data):
   assert len(scores["au_f1_per_au"]) == NUM_AUS
 
 
-def tiny_spread_va(centre):
+def tiny_spread_va(centre, spread=3e-5, frames=4096, batches=1):
   rng = np.random.default_rng(7)
-  labels = (centre + 3e-5 * rng.normal(size=(4096, 2))).astype(np.float32)
-  predictions = (labels.astype(np.float64) + 6e-6 * rng.normal(size=labels.shape)
+  labels = (centre + spread * rng.normal(size=(frames, 2))).astype(np.float32)
+  predictions = (labels.astype(np.float64) + 0.2 * spread * rng.normal(size=labels.shape)
                  ).astype(np.float32)
-  scores = metrics.compute_scores(jax.jit(metrics.va_statistics)(
-      predictions, labels, np.ones(len(labels), np.float32)))
+  statistics_fn = jax.jit(metrics.va_statistics)
+  accumulator = accumulators.DeviceStatisticsAccumulator()
+  for part in np.array_split(np.arange(frames), batches):
+    accumulator.add(statistics_fn(predictions[part], labels[part],
+                                  np.ones(len(part), np.float32)), len(part))
+  scores = metrics.compute_scores(accumulator.result())
   expected = [reference_ccc(predictions[:, d], labels[:, d]) for d in range(2)]
   return [scores["ccc_valence"], scores["ccc_arousal"]], expected
 
 
-@pytest.mark.parametrize("centre", [0.5, -0.25, 0.0])
+@pytest.mark.parametrize("centre", [0.5, 0.51, -0.25, 0.0, 0.7310059, -0.9876543, 1.0])
 def test_ccc_at_tiny_spreads_matches_float64(centre):
-  """Labels 0.5 +- 3e-5: the zero-denominator cut-off follows the data's scale, so the
-  CCC is float64 NumPy's (~0.98), not 0 (the fixed cut-off gave 0)."""
+  """Labels c +- 3e-5 anywhere in [-1, 1]: the variance is 1e-9 of the mean square, and
+  the CCC is float64 NumPy's (~0.98), not 0. (A 1/32 integer grid with float32
+  remainders resolved it on the grid only: 0.51 gave 0.)"""
   ccc, expected = tiny_spread_va(centre)
   assert min(expected) > 0.97
-  np.testing.assert_allclose(ccc, expected, atol=5e-4, rtol=0)
+  np.testing.assert_allclose(ccc, expected, atol=1e-5, rtol=0)
 
 
-def test_ccc_below_the_rounding_scale_is_zero_not_noise():
-  """0.51 +- 3e-5: the remainders of the 1/32 grid (0.01) round by more than the
-  variance, so the sums cannot resolve it; the score is 0, not a ratio of rounding
-  errors (it was 0.6 and 2.0 without a cut-off)."""
-  ccc, expected = tiny_spread_va(0.51)
-  for value, reference in zip(ccc, expected):
-    assert value == 0.0 or abs(value - reference) < 5e-4
+def test_ccc_at_tinier_spreads_over_many_batches_matches_float64():
+  """1e-6 around 0.37 (a variance of 1e-12), summed over 20 batches on the device."""
+  ccc, expected = tiny_spread_va(0.37, spread=1e-6, frames=20_000, batches=20)
+  assert min(expected) > 0.9
+  np.testing.assert_allclose(ccc, expected, atol=1e-3, rtol=0)
+
+
+def test_va_integer_terms_stay_below_their_bound():
+  """The int32 sums' frame limits assume every per-frame integer term is below
+  VA_MAX_INTEGER_TERM; the extremes of [-1, 1] and values beyond it reach the largest."""
+  values = np.array([[-2.0, 2.0], [2.0, -2.0], [1.9999999, -1.9999999], [2.5, -30.0],
+                     [-0.5078125, 0.4921875], [0.0078125, -0.0078125]], np.float32)
+  for row in values:
+    batch = np.repeat(row[None], 1, axis=0)
+    statistics = metrics.va_statistics(batch, batch[:, ::-1], np.ones(1, np.float32))
+    assert np.abs(np.asarray(statistics["va_int"])).max() < metrics.VA_MAX_INTEGER_TERM
+  assert (accumulators.MAX_FRAMES_PER_DEVICE_TOTAL * metrics.VA_MAX_INTEGER_TERM
+          < 2 ** 31 <= (accumulators.MAX_FRAMES_PER_DEVICE_TOTAL + 1)
+          * metrics.VA_MAX_INTEGER_TERM)
+
+
+def test_va_values_beyond_the_unit_range_are_summed():
+  """Predictions outside [-2, 2] (an unbounded VA head) keep their excess in the
+  remainders: the CCC is still float64's."""
+  rng = np.random.default_rng(3)
+  labels = rng.uniform(-1, 1, size=(3000, 2)).astype(np.float32)
+  predictions = (2.5 * labels + 0.3 * rng.normal(size=labels.shape)).astype(np.float32)
+  scores = metrics.compute_scores(jax.jit(metrics.va_statistics)(
+      predictions, labels, np.ones(len(labels), np.float32)))
+  for dimension, key in enumerate(("ccc_valence", "ccc_arousal")):
+    assert scores[key] == pytest.approx(
+        reference_ccc(predictions[:, dimension], labels[:, dimension]), abs=1e-6)
 
 
 def test_constant_equal_values_give_zero_ccc_after_many_batches():
@@ -360,10 +390,30 @@ def test_best_au_thresholds_match_brute_force_search():
   assert np.mean(best_f1) > np.mean(f1_at_half) + 0.01  # the search does find gains
 
 
+def reference_va_digits(values):
+  """int64 [4, N, 2]: the four digits of each value (units 2^-5, 2^-11, 2^-17, 2^-23),
+  each rounding what the earlier ones left, after clipping to [-2, 2]; float64 here."""
+  rest, digits = np.clip(np.asarray(values, np.float64), -2, 2), []
+  for scale in (2.0 ** 5, 2.0 ** 11, 2.0 ** 17, 2.0 ** 23):
+    digit = np.round(rest * scale)
+    rest = rest - digit / scale
+    digits.append(digit)
+  return np.stack(digits).astype(np.int64)
+
+
+def reference_digit_products(a, b):
+  """int64 [7, N, 2]: products of digits grouped by the sum of their positions."""
+  groups = np.zeros((7, *a.shape[1:]), np.int64)
+  for i in range(4):
+    for j in range(4):
+      groups[i + j] += a[i] * b[j]
+  return groups
+
+
 @pytest.mark.parametrize("num_frames", [metrics.EXACT_FLOAT32_SUM_FRAMES,
                                         metrics.EXACT_FLOAT32_SUM_FRAMES + 1, 40_000])
 def test_integer_statistics_exact_past_float32_integers(num_frames):
-  # Values near +-1 make the VA integer terms ~32^2 per frame: up to 16,384 frames
+  # Predictions near +-2 make the VA integer terms ~64^2 per frame: up to 2,048 frames
   # (summed in float32) the sums stay below 2^24; at 40,000 frames (summed as int32)
   # they pass it, where float32 sums would drop odd counts. Every integer statistic
   # must equal NumPy's int64 count.
@@ -371,7 +421,7 @@ def test_integer_statistics_exact_past_float32_integers(num_frames):
   va = np.where(rng.random((num_frames, 2)) < 0.9,
                 rng.choice([-1.0, 1.0], (num_frames, 2)) * rng.uniform(0.95, 1.0, (num_frames, 2)),
                 rng.uniform(-1, 1, (num_frames, 2))).astype(np.float32)
-  va_pred = np.clip(va + rng.normal(0, 0.05, va.shape), -1, 1).astype(np.float32)
+  va_pred = np.clip(2 * va + rng.normal(0, 0.05, va.shape), -2, 2).astype(np.float32)
   va_mask = rng.random(num_frames) < 0.95
   labels_expr = rng.integers(0, NUM_CLASSES, num_frames)
   expr_mask = rng.random(num_frames) < 0.9
@@ -387,13 +437,13 @@ def test_integer_statistics_exact_past_float32_integers(num_frames):
            "au": au, "au_mask": au_mask.astype(np.float32)}
   statistics = {k: np.asarray(v) for k, v in statistics_fn(outputs, batch).items()}
 
-  units_x = np.round(np.clip(va_pred[va_mask], -1, 1) * 32).astype(np.int64)
-  units_y = np.round(va[va_mask] * 32).astype(np.int64)
-  expected_va = np.stack([np.full(2, va_mask.sum())] + [
-      terms.sum(0) for terms in (units_x, units_y, units_x * units_x, units_y * units_y,
-                                 units_x * units_y)])
+  digits_x, digits_y = reference_va_digits(va_pred[va_mask]), reference_va_digits(va[va_mask])
+  expected_va = np.concatenate([np.full((1, 2), va_mask.sum()), digits_x.sum(1),
+                                digits_y.sum(1)] + [
+      reference_digit_products(a, b).sum(1)
+      for a, b in ((digits_x, digits_x), (digits_y, digits_y), (digits_x, digits_y))])
   if num_frames > 2 * metrics.EXACT_FLOAT32_SUM_FRAMES:
-    assert expected_va[3:].min() > 2 ** 24  # past float32's integers
+    assert np.abs(expected_va).max() > 2 ** 24  # past float32's integers
   np.testing.assert_array_equal(statistics["va_int"], expected_va)
 
   predicted = outputs["expression"].argmax(-1)

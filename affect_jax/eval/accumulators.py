@@ -44,9 +44,10 @@ class StatisticsAccumulator:
     return {key: value.copy() for key, value in (self._totals or {}).items()}
 
 
-# The int32 statistics (VA integer sums above all) stay exact for sums over fewer frames
-# than this: running totals on a device are moved to the host before reaching it.
-MAX_FRAMES_PER_DEVICE_TOTAL = 2_097_151
+# The int32 statistics (VA integer sums above all: at most 2^13 per frame,
+# metrics.VA_MAX_INTEGER_TERM) stay exact for sums over fewer frames than this: running
+# totals on a device are moved to the host before reaching it.
+MAX_FRAMES_PER_DEVICE_TOTAL = (2 ** 31 - 1) // 2 ** 13
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))

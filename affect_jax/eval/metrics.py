@@ -43,14 +43,23 @@ from affect_jax.eval.accumulators import to_host
 DEFAULT_HISTOGRAM_BINS = 200
 DEFAULT_AU_THRESHOLD = 0.5
 
-# VA sums split values into integer multiples of 1/32 plus a small float remainder
-# (see `va_statistics`). Integer parts |a| <= 32 keep a product <= 2^10, so int32 sums
-# are exact for any (global) batch of fewer than 2,097,152 frames.
-_VA_COARSE_SCALE = 32.0
-_VA_COARSE_LIMIT = 1.0
-# Per-frame integer terms are at most 32^2 = 2^10: float32 sums of up to 2^14 frames
-# never leave the range (2^24) where every integer is exact, whatever the order.
-EXACT_FLOAT32_SUM_FRAMES = 2 ** 24 // 2 ** 10
+# VA sums split each value into digits (x = a/2^5 + b/2^11 + c/2^17 + d/2^23 + r: 24
+# bits, a float32's significand) and a remainder |r| <= 2^-24 (see `va_statistics`).
+# The sums of the digits and of the digit products, grouped by weight, are exact integers;
+# only the remainder terms are float32 sums, and they are 2^-24 of the values' scale, so
+# the spread is resolved wherever the values lie in [-2, 2] (VA: [-1, 1]).
+_VA_FIRST_DIGIT_BITS = 5
+_VA_DIGIT_BITS = 6
+_VA_DIGITS = 4
+_VA_LIMIT = 2.0
+# |a| <= 64, |b|, |c|, |d| <= 32: a weight group of products (a*b' + b*a', ...) is at
+# most 2 * 64 * 32 + 2 * 32 * 32 = 6,144 < 2^13 per frame.
+VA_MAX_INTEGER_TERM = 2 ** 13
+# float32 sums of integer terms are exact while partial sums stay <= 2^24.
+EXACT_FLOAT32_SUM_FRAMES = 2 ** 24 // VA_MAX_INTEGER_TERM
+# int32 sums (a batch's psum over devices, a device's running total) are exact below this.
+MAX_INT32_SUM_FRAMES = (2 ** 31 - 1) // VA_MAX_INTEGER_TERM
+_VA_PRODUCT_GROUPS = 2 * _VA_DIGITS - 1
 
 # A CCC denominator counts as zero (constant predictions equal to constant labels) when
 # it is within this fraction of the float32 rounding scale of the remainder sums
@@ -66,19 +75,42 @@ _ZERO_DENOMINATOR_FRACTION = 1e-4
 # ----------------------------------------------------------------------------------
 
 
-def _split_coarse_fine(values):
-  """values = coarse + fine, coarse = units / _VA_COARSE_SCALE with integer units.
+def _digit_scale(position: int) -> float:
+  """The digit at `position` (0 = most significant) counts in units of 1 / this."""
+  return 2.0 ** (_VA_FIRST_DIGIT_BITS + _VA_DIGIT_BITS * position)
 
-  Returns (units, coarse, fine), units as integer-valued float32. The coarse part is
-  clipped to +-_VA_COARSE_LIMIT so products of units cannot overflow int32; values
-  beyond it (VA lies in [-1, 1]) are still summed exactly as given, with float32
-  precision only.
+
+def _product_scale(group: int) -> float:
+  """Products of digits i and j, i + j = group, count in units of 1 / this."""
+  return 2.0 ** (2 * _VA_FIRST_DIGIT_BITS + _VA_DIGIT_BITS * group)
+
+
+def _split_digits(values):
+  """values = sum_k digits[k] / _digit_scale(k) + remainder, digits integer-valued float32.
+
+  Each digit rounds what is left, so |digit 0| <= 64 and the others <= 32, and every
+  step is exact in float32 (a power-of-2 scale, and a difference of two numbers within a
+  factor of 2: Sterbenz). Values are clipped to +-1 first so products of digits cannot
+  overflow; values beyond it (VA lies in [-1, 1]) keep their excess in the remainder,
+  summed with float32 precision only.
   """
-  clipped = jnp.clip(values, -_VA_COARSE_LIMIT, _VA_COARSE_LIMIT)
-  units = jnp.round(clipped * _VA_COARSE_SCALE)
-  coarse = units / _VA_COARSE_SCALE  # exact: a power-of-2 scale
-  # Exact in float32 (Sterbenz lemma): coarse and values differ by at most half a unit.
-  return units, coarse, values - coarse
+  clipped = jnp.clip(values, -_VA_LIMIT, _VA_LIMIT)
+  rest, digits = clipped, []
+  for position in range(_VA_DIGITS):
+    digit = jnp.round(rest * _digit_scale(position))
+    rest = rest - digit / _digit_scale(position)
+    digits.append(digit)
+  return digits, (values - clipped) + rest
+
+
+def _grouped_products(digits_a, digits_b):
+  """[groups, B]: sums of digit products by weight, group g = sum_{i+j=g} a_i * b_j in
+  units of 1 / _product_scale(g); each is an integer below VA_MAX_INTEGER_TERM."""
+  groups = [0.0] * _VA_PRODUCT_GROUPS
+  for i, a in enumerate(digits_a):
+    for j, b in enumerate(digits_b):
+      groups[i + j] = groups[i + j] + a * b
+  return jnp.concatenate(groups)
 
 
 def va_statistics(predictions, labels, mask) -> dict[str, jax.Array]:
@@ -91,37 +123,38 @@ def va_statistics(predictions, labels, mask) -> dict[str, jax.Array]:
 
   Why split: CCC from raw sums subtracts mean^2 from E[x^2]; with a mean of 0.8 and a
   standard deviation of 0.05 a float32 sum loses 2-3 of its 7 digits there (CCC off by
-  1e-5, measured). Each value is split as x = a / 32 + r with an integer a: the sums of
-  a, a*a, a*b are exact integers and only the small remainder terms (|r| <= 1/64) are
-  float32 sums, so the float64 sums rebuilt by `va_moment_sums` give the CCC to about
-  1e-9. Every statistic is still a plain sum: psum and host addition stay valid.
+  1e-5, measured), and with a spread of 3e-5 all of them. Each value is split into four
+  integer digits and a remainder (`_split_digits`): the sums of the digits and of their
+  products are exact integers and only the remainder terms (|r| <= 2^-24) are float32
+  sums, so the float64 sums rebuilt by `va_moment_sums` carry the variance even when it
+  is 1e-10 of the mean square. Every statistic is still a plain sum: psum and host
+  addition stay valid.
 
-  Layout: the per-frame terms are stacked as rows of a [12, B] and a [10, B] array and
+  Layout: the per-frame terms are stacked as rows of a [60, B] and a [10, B] array and
   summed along the frames; XLA:CPU sums such rows several times faster than the
-  columns of narrow [B, 2] arrays. The integer terms (|term| <= 32^2) are summed in
-  float32, which is exact while |partial sums| <= 2^24, i.e. for batches of up to
-  `EXACT_FLOAT32_SUM_FRAMES` frames (and 10% faster than int32 sums here); larger
-  batches sum them as int32.
+  columns of narrow [B, 2] arrays. The integer terms are summed in float32, exact for
+  batches of up to `EXACT_FLOAT32_SUM_FRAMES` frames (and faster than int32 sums here);
+  larger batches sum them as int32.
   """
   valid = mask > 0
   # `where`, not multiplication: a masked label may be NaN, and NaN * 0 is NaN.
   x = jnp.where(valid[None, :], predictions.astype(jnp.float32).T, 0.0)  # [2, B]
   y = jnp.where(valid[None, :], labels.astype(jnp.float32).T, 0.0)
-  (units_x, coarse_x, fine_x), (units_y, coarse_y, fine_y) = (
-      _split_coarse_fine(x), _split_coarse_fine(y))
-  # Integer-valued float32 products (|units| <= 32): exact.
+  (digits_x, fine_x), (digits_y, fine_y) = _split_digits(x), _split_digits(y)
   integer_terms = jnp.concatenate(
-      [jnp.broadcast_to(valid[None, :], x.shape).astype(jnp.float32), units_x, units_y,
-       units_x * units_x, units_y * units_y, units_x * units_y])
+      [jnp.broadcast_to(valid[None, :], x.shape).astype(jnp.float32), *digits_x,
+       *digits_y, _grouped_products(digits_x, digits_x),
+       _grouped_products(digits_y, digits_y), _grouped_products(digits_x, digits_y)])
   if x.shape[1] <= EXACT_FLOAT32_SUM_FRAMES:
     integer_sums = jnp.sum(integer_terms, axis=1).astype(jnp.int32)
   else:
     integer_sums = jnp.sum(integer_terms.astype(jnp.int32), axis=1)
-  # a * b - coarse_a * coarse_b = fine_a * b + coarse_a * fine_b
+  # With q = x - r the digits' value: x*y - q_x*q_y = r_x * y + q_x * r_y.
+  coarse_x, coarse_y = x - fine_x, y - fine_y
   remainder_terms = jnp.concatenate(
       [fine_x, fine_y, fine_x * (x + coarse_x), fine_y * (y + coarse_y),
        fine_x * y + coarse_x * fine_y])
-  return {"va_int": integer_sums.reshape(6, 2),
+  return {"va_int": integer_sums.reshape(-1, 2),
           "va_frac": jnp.sum(remainder_terms, axis=1).reshape(5, 2)}
 
 
@@ -257,12 +290,16 @@ def va_moment_sums(statistics: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """float64 `n`, `sum_x`, `sum_y`, `sum_xx`, `sum_yy`, `sum_xy` [2] from VA statistics."""
   integer_parts = to_host(statistics["va_int"]).astype(np.float64)
   remainders = to_host(statistics["va_frac"])
+  digit_units = np.array([_digit_scale(k) for k in range(_VA_DIGITS)])
+  group_units = np.array([_product_scale(g) for g in range(_VA_PRODUCT_GROUPS)])
+  rows = iter(np.split(integer_parts[1:], np.cumsum(
+      [_VA_DIGITS, _VA_DIGITS, _VA_PRODUCT_GROUPS, _VA_PRODUCT_GROUPS])))
   sums = {"n": integer_parts[0]}
-  for row, (name, unit) in enumerate((("x", _VA_COARSE_SCALE), ("y", _VA_COARSE_SCALE),
-                                      ("xx", _VA_COARSE_SCALE ** 2),
-                                      ("yy", _VA_COARSE_SCALE ** 2),
-                                      ("xy", _VA_COARSE_SCALE ** 2))):
-    sums[f"sum_{name}"] = integer_parts[row + 1] / unit + remainders[row]
+  for row, (name, units) in enumerate((("x", digit_units), ("y", digit_units),
+                                       ("xx", group_units), ("yy", group_units),
+                                       ("xy", group_units))):
+    # Each integer sum over its power-of-2 unit is exact in float64 (below 2^53).
+    sums[f"sum_{name}"] = np.sum(next(rows) / units[:, None], axis=0) + remainders[row]
   return sums
 
 
