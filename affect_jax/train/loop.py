@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import time
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -178,10 +179,17 @@ class Trainer:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       trainer: Trainer | None = None) -> TrainState:
+                       trainer: Trainer | None = None,
+                       on_evaluation: Callable[[int, dict], bool] | None = None
+                       ) -> TrainState:
   """Trains (resuming from the workdir's latest checkpoint, else config.init_from, else
   from scratch), evaluates, checkpoints; SIGTERM saves and stops early. A caller that
-  evaluates afterwards can pass its Trainer to reuse the compiled steps."""
+  evaluates afterwards can pass its Trainer to reuse the compiled steps.
+
+  `on_evaluation(step, scores)` sees each evaluation once it is logged; returning True
+  stops the run after that step's checkpoint (a search pruning a trial), so the workdir
+  stays consistent and a later start resumes from there. With several processes it
+  must answer the same on each (they save the checkpoint together)."""
   trainer = trainer or Trainer(config, workdir)
   check_and_write_config(config, workdir, trainer.dataset_identity)
   latest = trainer.manager.latest_step()  # opened by every process at this point
@@ -229,15 +237,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           writer.write_scalars(step, values, prefix="train")
           progress.log(step, values)
           synchronised = True
-        scores = None
+        scores, asked_to_stop = None, False
         if step % config.eval_every_steps == 0 or step == config.num_train_steps:
           scores, _ = trainer.evaluate(state)
           writer.write_scores(step, config.dataset.eval_split, scores)
+          asked_to_stop = bool(on_evaluation and on_evaluation(step, scores))
         stop = preemption.should_stop()
         if step % config.checkpoint_every_steps == 0 or scores is not None or stop:
           checkpoints.save_checkpoint(trainer.manager, step, state,
-                                      feed.checkpoint_iterator, scores, force=stop)
+                                      feed.checkpoint_iterator, scores,
+                                      force=stop or asked_to_stop)
           synchronised = True
+        if asked_to_stop:
+          log.info("stopped at step %d: the evaluation callback asked to", step)
+          break
         if stop:
           log.warning("stopped at step %d after SIGTERM; the next start resumes", step)
           break

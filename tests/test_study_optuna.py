@@ -1,0 +1,242 @@
+"""The optuna search of a study: seeded trials, pruning from the evaluations a run logs
+(the run stopped after that evaluation's checkpoint), resume of an interrupted search,
+the trials as the report lists them; and the trainer's evaluation hook on a real run.
+
+The search tests train with a stand-in for train_and_evaluate that logs and checkpoints
+as it does (scores a function of the learning rate), through the runner's run_variant."""
+import json
+import math
+import os
+import statistics
+import types
+
+import pytest
+
+from affect_jax.errors import InputError
+from affect_jax.eval import writers
+from affect_jax.study import optuna_search, variants
+from affect_jax.study.runner import run_variant
+from affect_jax.train import loop
+from configs import study_optuna
+
+STEPS = 6
+EVAL_EVERY = 2
+
+
+def search_config(seed=0, trials=6):
+  config = study_optuna.get_config()
+  config.base.num_train_steps = STEPS
+  config.base.eval_every_steps = EVAL_EVERY
+  search = config.search
+  search.seed = seed
+  search.trials = trials
+  search.space = (
+      ("optimizer.learning_rate", "lr", {"low": 1e-5, "high": 1e-1, "log": True}),
+      ("optimizer.weight_decay", "wd", (1e-4, 1e-2)))
+  search.startup_trials = 2
+  search.pruner_startup_trials = 2
+  search.pruner_warmup_steps = 0
+  return config
+
+
+def fake_score(config, step):
+  """Rises with the step, highest at a learning rate of 1e-3."""
+  distance = abs(math.log10(config.optimizer.learning_rate) + 3)
+  return step / STEPS * (4 - distance)
+
+
+class FakeTraining:
+  """train_and_evaluate's contract for a study: resume from the latest checkpoint, log
+  each evaluation to metrics.jsonl, ask on_evaluation, checkpoint, stop when told.
+  `interrupt=(variant, step)` raises KeyboardInterrupt after logging that step's
+  evaluation, before its checkpoint (as Ctrl-C there)."""
+
+  def __init__(self, interrupt=None):
+    self.interrupt = interrupt
+    self.sessions = []  # (variant, start step)
+
+  def __call__(self, config, workdir, on_evaluation=None):
+    steps = variants.checkpoint_steps(workdir)
+    start = steps[-1] if steps else 0
+    name = os.path.basename(workdir)
+    self.sessions.append((name, start))
+    metrics = os.path.join(workdir, writers.METRICS_FILE)
+    writers.drop_lines_after(metrics, start)
+    for step in range(start + EVAL_EVERY, config.num_train_steps + 1, EVAL_EVERY):
+      scores = {"p_mtl": fake_score(config, step)}
+      writers.append_json_line(metrics, {"step": step, "split": "validation",
+                                         "mode": "train", **scores})
+      if self.interrupt == (name, step):
+        raise KeyboardInterrupt
+      stop = bool(on_evaluation and on_evaluation(step, scores))
+      os.makedirs(os.path.join(workdir, "checkpoints", str(step)))
+      if stop:
+        break
+
+
+def trial_points(study_dir):
+  study = optuna_search.loaded_study(study_dir)
+  return [(t.number, t.params, t.state.name, t.value)
+          for t in study.get_trials(deepcopy=False)]
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+  """The search run once uninterrupted: (config, study_dir, outcomes, training)."""
+  config = search_config()
+  study_dir = str(tmp_path_factory.mktemp("optuna"))
+  training = FakeTraining()
+  outcomes = optuna_search.run_search(config, study_dir, run_variant, training)
+  return config, study_dir, outcomes, training
+
+
+def test_the_same_seed_draws_the_same_trials(searched, tmp_path):
+  config, study_dir, _, _ = searched
+  optuna_search.run_search(config, str(tmp_path / "again"), run_variant, FakeTraining())
+  assert trial_points(str(tmp_path / "again")) == trial_points(study_dir)
+  other = search_config(seed=1)
+  optuna_search.run_search(other, str(tmp_path / "seed1"), run_variant, FakeTraining())
+  first = lambda points: [p for _, p, _, _ in points]  # noqa: E731
+  assert first(trial_points(str(tmp_path / "seed1"))) != first(trial_points(study_dir))
+
+
+def test_a_trial_below_the_median_stops_after_that_evaluation(searched):
+  config, study_dir, outcomes, training = searched
+  study = optuna_search.loaded_study(study_dir)
+  trials = study.get_trials(deepcopy=False)
+  assert len(trials) == config.search.trials
+  pruned = [t for t in trials if t.state.name == "PRUNED"]
+  complete = [t for t in trials if t.state.name == "COMPLETE"]
+  assert pruned and complete
+  for trial in pruned:
+    name = optuna_search.trial_name(config.search, trial.number)
+    step = max(trial.intermediate_values)
+    assert step < STEPS and outcomes[name] == f"pruned at step {step}"
+    workdir = variants.variant_workdir(study_dir, name)
+    # Stopped after that evaluation's checkpoint: the run is consistent, and unfinished.
+    assert variants.checkpoint_steps(workdir) == list(range(EVAL_EVERY, step + 1,
+                                                            EVAL_EVERY))
+    assert [m["step"] for m in variants.training_evaluations(workdir)] == list(
+        range(EVAL_EVERY, step + 1, EVAL_EVERY))
+    record = variants.read_run_record(workdir)
+    assert record["sessions"][-1]["outcome"] == f"pruned at step {step}"
+    # The median rule over the trials that had ended before this one.
+    earlier = [t.intermediate_values[step] for t in trials
+               if t.number < trial.number and step in t.intermediate_values
+               and t.state.name == "COMPLETE"]
+    assert trial.intermediate_values[step] < statistics.median(earlier)
+  for trial in complete:
+    workdir = variants.variant_workdir(
+        study_dir, optuna_search.trial_name(config.search, trial.number))
+    final = variants.training_evaluations(workdir)[-1]
+    assert final["step"] == STEPS and trial.value == final["p_mtl"]
+    assert variants.is_finished(workdir, STEPS)
+  assert len(training.sessions) == len(trials)  # one session each
+
+
+def test_an_interrupted_search_resumes_where_it_stopped(searched, tmp_path):
+  config, reference_dir, reference_outcomes, _ = searched
+  study_dir = str(tmp_path / "interrupted")
+  # Trial 1 is never pruned (two trials must end first): Ctrl-C at its step-4
+  # evaluation, after its step-2 checkpoint.
+  with pytest.raises(KeyboardInterrupt):
+    optuna_search.run_search(config, study_dir, run_variant,
+                             FakeTraining(interrupt=("search_trial1", 4)))
+  assert [state for _, _, state, _ in trial_points(study_dir)] == ["COMPLETE", "RUNNING"]
+  resumed = FakeTraining()
+  outcomes = optuna_search.run_search(config, study_dir, run_variant, resumed)
+  assert resumed.sessions[0] == ("search_trial1", 2)  # from its checkpoint
+  assert "search_trial0" not in [name for name, _ in resumed.sessions]
+  assert trial_points(study_dir) == trial_points(reference_dir)
+  assert {**outcomes, "search_trial0": "complete"} == reference_outcomes
+  record = variants.read_run_record(variants.variant_workdir(study_dir, "search_trial1"))
+  assert [(s["outcome"], s["start_step"], s["end_step"]) for s in record["sessions"]] == [
+      ("interrupted (KeyboardInterrupt)", 0, 2), ("finished", 2, STEPS)]
+  # Run again: every trial has ended, nothing trains.
+  again = FakeTraining()
+  assert optuna_search.run_search(config, study_dir, run_variant, again) == {}
+  assert again.sessions == []
+
+
+def test_a_search_with_other_settings_is_refused(searched):
+  config, study_dir, _, _ = searched
+  config = search_config()
+  config.search.space = (("optimizer.learning_rate", "lr", (1e-3, 1e-2)),)
+  with pytest.raises(InputError, match="optimizer.learning_rate"):
+    optuna_search.open_study(config.search, study_dir)
+  config = search_config(trials=8)  # more trials extend the same search
+  assert optuna_search.open_study(config.search, study_dir).trials
+
+
+def test_trials_are_variants_with_their_settings_and_outcome(searched):
+  config, study_dir, outcomes, _ = searched
+  trials = optuna_search.trial_variants(config, study_dir)
+  assert [v.name for v in trials] == list(outcomes)
+  study = optuna_search.loaded_study(study_dir)
+  for variant, trial in zip(trials, study.get_trials(deepcopy=False)):
+    assert dict(variant.overrides) == trial.params  # mtl overrides nothing itself
+    assert variant.group == "search"
+    # The workdir's recorded settings are the variant's.
+    record = variants.read_run_record(variants.variant_workdir(study_dir, variant.name))
+    assert record["settings"]["optimizer.learning_rate"] == trial.params[
+        "optimizer.learning_rate"]
+    if outcomes[variant.name] != "complete":
+      assert variant.description.endswith(outcomes[variant.name])
+
+
+def test_the_report_ranks_complete_trials_before_pruned_ones(searched):
+  config, study_dir, outcomes, _ = searched
+  results = []
+  for variant in optuna_search.trial_variants(config, study_dir):
+    variant_config = variants.variant_config(config, variant, study_dir)
+    last = variants.training_evaluations(variants.variant_workdir(
+        study_dir, variant.name))[-1]
+    results.append(types.SimpleNamespace(variant=variant, config=variant_config,
+                                         score=lambda key, last=last: last.get(key)))
+  lines = optuna_search.report_section(config, study_dir, results)
+  rows = [line.split(" | ") for line in lines if line.startswith("| ") and "`" in line]
+  shown = [(row[1].strip("`"), row[2]) for row in rows]
+  assert sorted(shown) == sorted(outcomes.items())
+  kinds = [outcome.split()[0] for _, outcome in shown]
+  assert kinds == sorted(kinds)  # complete before pruned
+  complete_scores = [float(row[4].rstrip(" |")) for row in rows if row[2] == "complete"]
+  assert complete_scores == sorted(complete_scores, reverse=True)
+  assert "log-uniform in [1e-05, 0.1]" in lines[2]
+
+
+def test_space_entries_become_optuna_distributions():
+  integers = optuna_search.distribution("model.num_filters", {"low": 8, "high": 32})
+  assert integers.low == 8 and integers.high == 32 and not integers.log
+  with pytest.raises(InputError, match="model.tasks"):
+    optuna_search.distribution("model.tasks", (("va",), ("au",)))
+  with pytest.raises(InputError, match="low < high"):
+    optuna_search.distribution("optimizer.learning_rate", {"low": 0.0, "high": 1e-2,
+                                                           "log": True})
+
+
+# ----------------------------------------------------------- the trainer's hook (JAX)
+
+def test_on_evaluation_stops_the_run_after_a_consistent_checkpoint(uninterrupted_run,
+                                                                   tmp_path):
+  config, reference_dir = uninterrupted_run("xla")
+  stop_at = config.eval_every_steps
+  seen = []
+
+  def stop_at_first(step, scores):
+    seen.append((step, scores))
+    return step == stop_at
+
+  workdir = str(tmp_path / "stopped")
+  state = loop.train_and_evaluate(config, workdir, on_evaluation=stop_at_first)
+  assert int(state.step) == stop_at
+  assert variants.checkpoint_steps(workdir)[-1] == stop_at
+  with open(os.path.join(reference_dir, writers.METRICS_FILE)) as f:
+    reference = {m["step"]: m for m in map(json.loads, f) if m["mode"] == "train"}
+  logged = variants.training_evaluations(workdir)
+  assert [m["step"] for m in logged] == [stop_at] and [s for s, _ in seen] == [stop_at]
+  assert seen[0][1]["p_mtl"] == logged[0]["p_mtl"] == reference[stop_at]["p_mtl"]
+  # Resumed without the hook, it ends where the uninterrupted run ended.
+  loop.train_and_evaluate(config, workdir)
+  final = variants.training_evaluations(workdir)[-1]
+  assert final["step"] == config.num_train_steps
+  assert final["p_mtl"] == reference[config.num_train_steps]["p_mtl"]
