@@ -292,43 +292,6 @@ def test_an_export_runs_without_the_run_and_predicts_the_same(analyzer, astronau
     analyzer_lib.Analyzer.from_export(str(tmp_path / "bad"))
 
 
-def test_the_onnx_stem_pool_equals_the_network_s_own():
-  import jax.numpy as jnp
-  from affect_jax.model import resnet
-  from affect_jax.video import onnx_export
-  x = -jnp.arange(2 * 9 * 10 * 3, dtype=jnp.float32).reshape(2, 9, 10, 3)  # all < 0:
-  # a pad of zeros instead of -inf would show at the borders
-  np.testing.assert_array_equal(onnx_export.padded_stem_max_pool(x),
-                                resnet.stem_max_pool(x))
-  with onnx_export.onnx_convertible_pooling():
-    assert resnet.stem_max_pool is onnx_export.padded_stem_max_pool
-  assert resnet.stem_max_pool is not onnx_export.padded_stem_max_pool
-
-
-def test_an_onnx_export_gives_jax_s_outputs_or_says_what_to_install(
-    analyzer, uninterrupted_run, tmp_path):
-  from affect_jax.video import export, onnx_export
-  _, workdir = uninterrupted_run("xla")
-  out = str(tmp_path / "export")
-  try:
-    import jax2onnx  # noqa: F401
-    import onnxruntime  # noqa: F401
-  except ImportError:
-    with pytest.raises(InputError, match="pip install jax2onnx onnxruntime"):
-      onnx_export.write_onnx(lambda images: {}, 8, [], out, input_spec=None)
-    assert not os.path.exists(os.path.join(out, "model.onnx"))
-    return
-  metadata = export.export_run(workdir, out, onnx=True, platforms=["cpu"])
-  assert metadata["onnx"]["max_abs_difference_from_jax"] <= 1e-4
-  size = metadata["image_size"]
-  images = np.random.default_rng(1).integers(0, 256, (8, size, size, 3), np.uint8)
-  ours = analyzer.model.predict(images)
-  for batch in (8, 3):
-    theirs = onnx_export.run_onnx(os.path.join(out, "model.onnx"), images[:batch])
-    for task, values in zip(metadata["outputs"], theirs):
-      np.testing.assert_allclose(values, np.asarray(ours[task])[:batch], atol=1e-4)
-
-
 def test_smoothing_averages_each_face_over_its_own_frames():
   def row(frame, face_id, valence):
     return rows_lib.FaceRow("clip", frame, frame / 30, face_id, (0, 0, 1, 1), 1.0, True,

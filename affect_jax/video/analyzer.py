@@ -9,6 +9,7 @@ per (frame, face).
   analysis.data_frame()     # the same as a pandas DataFrame (when pandas is installed)
   analysis.summary()        # per face: frames seen, mean VA, expression shares
   Analyzer.from_export("runs/mtl/export")  # the same from `affect-jax export`'s files
+  Analyzer.from_export("runs/mtl/export", runtime="onnx")  # its model.onnx, onnxruntime
   analyzer.analyze_image(numpy_array_or_path)
   for row in analyzer.stream(webcam_frames): ...   # rows as soon as their batch is done
 
@@ -119,12 +120,20 @@ def model_from_workdir(workdir: str, step: int | None = None, config=None,
                thresholds, f"{workdir} step {predictor.step} (AU thresholds: {origin})")
 
 
+RUNTIMES = ("jax", "onnx")
+
+
 def model_from_export(out_dir: str, batch_size: int = BATCH_SIZE,
-                      warm_up: bool = True) -> Model:
+                      warm_up: bool = True, runtime: str = "jax") -> Model:
   """A model exported by `affect-jax export` (affect_jax.video.export): no training
-  code, config or checkpoint needed."""
-  import jax  # pylint: disable=g-import-not-at-top
+  code, config or checkpoint needed. `runtime`: "jax" (model.jax_export) or "onnx"
+  (model.onnx with onnxruntime, written by `affect-jax export --onnx`)."""
   import affect_jax.video.export as export  # pylint: disable=g-import-not-at-top
+  if runtime not in RUNTIMES:
+    raise InputError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+  if runtime == "onnx":
+    return model_from_onnx(out_dir, export.load_metadata(out_dir))
+  import jax  # pylint: disable=g-import-not-at-top
   exported, metadata = export.load_export(out_dir)
   predict = jax.jit(exported.call)
   size = int(metadata["image_size"])
@@ -134,6 +143,16 @@ def model_from_export(out_dir: str, batch_size: int = BATCH_SIZE,
   return Model(predict, size, 1, np.asarray(metadata["au_thresholds"], np.float32),
                f"{out_dir} (jax.export of {metadata['workdir']} step "
                f"{metadata['step']})")
+
+
+def model_from_onnx(out_dir: str, metadata: dict) -> Model:
+  """OUT/model.onnx run by onnxruntime on the CPU (nothing to compile ahead)."""
+  import affect_jax.video.onnx_export as onnx_export  # pylint: disable=g-import-not-at-top
+  path = os.path.join(out_dir, onnx_export.ONNX_FILE)
+  predict = onnx_export.session_predict(onnx_export.onnx_session(path))
+  return Model(predict, int(metadata["image_size"]), 1,
+               np.asarray(metadata["au_thresholds"], np.float32),
+               f"{path} (ONNX of {metadata['workdir']} step {metadata['step']})")
 
 
 def compiled_in_background(predict: Callable[[np.ndarray], dict],
@@ -197,10 +216,11 @@ class Analyzer:
 
   @classmethod
   def from_export(cls, out_dir: str, *, batch_size: int = BATCH_SIZE,
-                  **options) -> "Analyzer":
-    """A model written by `affect-jax export`; `options` as from_workdir's."""
-    return cls(model_from_export(out_dir, batch_size), batch_size=batch_size,
-               **options)
+                  runtime: str = "jax", **options) -> "Analyzer":
+    """A model written by `affect-jax export`, run by JAX (runtime="jax") or, from
+    its model.onnx, by onnxruntime (runtime="onnx"); `options` as from_workdir's."""
+    return cls(model_from_export(out_dir, batch_size, runtime=runtime),
+               batch_size=batch_size, **options)
 
   @property
   def aligned(self) -> bool:

@@ -17,15 +17,17 @@ CUDA. To run it with JAX alone:
   outputs = exported.call(images)
 
 and Analyzer.from_export(OUT) analyses photos and videos with it. `--onnx` also writes
-OUT/model.onnx (affect_jax.video.onnx_export).
+OUT/model.onnx (affect_jax.video.onnx_export), which Analyzer.from_export(OUT,
+runtime="onnx") runs with onnxruntime.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import sys
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from absl import flags
@@ -46,14 +48,39 @@ def forward(variables, apply_fn, images, *, dtype):
       apply_fn(variables, pipeline.normalize_images(images, dtype), train=False))
 
 
-def restored_forward(workdir: str, step: int | None = None, config=None):
-  """(images -> outputs with the checkpoint's weights as constants, image size, step,
-  config) of a run, the network in XLA's own layers."""
+@dataclasses.dataclass(frozen=True)
+class RestoredNetwork:
+  """A run's checkpoint in evaluation mode: its variables ({"params", "batch_stats"}
+  as NumPy arrays), the network in XLA's own layers, its image size, step and config."""
+  variables: dict
+  apply_fn: Callable
+  image_size: int
+  step: int
+  config: Any
+
+  def forward(self, dtype_name: str | None = None) -> Callable:
+    """uint8 images -> outputs, the weights as constants; computed in the config's
+    dtype, or in `dtype_name`."""
+    import ml_collections  # pylint: disable=g-import-not-at-top
+    from affect_jax.model import multitask  # pylint: disable=g-import-not-at-top
+    dtype_name = dtype_name or self.config.model.dtype
+    apply_fn = self.apply_fn
+    if dtype_name != self.config.model.dtype:
+      model_config = ml_collections.ConfigDict(self.config.model.to_dict())
+      model_config.dtype = dtype_name
+      apply_fn = multitask.create_model(model_config, "xla", axis_name=None).apply
+    return functools.partial(forward, self.variables, apply_fn,
+                             dtype=multitask.DTYPES[dtype_name])
+
+
+def restored_network(workdir: str, step: int | None = None,
+                     config=None) -> RestoredNetwork:
+  """Checkpoint `step` (default: the best, else the latest) of a run, the network in
+  XLA's own layers."""
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   from affect_jax import data_parallel  # pylint: disable=g-import-not-at-top
   from affect_jax.inference import restore  # pylint: disable=g-import-not-at-top
-  from affect_jax.model import multitask  # pylint: disable=g-import-not-at-top
   from affect_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(restore.load_config(workdir, config).to_dict())
   config.model.implementation = "xla"  # portable: no foreign calls in the program
@@ -61,9 +88,8 @@ def restored_forward(workdir: str, step: int | None = None, config=None):
   state = checkpoints.restore_for_eval(config, workdir, mesh, step)
   variables = jax.tree.map(np.asarray, {"params": state.params["model"],
                                         "batch_stats": state.batch_stats})
-  function = functools.partial(forward, variables, state.apply_fn,
-                               dtype=multitask.DTYPES[config.model.dtype])
-  return function, int(config.input.image_size), int(state.step), config
+  return RestoredNetwork(variables, state.apply_fn, int(config.input.image_size),
+                         int(state.step), config)
 
 
 def images_spec(size: int):
@@ -81,7 +107,9 @@ def export_run(workdir: str, out_dir: str, step: int | None = None, config=None,
   (affect_jax.video.onnx_export)."""
   import jax  # pylint: disable=g-import-not-at-top
   from affect_jax.inference import tuning  # pylint: disable=g-import-not-at-top
-  function, size, step, config = restored_forward(workdir, step, config)
+  network = restored_network(workdir, step, config)
+  function, size, step, config = (network.forward(), network.image_size, network.step,
+                                  network.config)
   exported = jax.export.export(jax.jit(function), platforms=tuple(platforms))(
       images_spec(size))
   thresholds, origin = tuning.au_thresholds_for(workdir, step, 1, use_tuned_thresholds)
@@ -107,8 +135,9 @@ def export_run(workdir: str, out_dir: str, step: int | None = None, config=None,
   write_metadata(out_dir, metadata)
   if onnx:  # after the jax.export files, which stand whatever ONNX conversion does
     import affect_jax.video.onnx_export as onnx_export  # pylint: disable=g-import-not-at-top
-    metadata["onnx"] = onnx_export.write_onnx(function, size, metadata["outputs"],
-                                              out_dir, input_spec=images_spec(size))
+    metadata["onnx"] = onnx_export.write_onnx(
+        network.variables, size, metadata["outputs"], out_dir,
+        jax.jit(network.forward("float32")))
     write_metadata(out_dir, metadata)
   return metadata
 
@@ -120,6 +149,18 @@ def write_metadata(out_dir: str, metadata: dict) -> str:
   return path
 
 
+def load_metadata(out_dir: str) -> dict:
+  """OUT/model.json."""
+  path = os.path.join(out_dir, METADATA_FILE)
+  if not os.path.isfile(path):
+    raise InputError(f"{path} does not exist: `affect-jax export` writes it")
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except ValueError as error:
+      raise InputError(f"{path}: not JSON: {error}") from None
+
+
 def load_export(out_dir: str):
   """(the deserialised jax.export.Exported, its metadata)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -127,8 +168,7 @@ def load_export(out_dir: str):
   for path in paths:
     if not os.path.isfile(path):
       raise InputError(f"{path} does not exist: `affect-jax export` writes it")
-  with open(paths[1]) as f:
-    metadata = json.load(f)
+  metadata = load_metadata(out_dir)
   with open(paths[0], "rb") as f:
     try:
       exported = jax.export.deserialize(bytearray(f.read()))
@@ -145,9 +185,9 @@ def define_flags(flag_values: flags.FlagValues) -> None:
                        flag_values=flag_values)
   flags.DEFINE_list("platforms", list(PLATFORMS), "Platforms to lower for.",
                     flag_values=flag_values)
-  flags.DEFINE_bool("onnx", False, "Also write OUT/model.onnx through jax2onnx (pip "
-                    "install jax2onnx onnxruntime), checked against JAX with "
-                    "onnxruntime.", flag_values=flag_values)
+  flags.DEFINE_bool("onnx", False, "Also write OUT/model.onnx (pip install "
+                    "'affect-jax[onnx]'), checked against JAX with onnxruntime.",
+                    flag_values=flag_values)
   flags.DEFINE_bool("tuned_au_thresholds", True, "Record <workdir>/au_thresholds.json "
                     "when it was tuned for this checkpoint.", flag_values=flag_values)
   flags.mark_flags_as_required(["workdir", "out"], flag_values=flag_values)
