@@ -16,7 +16,7 @@ from affect_jax.errors import InputError
 from affect_jax.eval import writers
 from affect_jax.study import optuna_search, variants
 from affect_jax.study.runner import run_variant
-from affect_jax.train import loop
+from affect_jax.train import guards, loop
 from configs import study_optuna
 
 STEPS = 6
@@ -51,8 +51,10 @@ class FakeTraining:
   `interrupt=(variant, step)` raises KeyboardInterrupt after logging that step's
   evaluation, before its checkpoint (as Ctrl-C there)."""
 
-  def __init__(self, interrupt=None):
+  def __init__(self, interrupt=None, interrupt_when_stopped=False, diverge_above_wd=None):
     self.interrupt = interrupt
+    self.interrupt_when_stopped = interrupt_when_stopped  # a kill once told to stop
+    self.diverge_above_wd = diverge_above_wd  # non-finite losses above this decay
     self.sessions = []  # (variant, start step)
 
   def __call__(self, config, workdir, on_evaluation=None):
@@ -62,6 +64,8 @@ class FakeTraining:
     self.sessions.append((name, start))
     metrics = os.path.join(workdir, writers.METRICS_FILE)
     writers.drop_lines_after(metrics, start)
+    if self.diverge_above_wd and config.optimizer.weight_decay > self.diverge_above_wd:
+      raise guards.NonFiniteLossError("10 steps in a row with a non-finite loss")
     for step in range(start + EVAL_EVERY, config.num_train_steps + 1, EVAL_EVERY):
       scores = {"p_mtl": fake_score(config, step)}
       writers.append_json_line(metrics, {"step": step, "split": "validation",
@@ -70,6 +74,8 @@ class FakeTraining:
         raise KeyboardInterrupt
       stop = bool(on_evaluation and on_evaluation(step, scores))
       os.makedirs(os.path.join(workdir, "checkpoints", str(step)))
+      if stop and self.interrupt_when_stopped:
+        raise KeyboardInterrupt  # checkpointed, before the study hears it was pruned
       if stop:
         break
 
@@ -78,6 +84,10 @@ def trial_points(study_dir):
   study = optuna_search.loaded_study(study_dir)
   return [(t.number, t.params, t.state.name, t.value)
           for t in study.get_trials(deepcopy=False)]
+
+
+def params_of(study_dir):
+  return [params for _, params, _, _ in trial_points(study_dir)]
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +106,7 @@ def test_the_same_seed_draws_the_same_trials(searched, tmp_path):
   assert trial_points(str(tmp_path / "again")) == trial_points(study_dir)
   other = search_config(seed=1)
   optuna_search.run_search(other, str(tmp_path / "seed1"), run_variant, FakeTraining())
-  first = lambda points: [p for _, p, _, _ in points]  # noqa: E731
-  assert first(trial_points(str(tmp_path / "seed1"))) != first(trial_points(study_dir))
+  assert params_of(str(tmp_path / "seed1")) != params_of(study_dir)
 
 
 def test_a_trial_below_the_median_stops_after_that_evaluation(searched):
@@ -156,6 +165,38 @@ def test_an_interrupted_search_resumes_where_it_stopped(searched, tmp_path):
   again = FakeTraining()
   assert optuna_search.run_search(config, study_dir, run_variant, again) == {}
   assert again.sessions == []
+
+
+def test_a_trial_killed_once_pruned_is_not_trained_again(searched, tmp_path):
+  config, reference_dir, reference_outcomes, _ = searched
+  study_dir = str(tmp_path / "killed_when_pruned")
+  with pytest.raises(KeyboardInterrupt):
+    optuna_search.run_search(config, study_dir, run_variant,
+                             FakeTraining(interrupt_when_stopped=True))
+  killed = trial_points(study_dir)[-1]
+  assert killed[2] == "RUNNING"
+  name = optuna_search.trial_name(config.search, killed[0])
+  resumed = FakeTraining()
+  outcomes = optuna_search.run_search(config, study_dir, run_variant, resumed)
+  assert name not in [trained for trained, _ in resumed.sessions]
+  assert outcomes[name] == reference_outcomes[name]
+  assert outcomes[name].startswith("pruned at step")
+  assert trial_points(study_dir) == trial_points(reference_dir)
+
+
+def test_a_diverging_trial_fails_and_the_search_goes_on(tmp_path):
+  config = search_config(trials=4)
+  outcomes = optuna_search.run_search(config, str(tmp_path), run_variant,
+                                      FakeTraining(diverge_above_wd=1e-3))
+  points = trial_points(str(tmp_path))
+  assert len(outcomes) == len(points) == 4
+  for number, params, state, _ in points:
+    diverged = params["optimizer.weight_decay"] > 1e-3
+    assert (state == "FAIL") == diverged
+    outcome = outcomes[optuna_search.trial_name(config.search, number)]
+    assert (outcome == "failed: non-finite loss") == diverged
+  assert any(state == "FAIL" for _, _, state, _ in points)
+  assert any(state != "FAIL" for _, _, state, _ in points)
 
 
 def test_a_search_with_other_settings_is_refused(searched):

@@ -12,6 +12,7 @@ have ended (complete, pruned or failed).
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -262,8 +263,9 @@ def reporting_train_fn(trial: optuna.trial.Trial, metric: str, train_fn: Callabl
   def train(config, workdir):
     def on_evaluation(step: int, scores: dict) -> bool:
       if metric not in scores:
+        logged = sorted(k for k, v in scores.items() if isinstance(v, float))
         raise InputError(f"search.metric {metric!r} is not among the scores a run "
-                         f"logs: {sorted(k for k, v in scores.items() if isinstance(v, float))}")
+                         f"logs: {logged}")
       if step not in reported:  # a resumed run evaluates no step twice, but be safe
         trial.report(float(scores[metric]), step)
         reported.add(step)
@@ -301,12 +303,12 @@ def run_trial(study_config, study_dir: str, study: optuna.Study,
     outcome = describe_outcome(frozen_trial(study, trial.number))
     note_outcome(workdir, outcome)
     return outcome
-  from affect_jax.train.guards import NonFiniteLossError  # pylint: disable=g-import-not-at-top
+  from affect_jax.train import guards  # pylint: disable=g-import-not-at-top
   pruned_at: list[int] = []
   try:
     run_variant_fn(study_config, variant, study_dir,
                    reporting_train_fn(trial, search.metric, train_fn, pruned_at))
-  except NonFiniteLossError as error:  # a diverging setting is a result of the search
+  except guards.NonFiniteLossError as error:  # a diverging setting is a result of the search
     trial.set_user_attr(FAILURE_ATTR, "non-finite loss")
     study.tell(trial, state=TrialState.FAIL)
     log.warning("%s failed: %s", variant.name, error)
@@ -321,6 +323,11 @@ def run_trial(study_config, study_dir: str, study: optuna.Study,
   if value is None:
     raise InputError(f"{variant.name}: no {search.metric} logged at step "
                      f"{num_train_steps} in {workdir}")
+  if not math.isfinite(value):
+    trial.set_user_attr(FAILURE_ATTR, f"non-finite {search.metric}")
+    study.tell(trial, state=TrialState.FAIL)
+    note_outcome(workdir, f"failed: non-finite {search.metric}")
+    return f"failed: non-finite {search.metric}"
   study.tell(trial, value)
   return "complete"
 
@@ -335,9 +342,11 @@ def run_search(study_config, study_dir: str, run_variant_fn: Callable | None = N
   name: 'complete' | 'pruned at step k' | 'failed: why'}."""
   search = study_config.search
   if run_variant_fn is None:
-    from affect_jax.study.runner import run_variant as run_variant_fn  # pylint: disable=g-import-not-at-top
+    from affect_jax.study import runner  # pylint: disable=g-import-not-at-top
+    run_variant_fn = runner.run_variant
   if train_fn is None:
-    from affect_jax.train.loop import train_and_evaluate as train_fn  # pylint: disable=g-import-not-at-top
+    from affect_jax.train import loop  # pylint: disable=g-import-not-at-top
+    train_fn = loop.train_and_evaluate
   study = open_study(search, study_dir)
   distributions = search_distributions(search)
   outcomes = {}
@@ -364,6 +373,10 @@ def run_search(study_config, study_dir: str, run_variant_fn: Callable | None = N
 
 # ------------------------------------------------------------------ the report
 
+def count(number: int, noun: str) -> str:
+  return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def report_section(study_config, study_dir: str, results: Sequence) -> list[str]:
   """The report's "Hyper-parameter search" section for an optuna search: how trials were
   drawn and pruned, then the base variant and the trials ranked by the metric (complete
@@ -376,15 +389,16 @@ def report_section(study_config, study_dir: str, results: Sequence) -> list[str]
   ended = [o for o in outcomes.values() if o != "running or interrupted"]
   pruning = pruner_settings(search)
   pruner_text = ("no pruning" if pruning["kind"] == "none" else
-                 f"median pruner (a trial stops at an evaluation scoring below the "
-                 f"median of earlier trials at that step, once {pruning['startup_trials']}"
-                 f" trials have ended, from step {pruning['warmup_steps']} on)")
+                 "median pruner (a trial stops at an evaluation scoring below the "
+                 "median of the completed trials at that step, once "
+                 f"{count(pruning['startup_trials'], 'trial')} have completed, from step "
+                 f"{pruning['warmup_steps']} on)")
   counts = {kind: sum(o.startswith(kind) for o in ended)
             for kind in ("complete", "pruned", "failed")}
   lines = [
       "## Hyper-parameter search", "",
       f"optuna search, TPE sampler (seed {search.seed}, the first "
-      f"{startup_trials(search)} trials drawn at random), {pruner_text}: "
+      f"{count(startup_trials(search), 'trial')} drawn at random), {pruner_text}: "
       f"{len(ended)} of {search.trials} trials ended ({counts['complete']} complete, "
       f"{counts['pruned']} pruned, {counts['failed']} failed) over "
       + ", ".join(f"`{k}` {describe_values(values)}" for k, _, values in search.space)
