@@ -32,6 +32,11 @@ TASK_ACTIVATIONS = {"expression": "Softmax", "au": "Sigmoid", "va": "Tanh"}
 BLOCK_NAME = re.compile(r"layer(\d+)_(\d+)$")
 
 
+def onnx_float() -> int:
+  from onnx import TensorProto  # pylint: disable=g-import-not-at-top
+  return TensorProto.FLOAT
+
+
 def bn_epsilon() -> float:
   from affect_jax.model.resnet import ResNet  # pylint: disable=g-import-not-at-top
   return float(ResNet.__dataclass_fields__["bn_epsilon"].default)
@@ -165,7 +170,7 @@ def basic_block(reader: ParameterReader, graph: GraphBuilder, x: str, prefix: st
 def backbone(reader: ParameterReader, graph: GraphBuilder, images: str) -> str:
   """uint8 NHWC images -> pooled features [batch, channels]."""
   from affect_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  x = graph.node("Cast", [images], "float_images", to=1)  # 1: FLOAT
+  x = graph.node("Cast", [images], "float_images", to=onnx_float())
   x = graph.node("Sub", [x, graph.constant("mean_rgb", pipeline.MEAN_RGB)], "centred")
   x = graph.node("Div", [x, graph.constant("stddev_rgb", pipeline.STDDEV_RGB)],
                  "normalised")
