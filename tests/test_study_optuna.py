@@ -51,8 +51,10 @@ class FakeTraining:
   `interrupt=(variant, step)` raises KeyboardInterrupt after logging that step's
   evaluation, before its checkpoint (as Ctrl-C there)."""
 
-  def __init__(self, interrupt=None, interrupt_when_stopped=False, diverge_above_wd=None):
+  def __init__(self, interrupt=None, interrupt_when_stopped=False, diverge_above_wd=None,
+               final_drop_for=None):
     self.interrupt = interrupt
+    self.final_drop_for = final_drop_for  # this variant scores badly at its last step
     self.interrupt_when_stopped = interrupt_when_stopped  # a kill once told to stop
     self.diverge_above_wd = diverge_above_wd  # non-finite losses above this decay
     self.sessions = []  # (variant, start step)
@@ -68,6 +70,8 @@ class FakeTraining:
       raise guards.NonFiniteLossError("10 steps in a row with a non-finite loss")
     for step in range(start + EVAL_EVERY, config.num_train_steps + 1, EVAL_EVERY):
       scores = {"p_mtl": fake_score(config, step)}
+      if name == self.final_drop_for and step == config.num_train_steps:
+        scores["p_mtl"] -= 10
       writers.append_json_line(metrics, {"step": step, "split": "validation",
                                          "mode": "train", **scores})
       if self.interrupt == (name, step):
@@ -104,9 +108,9 @@ def test_the_same_seed_draws_the_same_trials(searched, tmp_path):
   config, study_dir, _, _ = searched
   optuna_search.run_search(config, str(tmp_path / "again"), run_variant, FakeTraining())
   assert trial_points(str(tmp_path / "again")) == trial_points(study_dir)
-  other = search_config(seed=1)
+  other = search_config(seed=1, trials=2)  # the first draws already differ
   optuna_search.run_search(other, str(tmp_path / "seed1"), run_variant, FakeTraining())
-  assert params_of(str(tmp_path / "seed1")) != params_of(study_dir)
+  assert params_of(str(tmp_path / "seed1")) != params_of(study_dir)[:2]
 
 
 def test_a_trial_below_the_median_stops_after_that_evaluation(searched):
@@ -182,6 +186,36 @@ def test_a_trial_killed_once_pruned_is_not_trained_again(searched, tmp_path):
   assert outcomes[name] == reference_outcomes[name]
   assert outcomes[name].startswith("pruned at step")
   assert trial_points(study_dir) == trial_points(reference_dir)
+
+
+def killed_after_the_run_of(name):
+  """The runner's run_variant, and a kill right after `name`'s run has ended (before
+  the study hears how)."""
+  def run(study_config, variant, study_dir, train_fn):
+    outcome = run_variant(study_config, variant, study_dir, train_fn)
+    if variant.name == name:
+      raise KeyboardInterrupt
+    return outcome
+
+  return run
+
+
+def test_a_trial_killed_after_its_final_evaluation_is_complete(tmp_path):
+  config = search_config(trials=3)
+  study_dir = str(tmp_path)
+  with pytest.raises(KeyboardInterrupt):
+    optuna_search.run_search(config, study_dir, killed_after_the_run_of("search_trial2"),
+                             FakeTraining(final_drop_for="search_trial2"))
+  resumed = FakeTraining(final_drop_for="search_trial2")
+  outcomes = optuna_search.run_search(config, study_dir, run_variant, resumed)
+  assert outcomes == {"search_trial2": "complete"} and resumed.sessions == []
+  trials = optuna_search.loaded_study(study_dir).get_trials(deepcopy=False)
+  final = variants.training_evaluations(variants.variant_workdir(
+      study_dir, "search_trial2"))[-1]
+  assert final["step"] == STEPS and trials[2].value == final["p_mtl"]
+  # Below the median of the completed trials at its final step: a pruner asked there
+  # would have stopped it, but a finished run is complete.
+  assert final["p_mtl"] < statistics.median(t.value for t in trials[:2])
 
 
 def test_a_diverging_trial_fails_and_the_search_goes_on(tmp_path):

@@ -26,6 +26,7 @@ from affect_jax.study.variants import (
   format_value,
   read_run_record,
   training_evaluations,
+  variant_config,
   variant_from_dict,
   variant_workdir,
   write_run_record,
@@ -266,7 +267,9 @@ def reporting_train_fn(trial: optuna.trial.Trial, metric: str, train_fn: Callabl
         logged = sorted(k for k, v in scores.items() if isinstance(v, float))
         raise InputError(f"search.metric {metric!r} is not among the scores a run "
                          f"logs: {logged}")
-      if step not in reported:  # a resumed run evaluates no step twice, but be safe
+      # A run resumed from an earlier checkpoint evaluates again steps its killed
+      # session reported (with the same scores: resumed runs equal uninterrupted ones).
+      if step not in reported:
         trial.report(float(scores[metric]), step)
         reported.add(step)
       if step < config.num_train_steps and trial.should_prune():
@@ -297,7 +300,9 @@ def run_trial(study_config, study_dir: str, study: optuna.Study,
   frozen = frozen_trial(study, trial.number)
   variant = trial_variant(study_config, trial.number, frozen.params)
   workdir = variant_workdir(study_dir, variant.name)
-  if frozen.intermediate_values and trial.should_prune():
+  num_train_steps = variant_config(study_config, variant, study_dir).num_train_steps
+  reported = sorted(frozen.intermediate_values)
+  if reported and reported[-1] < num_train_steps and trial.should_prune():
     # Killed after the pruner stopped it, before the study heard how it ended.
     study.tell(trial, state=TrialState.PRUNED)
     outcome = describe_outcome(frozen_trial(study, trial.number))
@@ -308,7 +313,7 @@ def run_trial(study_config, study_dir: str, study: optuna.Study,
   try:
     run_variant_fn(study_config, variant, study_dir,
                    reporting_train_fn(trial, search.metric, train_fn, pruned_at))
-  except guards.NonFiniteLossError as error:  # a diverging setting is a result of the search
+  except guards.NonFiniteLossError as error:  # a diverging setting: a search's result
     trial.set_user_attr(FAILURE_ATTR, "non-finite loss")
     study.tell(trial, state=TrialState.FAIL)
     log.warning("%s failed: %s", variant.name, error)
@@ -318,7 +323,6 @@ def run_trial(study_config, study_dir: str, study: optuna.Study,
     study.tell(trial, state=TrialState.PRUNED)
     note_outcome(workdir, f"pruned at step {pruned_at[-1]}")
     return f"pruned at step {pruned_at[-1]}"
-  num_train_steps = study_config.base.num_train_steps
   value = final_score(workdir, search.metric, num_train_steps)
   if value is None:
     raise InputError(f"{variant.name}: no {search.metric} logged at step "
