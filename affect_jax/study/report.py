@@ -1,7 +1,8 @@
-"""The study's report: each variant's logged scores, training losses and wall time
-collected from its workdir, and report.md, results.csv, scores.png and curves.png
-written from them (tables of scores, multi-task minus uni-task, seed spread, search
-ranking, plots)."""
+"""The study's report: each run's logged scores, training losses and wall time
+collected from its workdir, and report.md, results.csv (one row per run), summary.csv
+(mean ± sd per variant over its seeds), differences.csv (paired differences with
+bootstrap intervals over validation videos, study/intervals.py), scores.png,
+differences.png and curves.png written from them."""
 from __future__ import annotations
 
 import csv
@@ -9,6 +10,8 @@ import dataclasses
 import os
 from typing import Any, Sequence
 
+from affect_jax.study import intervals, seeds
+from affect_jax.study.seeds_plots import SCORE_COLUMNS, plot_curves, plot_scores, pyplot
 from affect_jax.study.variants import (
   Variant,
   config_value,
@@ -17,18 +20,19 @@ from affect_jax.study.variants import (
   order_by_dependencies,
   read_commands,
   read_run_record,
-  study_variants,
+  study_runs,
+  study_seeds,
+  temporal_config,
+  temporal_runs,
   training_evaluations,
   training_losses,
   variant_config,
   variant_workdir,
   wall_time_seconds,
 )
-from affect_jax.vocabulary import TASK_SCORE, TASKS
+from affect_jax.vocabulary import TASKS
 
-SCORE_COLUMNS = (("p_va", "P_VA"), ("ccc_valence", "CCC_v"), ("ccc_arousal", "CCC_a"),
-                 ("expr_f1", "EXPR F1"), ("au_f1", "AU F1"), ("p_mtl", "P_MTL"))
-CSV_FIELDS = ("variant", "group", "selection", "step", "final_step", "finished",
+CSV_FIELDS = ("variant", "seed", "group", "selection", "step", "final_step", "finished",
               *(key for key, _ in SCORE_COLUMNS), "wall_time_s")
 
 
@@ -43,6 +47,11 @@ class VariantResult:
   finished: bool
   wall_time_s: float | None
   wall_time_complete: bool
+  frame_run: Variant | None = None  # the frame run a temporal run's embeddings came from
+
+  @property
+  def temporal(self) -> bool:
+    return self.frame_run is not None
 
   @property
   def tasks(self) -> tuple[str, ...]:
@@ -75,24 +84,34 @@ def select_evaluation(evaluations: Sequence[dict], selection: str, best_metric: 
 
 
 def collect_results(study_config, study_dir: str) -> list[VariantResult]:
-  """Every variant of the study that has a workdir, in the study's order."""
+  """Every run of the study that has a workdir, in the study's order, each temporal run
+  after its frame run."""
   selection = study_config.report.selection
   results = []
-  for variant in order_by_dependencies(study_variants(study_config)):
-    workdir = variant_workdir(study_dir, variant.name)
-    if not os.path.isdir(workdir):
-      continue
-    config = variant_config(study_config, variant, study_dir)
-    evaluations = training_evaluations(workdir)
-    seconds, complete = wall_time_seconds(read_run_record(workdir))
-    results.append(VariantResult(
-        variant=variant, config=config, workdir=workdir, evaluations=evaluations,
-        evaluation=select_evaluation(evaluations, selection,
-                                     config.checkpoint.best_metric),
-        losses=training_losses(workdir),
-        finished=is_finished(workdir, config.num_train_steps),
-        wall_time_s=seconds, wall_time_complete=complete))
+  for run in order_by_dependencies(study_runs(study_config)):
+    config = variant_config(study_config, run, study_dir)
+    results += collect_run(run, config, study_dir, selection)
+    for temporal in temporal_runs(study_config, [run]):
+      results += collect_run(temporal, temporal_config(study_config, run, study_dir),
+                             study_dir, selection, frame_run=run)
   return results
+
+
+def collect_run(run: Variant, config, study_dir: str, selection: str,
+                frame_run: Variant | None = None) -> list[VariantResult]:
+  """[the run's result], or [] when it has no workdir."""
+  workdir = variant_workdir(study_dir, run.name)
+  if not os.path.isdir(workdir):
+    return []
+  evaluations = training_evaluations(workdir)
+  seconds, complete = wall_time_seconds(read_run_record(workdir))
+  return [VariantResult(
+      variant=run, config=config, workdir=workdir, evaluations=evaluations,
+      evaluation=select_evaluation(evaluations, selection,
+                                   config.checkpoint.best_metric),
+      losses=training_losses(workdir),
+      finished=is_finished(workdir, config.num_train_steps),
+      wall_time_s=seconds, wall_time_complete=complete, frame_run=frame_run)]
 
 
 def best_per_column(results: Sequence[VariantResult]) -> dict[str, set[str]]:
@@ -142,6 +161,7 @@ def csv_rows(results: Sequence[VariantResult], selection: str) -> list[dict]:
   rows = []
   for result in results:
     row = {"variant": result.variant.name, "group": result.variant.group,
+           "seed": "" if result.variant.seed is None else result.variant.seed,
            "selection": selection,
            "step": result.evaluation["step"] if result.evaluation else "",
            "final_step": result.config.num_train_steps, "finished": result.finished,
@@ -153,81 +173,65 @@ def csv_rows(results: Sequence[VariantResult], selection: str) -> list[dict]:
   return rows
 
 
-def uni_task_deltas(results: Sequence[VariantResult], baselines: dict[str, str]
-                    ) -> list[str]:
-  """Each multi-task variant's score on each task minus its uni-task baseline's, and
-  P_MTL against the three uni-task models taken together."""
-  by_name = {r.variant.name: r for r in results}
-  uni = {task: by_name.get(name) for task, name in baselines.items()}
-  if not any(uni.values()) or all(len(r.tasks) < 2 for r in results):
-    return []
-  header = [*(f"{TASK_SCORE[t]} − `{baselines[t]}`" for t in TASKS),
-            "P_MTL − uni-task sum"]
-  lines = ["| variant | " + " | ".join(header) + " |", "|" + "---|" * (len(header) + 1)]
-  uni_sum = None
-  if all(uni.get(t) and uni[t].score(TASK_SCORE[t]) is not None for t in TASKS):
-    uni_sum = sum(uni[t].score(TASK_SCORE[t]) for t in TASKS)
-  for result in results:
-    if len(result.tasks) < 2:
-      continue
-    cells = []
-    for task in TASKS:
-      mine = result.score(TASK_SCORE[task])
-      theirs = uni[task].score(TASK_SCORE[task]) if uni.get(task) else None
-      cells.append("" if mine is None or theirs is None else f"{mine - theirs:+.4f}")
-    p_mtl = result.score("p_mtl")
-    cells.append("" if p_mtl is None or uni_sum is None else f"{p_mtl - uni_sum:+.4f}")
-    lines.append(f"| `{result.variant.name}` | " + " | ".join(cells) + " |")
-  if uni_sum is not None:
-    lines += ["", "The three uni-task models together ("
-              + " + ".join(f"`{baselines[t]}`" for t in TASKS)
-              + f") score {uni_sum:.4f} on the P_MTL scale, with three networks."]
-  return lines
-
-
-def seed_differences(results: Sequence[VariantResult], pair: Sequence[str]
-                     ) -> list[str]:
-  """How far two runs differing only in their seed are apart, score by score."""
-  by_name = {r.variant.name: r for r in results}
-  if len(pair) != 2 or not all(name in by_name for name in pair):
-    return []
-  first, second = (by_name[name] for name in pair)
-  differences = [f"{label} {abs(first.score(key) - second.score(key)):.4f}"
-                 for key, label in SCORE_COLUMNS
-                 if first.score(key) is not None and second.score(key) is not None]
-  return [f"Seed-to-seed differences (`{pair[0]}` vs `{pair[1]}`, the same settings): "
-          + ", ".join(differences) + ". Differences between variants of this size are "
-          "within the noise of a single run."]
+def variant_groups(results: Sequence[VariantResult]) -> dict[str, list[VariantResult]]:
+  """{variant name: its runs (one per seed)}, in the study's order."""
+  return seeds.group_by_variant(results)
 
 
 def search_ranking(results: Sequence[VariantResult], search) -> list[str]:
+  """The search's trials and their base variant, ranked by the mean of search.metric
+  over each one's seeds."""
   if not search or not search.trials:
     return []
-  ranked = [r for r in results
-            if r.variant.group == "search" or r.variant.name == search.base_variant]
-  unscored = float("-inf")
-  ranked = sorted(ranked, key=lambda r: -(unscored if r.score(search.metric) is None
-                                          else r.score(search.metric)))
+  groups = {name: runs for name, runs in variant_groups(results).items()
+            if runs[0].variant.group == "search" or name == search.base_variant}
+  metric = {name: seeds.spread([r.score(search.metric) for r in runs])
+            for name, runs in groups.items()}
+  ranked = sorted(groups, key=lambda n: -(float("-inf") if metric[n] is None
+                                          else metric[n].mean))
   lines = [f"| rank | variant | settings | {search.metric} |", "|---|---|---|---|"]
-  for rank, result in enumerate(ranked, 1):
-    values = ", ".join(f"{key}={format_value(config_value(result.config, key))}"
+  for rank, name in enumerate(ranked, 1):
+    values = ", ".join(f"{key}={format_value(config_value(groups[name][0].config, key))}"
                        for key, _, _ in search.space)
-    value = result.score(search.metric)
-    lines.append(f"| {rank} | `{result.variant.name}` | {values} | "
-                 f"{'' if value is None else f'{value:.4f}'} |")
+    lines.append(f"| {rank} | `{name}` | {values} | "
+                 f"{'' if metric[name] is None else metric[name].text()} |")
   return lines
 
 
 def variants_table(results: Sequence[VariantResult]) -> list[str]:
   lines = ["| variant | group | what changes | overrides of `base` |",
            "|---|---|---|---|"]
-  for result in results:
-    v = result.variant
-    overrides = ", ".join(f"`{k}={format_value(val)}`" for k, val in v.overrides)
-    if v.init_from_variant:
-      overrides += (", " if overrides else "") + f"init from `{v.init_from_variant}`"
-    lines.append(f"| `{v.name}` | {v.group} | {v.description} | {overrides} |")
+  for name, runs in variant_groups(results).items():
+    v = runs[0].variant
+    # A seed run's own seed is in the seeds column, not an override of the variant.
+    shown = [(k, val) for k, val in v.overrides if not (v.family and k == "seed")]
+    overrides = ", ".join(f"`{k}={format_value(val)}`" for k, val in shown)
+    source = v.init_from_variant.split("/")[0] if v.family else v.init_from_variant
+    if source:
+      overrides += (", " if overrides else "") + f"init from `{source}`"
+    if runs[0].temporal:
+      overrides = f"`config.temporal.base` over `{runs[0].frame_run.variant_name}`"
+    description = (f"temporal head over `{runs[0].frame_run.variant_name}`'s frame "
+                   "embeddings" if runs[0].temporal else v.description)
+    lines.append(f"| `{name}` | {v.group} | {description} | {overrides} |")
   return lines
+
+
+def seeds_text(runs: Sequence[VariantResult]) -> str:
+  """The finished seeds of a variant's runs (all of whose scores the summary uses)."""
+  if runs[0].variant.seed is None:
+    return "base" if runs[0].finished else "unfinished"
+  finished = [str(r.variant.seed) for r in runs if r.finished]
+  unfinished = [str(r.variant.seed) for r in runs if not r.finished]
+  return ",".join(finished) + (f" (unfinished: {','.join(unfinished)})"
+                               if unfinished else "")
+
+
+def total_wall_time(runs: Sequence[VariantResult]) -> str:
+  seconds = sum(r.wall_time_s or 0.0 for r in runs)
+  complete = all(r.wall_time_complete for r in runs)
+  minutes, rest = divmod(round(seconds), 60)
+  return f"{'' if complete else '≥'}{minutes}:{rest:02d}"
 
 
 def setup_lines(study_config, results: Sequence[VariantResult]) -> list[str]:
@@ -240,7 +244,7 @@ def setup_lines(study_config, results: Sequence[VariantResult]) -> list[str]:
       if machine:
         machines.add(f"{machine['devices']} x {machine['device_kind']} "
                      f"({machine['platform']}, {machine['cpu_count']} CPU cores)")
-  return [
+  lines = [
       f"- dataset: `{base.dataset.name}`, trained on `{base.dataset.train_split}`, "
       f"scored on `{base.dataset.eval_split}`",
       f"- model: ResNet stages {tuple(base.model.stage_sizes)}, "
@@ -249,13 +253,29 @@ def setup_lines(study_config, results: Sequence[VariantResult]) -> list[str]:
       f"- training: {base.num_train_steps} steps of {base.input.batch_size} images, "
       f"{base.optimizer.name} at {format_value(base.optimizer.learning_rate)} "
       f"({base.optimizer.schedule}, {base.optimizer.warmup_steps} warm-up steps), "
-      f"augmentation `{base.input.augment}`, seed {base.seed}",
+      f"augmentation `{base.input.augment}`",
+      f"- seeds: {', '.join(map(str, study_seeds(study_config))) or base.seed} "
+      "(each seed sets initialisation, data order and augmentation)",
+  ]
+  temporal = study_config.get("temporal")
+  if temporal and temporal.variants and any(r.temporal for r in results):
+    t = temporal.base
+    lines.append(
+        f"- temporal heads: {t.model.kind} ({t.model.hidden_dim} units, "
+        f"{'bidirectional' if t.model.bidirectional else 'one direction'}) over windows "
+        f"of {t.window.length} frames of the final checkpoint's embeddings of "
+        + ", ".join(f"`{v}`" for v in temporal.variants)
+        + f", {t.num_train_steps} steps of {t.input.batch_size} windows, seeded as "
+        "their frame run")
+  lines += [
       f"- scores: {selection_text(study_config.report.selection)}",
       "- wall time: measured by the runner around each training session (compilation, "
-      "training and evaluations), summed over sessions; ≥ marks a session killed "
-      "before it could record its end",
+      "training and evaluations), summed over sessions and seeds; ≥ marks a session "
+      "killed before it could record its end",
+      f"- total wall time of the runs shown: {total_wall_time(results)}",
       f"- machine: {'; '.join(sorted(machines)) or 'not recorded'}",
   ]
+  return lines
 
 
 def selection_text(selection: str) -> str:
@@ -265,98 +285,100 @@ def selection_text(selection: str) -> str:
           "the validation split itself (optimistic)")
 
 
-def pyplot():
-  """matplotlib's pyplot drawing to files; imported on first use, so that training
-  through the runner does not load it."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
+def variant_comparisons(study_config, results: Sequence[VariantResult]
+                        ) -> list[intervals.Comparison]:
+  """Multi-task minus uni-task, each variant minus report.baseline and temporal minus
+  frame model, over the finished runs' per-video statistics at their final step."""
+  report = study_config.report
+  finished = [r for r in results if r.finished]
+  tasks = {name: runs[0].tasks for name, runs in variant_groups(finished).items()}
+  temporal_frame = {r.variant.variant_name: r.frame_run.variant_name
+                    for r in finished if r.temporal}
+  baselines = dict(report.uni_task_baselines)
+  planned = intervals.plan_comparisons(tasks, baselines, report.get("baseline", ""),
+                                       temporal_frame)
+  needed = {name for _, a, b, _ in planned for name in (a, b)}
+  if "uni-task" in needed:
+    needed |= set(baselines.values())
+  runs: dict[str, dict] = {}
+  for result in finished:
+    name = result.variant.variant_name
+    if name in needed:
+      seed = result.variant.seed if result.variant.seed is not None else 0
+      runs.setdefault(name, {})[seed] = intervals.run_statistics(
+          result.config, result.workdir, result.config.num_train_steps,
+          temporal=result.temporal)
+  bootstrap = report.get("bootstrap", {})
+  return intervals.compare_variants(
+      intervals.restricted_to_common_videos(runs), planned, baselines,
+      replicates=bootstrap.get("replicates", 1000),
+      confidence=bootstrap.get("confidence", 0.95), seed=bootstrap.get("seed", 0))
 
 
-def plot_scores(results: Sequence[VariantResult], path: str) -> None:
-  """One horizontal bar chart per score; the best bar in each is drawn darker."""
-  plt = pyplot()
-  best = best_per_column(results)
-  fig, axes = plt.subplots(2, 3, figsize=(15, 0.32 * len(results) * 2 + 3))
-  for ax, (key, label) in zip(axes.flat, SCORE_COLUMNS):
-    shown = [r for r in results if r.score(key) is not None]
-    names = [r.variant.name for r in shown]
-    values = [r.score(key) for r in shown]
-    colours = ["tab:red" if n in best.get(key, ()) else "tab:blue" for n in names]
-    ax.barh(range(len(shown)), values, color=colours)
-    ax.set_yticks(range(len(shown)), names, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_title(label)
-    for y, value in enumerate(values):
-      ax.text(value, y, f" {value:.3f}", va="center", fontsize=7)
-    ax.margins(x=0.2)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+def write_csv(path: str, fields: Sequence[str], rows: Sequence[dict]) -> None:
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
 
 
-def plot_curves(results: Sequence[VariantResult], path: str) -> None:
-  """Training loss and validation scores against steps, every variant overlaid."""
-  plt = pyplot()
-  panels = [("train/loss", "training loss (scales differ between losses)")]
-  panels += [(key, f"validation {label}") for key, label in SCORE_COLUMNS
-             if key not in ("ccc_valence", "ccc_arousal")]
-  fig, grid = plt.subplots(2, 3, figsize=(16, 9))
-  axes = grid.flat[:len(panels)]
-  colours = plt.get_cmap("tab20")
-  for index, result in enumerate(results):
-    style = {"color": colours(index % 20), "label": result.variant.name,
-             "ls": "--" if len(result.tasks) == 1 else "-"}
-    if result.losses:
-      axes[0].plot(*zip(*result.losses), lw=1, **style)
-    for ax, (key, _) in zip(axes[1:], panels[1:]):
-      points = [(m["step"], m[key]) for m in result.evaluations if key in m]
-      if key == "p_mtl" and set(result.tasks) != set(TASKS):
-        points = []
-      if points:
-        ax.plot(*zip(*points), marker="o", ms=3, **style)
-  for ax, (_, title) in zip(axes, panels):
-    ax.set(title=title, xlabel="step")
-    ax.grid(alpha=0.3)
-  axes[0].set_yscale("log")
-  legend_panel = grid.flat[len(panels)]  # the sixth panel holds the legend
-  legend_panel.axis("off")
-  handles, labels = axes[0].get_legend_handles_labels()
-  legend_panel.legend(handles, labels, loc="center", fontsize=9,
-                      title="uni-task dashed, multi-task solid")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+def differences_section(comparisons: Sequence[intervals.Comparison],
+                        baselines: dict) -> list[str]:
+  if not comparisons:
+    return []
+  first = comparisons[0].result
+  lines = ["## Differences with intervals", "",
+           f"a − b on the same validation videos: {first['confidence']:.0%} percentile "
+           f"bootstrap intervals over the {first['videos']} videos "
+           f"({first['replicates']} replicates; each replicate draws videos with "
+           "replacement and scores both sides, each the mean over its seeds, exactly "
+           "on the frames of the drawn videos). **clear** marks an interval that "
+           "excludes 0; a difference within noise is not resolved at this size. The "
+           "uni-task side of P_MTL is the three uni-task models taken together (per "
+           "seed, each task from its own network). Every number is in "
+           "[differences.csv](differences.csv).", ""]
+  for section in dict.fromkeys(c.section for c in comparisons):
+    lines += [f"### {section}", "", *intervals.comparison_table(
+        [c for c in comparisons if c.section == section], baselines), ""]
+  lines += ["![differences and their intervals](differences.png)", ""]
+  return lines
 
 
 def write_study_report(study_config, study_dir: str, report_dir: str | None = None,
                        title: str = "Study") -> dict[str, str]:
-  """report.md, results.csv, scores.png and curves.png in report_dir (default
-  <study_dir>/report); returns their paths."""
+  """report.md, results.csv, summary.csv, differences.csv, scores.png, differences.png
+  and curves.png in report_dir (default <study_dir>/report); returns their paths."""
   report_dir = report_dir or os.path.join(study_dir, "report")
   os.makedirs(report_dir, exist_ok=True)
   results = collect_results(study_config, study_dir)
   selection = study_config.report.selection
   paths = {name: os.path.join(report_dir, name)
-           for name in ("report.md", "results.csv", "scores.png", "curves.png")}
-  with open(paths["results.csv"], "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-    writer.writeheader()
-    writer.writerows(csv_rows(results, selection))
+           for name in ("report.md", "results.csv", "summary.csv", "differences.csv",
+                        "scores.png", "differences.png", "curves.png")}
+  write_csv(paths["results.csv"], CSV_FIELDS, csv_rows(results, selection))
+  groups = variant_groups(results)
+  keys = [key for key, _ in SCORE_COLUMNS]
+  summary_fields = ["variant", "runs"] + [f"{k}_{part}" for k in keys
+                                          for part in ("mean", "sd", "n")]
+  score = lambda run, key: run.score(key)  # noqa: E731
+  write_csv(paths["summary.csv"], summary_fields,
+            seeds.summary_rows(groups, keys, score))
+  baselines = dict(study_config.report.uni_task_baselines)
+  comparisons = variant_comparisons(study_config, results)
+  write_csv(paths["differences.csv"], intervals.CSV_FIELDS,
+            intervals.csv_rows(comparisons))
+  if comparisons:
+    intervals.plot_differences(comparisons, baselines, paths["differences.png"],
+                               pyplot)
   lines = [f"# {title}", "", *setup_lines(study_config, results), "",
            "## Scores", "",
-           "Validation scores; the best of each column in bold. P_MTL = P_VA + EXPR F1 "
-           "+ AU F1, shown for the three-task models only. Every number is in "
-           "[results.csv](results.csv), copied from the variants' `metrics.jsonl`.", "",
-           *results_table(results), ""]
-  lines += seed_differences(results, study_config.report.get("seed_pair", ()))
-  lines += [""]
-  deltas = uni_task_deltas(results, dict(study_config.report.uni_task_baselines))
-  if deltas:
-    lines += ["## Multi-task minus uni-task", "",
-              "Each multi-task variant's score on a task minus that of the uni-task "
-              "model of the task (same steps, same data).", "", *deltas, ""]
+           "Validation scores, mean ± standard deviation over each variant's seeds "
+           "(the sd of n − 1); the best mean of each column in bold. P_MTL = P_VA + "
+           "EXPR F1 + AU F1, shown for the three-task models only. Means and sds are "
+           "in [summary.csv](summary.csv).", "",
+           *seeds.summary_table(groups, SCORE_COLUMNS, score, seeds_text,
+                                total_wall_time), "",
+           *differences_section(comparisons, baselines)]
   ranking = search_ranking(results, study_config.get("search"))
   if ranking:
     search = study_config.search
@@ -365,11 +387,15 @@ def write_study_report(study_config, study_dir: str, report_dir: str | None = No
               + ", ".join(f"`{k}` ∈ {{{', '.join(format_value(v) for v in values)}}}"
                           for k, _, values in search.space)
               + f", each on top of `{search.base_variant}` (ranked with it by "
-              f"{search.metric}).", "", *ranking, ""]
+              f"the mean {search.metric}).", "", *ranking, ""]
   plot_scores(results, paths["scores.png"])
   plot_curves(results, paths["curves.png"])
   lines += ["## Plots", "", "![scores per variant](scores.png)", "",
             "![training loss and validation curves](curves.png)", "",
+            "## Every run", "",
+            "Each run's scores; the best of each column in bold. Every number is in "
+            "[results.csv](results.csv), copied from the runs' `metrics.jsonl`.", "",
+            *results_table(results), "",
             "## Variants", "", *variants_table(results), ""]
   commands = read_commands(study_dir)
   if commands:

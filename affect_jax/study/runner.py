@@ -7,6 +7,12 @@ in its own workdir, and one report comparing them (table, CSV, plots).
 
 (or `python -m affect_jax.study.runner ...`).
 
+Each variant runs once per seed of `config.seeds`, in `<study_dir>/<variant>/seed<k>`
+(without seeds: once, in `<study_dir>/<variant>`); the rules below hold per run. The runs
+of the variants in `config.temporal.variants` are followed by a temporal head over
+their frame embeddings (`affect-jax temporal`), trained from `config.temporal.base` in
+`<study_dir>/<variant>_temporal/seed<k>`.
+
 A finished variant (its final step evaluated and checkpointed) is skipped; an interrupted
 one resumes from its latest checkpoint (train_and_evaluate does that by itself). A variant
 that warm-starts from another (`init_from_variant`) runs after it, and a shard always holds
@@ -34,7 +40,9 @@ from affect_jax.study.variants import (
   plan_study,
   read_run_record,
   record_command,
-  study_variants,
+  study_runs,
+  temporal_config,
+  temporal_runs,
   variant_config,
   variant_workdir,
   write_run_record,
@@ -77,6 +85,34 @@ def run_variant(study_config, variant: Variant, study_dir: str,
                       "group": variant.group, "overrides": dict(variant.overrides),
                       "init_from_variant": variant.init_from_variant,
                       "settings": settings, "sessions": []}
+  train_recording_sessions(config, workdir, record, train_fn)
+  return "trained"
+
+
+def run_temporal(study_config, frame_run: Variant, study_dir: str,
+                 train_fn: Callable | None = None) -> tuple[str, str]:
+  """The temporal head over a finished frame run's embeddings: (its run name, 'skipped'
+  or 'trained'). Its own config.json refuses a resume with other settings."""
+  run = temporal_runs(study_config, [frame_run])[0]
+  config = temporal_config(study_config, frame_run, study_dir)
+  workdir = variant_workdir(study_dir, run.name)
+  if is_finished(workdir, config.num_train_steps):
+    return run.name, "skipped"
+  if train_fn is None:
+    from affect_jax.temporal import loop  # pylint: disable=g-import-not-at-top
+    train_fn = loop.train_and_evaluate
+  record = read_run_record(workdir) or {
+      "variant": run.name, "description": run.description, "group": run.group,
+      "frame_run": frame_run.name, "settings": comparable_settings(config),
+      "sessions": []}
+  train_recording_sessions(config, workdir, record, train_fn)
+  return run.name, "trained"
+
+
+def train_recording_sessions(config, workdir: str, record: dict, train_fn: Callable
+                             ) -> None:
+  """train_fn(config, workdir), its session (start and end step, outcome, wall time,
+  machine) appended to the workdir's run record, an interruption's too."""
   for session in record["sessions"]:
     if session.get("outcome") == "running":
       session["outcome"] = "killed (no end time)"
@@ -98,11 +134,10 @@ def run_variant(study_config, variant: Variant, study_dir: str,
     steps = checkpoint_steps(workdir)
     session["end_step"] = steps[-1] if steps else 0
     write_run_record(workdir, record)
-  return "trained"
 
 
 def dependency_finished(study_config, variant: Variant, study_dir: str) -> bool:
-  dependency = {v.name: v for v in study_variants(study_config)}[variant.init_from_variant]
+  dependency = {v.name: v for v in study_runs(study_config)}[variant.init_from_variant]
   config = variant_config(study_config, dependency, study_dir)
   return is_finished(variant_workdir(study_dir, dependency.name), config.num_train_steps)
 
@@ -116,9 +151,13 @@ def describe_machine() -> dict:
 
 def run_study(study_config, study_dir: str, names: Sequence[str] | None = None,
               shard_index: int = 0, shard_count: int = 1,
-              train_fn: Callable | None = None) -> dict[str, str]:
-  """Trains this shard's variants in dependency order; {name: 'skipped' | 'trained'}."""
+              train_fn: Callable | None = None,
+              temporal_train_fn: Callable | None = None) -> dict[str, str]:
+  """Trains this shard's runs in dependency order, each run of a variant in
+  config.temporal.variants followed by its temporal head; {run name: 'skipped' |
+  'trained'}."""
   plan = plan_study(study_config, names, shard_index, shard_count)
+  temporal_variants = set(study_config.get("temporal", {}).get("variants", ()))
   outcomes = {}
   for number, variant in enumerate(plan, 1):
     source = (f", warm start from {variant.init_from_variant}"
@@ -127,6 +166,11 @@ def run_study(study_config, study_dir: str, names: Sequence[str] | None = None,
              source)
     outcomes[variant.name] = run_variant(study_config, variant, study_dir, train_fn)
     log.info("[%d/%d] %s: %s", number, len(plan), variant.name, outcomes[variant.name])
+    if variant.variant_name in temporal_variants:
+      name, outcomes_temporal = run_temporal(study_config, variant, study_dir,
+                                             temporal_train_fn)
+      outcomes[name] = outcomes_temporal
+      log.info("[%d/%d] %s: %s", number, len(plan), name, outcomes_temporal)
   return outcomes
 
 
@@ -179,9 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   if flag_values.report_only and not os.path.isdir(study_dir):
     raise errors.InputError(f"--study_dir {flag_values.study_dir} does not exist: "
                             "nothing to report")
+  enable_compilation_cache(study_dir)  # the report predicts with every run too
   if not flag_values.report_only:
     record_command(study_dir, ["", *argv])  # the command's own arguments
-    enable_compilation_cache(study_dir)
     run_study(study_config, study_dir, names, flag_values.shard_index,
               flag_values.shard_count)
   paths = write_study_report(study_config, study_dir, flag_values.report_dir,

@@ -1,7 +1,8 @@
 """A study's variants and what their workdirs hold: the variants of a study config
-(its list and its search's trials), the order and shards they train in, each one's
-config and workdir, and the records a report or a rerun reads back (checkpoints,
-training evaluations and losses, the runner's run record and command log)."""
+(its list and its search's trials), their runs (one per seed of `config.seeds`), the
+order and shards the runs train in, each one's config and workdir, and the records a
+report or a rerun reads back (checkpoints, training evaluations and losses, the
+runner's run record and command log)."""
 from __future__ import annotations
 
 import copy
@@ -42,6 +43,14 @@ class Variant:
   init_from_variant: str = ""  # warm-start from this variant's finished workdir
   description: str = ""
   group: str = ""
+  # A run of one seed of a variant (`study_runs`): `family` is the variant's name, and
+  # `name` its workdir below the study directory, `<family>/seed<k>`.
+  seed: int | None = None
+  family: str = ""
+
+  @property
+  def variant_name(self) -> str:
+    return self.family or self.name
 
 
 def variant_from_dict(spec: dict) -> Variant:
@@ -106,6 +115,43 @@ def study_variants(study_config) -> list[Variant]:
   return variants
 
 
+def study_seeds(study_config) -> tuple[int, ...]:
+  """The seeds every variant runs with; () for one run per variant at the base seed,
+  in `<study_dir>/<name>` (a study config without `seeds`)."""
+  seeds = tuple(int(seed) for seed in (study_config.get("seeds") or ()))
+  if len(set(seeds)) != len(seeds):
+    raise InputError(f"seeds must be distinct, got {seeds}")
+  return seeds
+
+
+def seed_run_name(name: str, seed: int) -> str:
+  return f"{name}/seed{seed}"
+
+
+def seed_runs(variants: Sequence[Variant], seeds: Sequence[int]) -> list[Variant]:
+  """Each variant once per seed, seed after seed within a variant: `seed` set to the
+  run's seed, and a warm start from the run of the same seed of its source."""
+  if not seeds:
+    return list(variants)
+  runs = []
+  for v in variants:
+    if any(key == "seed" for key, _ in v.overrides):
+      raise InputError(f"{v.name}: overrides seed, which config.seeds sets for every "
+                       "run; drop the override (or set config.seeds = ())")
+    for seed in seeds:
+      runs.append(dataclasses.replace(
+          v, name=seed_run_name(v.name, seed), overrides=v.overrides + (("seed", seed),),
+          init_from_variant=(seed_run_name(v.init_from_variant, seed)
+                             if v.init_from_variant else ""),
+          seed=seed, family=v.name))
+  return runs
+
+
+def study_runs(study_config) -> list[Variant]:
+  """What the runner trains: every variant (and search trial) once per seed."""
+  return seed_runs(study_variants(study_config), study_seeds(study_config))
+
+
 def order_by_dependencies(variants: Sequence[Variant]) -> list[Variant]:
   """Each variant after the one it warm-starts from; otherwise the given order."""
   remaining = list(variants)
@@ -127,13 +173,19 @@ def order_by_dependencies(variants: Sequence[Variant]) -> list[Variant]:
 
 def with_dependencies(variants: Sequence[Variant], selected: Sequence[str]
                       ) -> list[Variant]:
-  """The selected variants plus everything they warm-start from, in the study's order."""
+  """The selected variants plus everything they warm-start from, in the study's order.
+  A variant's name selects all its seed runs; `name/seed<k>` one of them."""
   by_name = {v.name: v for v in variants}
-  unknown = [n for n in selected if n not in by_name]
+  families: dict[str, list[str]] = {}
+  for v in variants:
+    if v.family:
+      families.setdefault(v.family, []).append(v.name)
+  unknown = [n for n in selected if n not in by_name and n not in families]
   if unknown:
-    raise InputError(f"unknown variants {unknown}; the study has {sorted(by_name)}")
+    raise InputError(f"unknown variants {unknown}; the study has "
+                     f"{sorted(set(by_name) | set(families))}")
   wanted: set[str] = set()
-  for name in selected:
+  for name in [run for n in selected for run in families.get(n, [n])]:
     while name and name not in wanted:
       wanted.add(name)
       name = by_name[name].init_from_variant
@@ -168,8 +220,8 @@ def shard_variants(variants: Sequence[Variant], shard_index: int, shard_count: i
 
 def plan_study(study_config, names: Sequence[str] | None = None, shard_index: int = 0,
                shard_count: int = 1) -> list[Variant]:
-  """What this invocation trains, in order."""
-  variants = study_variants(study_config)
+  """What this invocation trains, in order: runs of variants (one per seed)."""
+  variants = study_runs(study_config)
   if names:
     variants = with_dependencies(variants, names)
   return shard_variants(order_by_dependencies(variants), shard_index, shard_count)
@@ -206,6 +258,41 @@ def variant_config(study_config, variant: Variant, study_dir: str):
   config = apply_overrides(study_config.base, variant.overrides)
   if variant.init_from_variant:
     config.init_from.path = variant_workdir(study_dir, variant.init_from_variant)
+  return config
+
+
+TEMPORAL_SUFFIX = "_temporal"
+
+
+def temporal_runs(study_config, frame_runs: Sequence[Variant]) -> list[Variant]:
+  """The temporal heads over the frame runs of the variants in
+  config.temporal.variants: `<variant>_temporal[/seed<k>]`, one per frame run."""
+  chosen = set(study_config.get("temporal", {}).get("variants", ()))
+  runs = []
+  for frame_run in frame_runs:
+    if frame_run.variant_name not in chosen:
+      continue
+    family = frame_run.variant_name + TEMPORAL_SUFFIX
+    runs.append(Variant(
+        name=(seed_run_name(family, frame_run.seed) if frame_run.family else family),
+        description=f"temporal head over {frame_run.name}'s frame embeddings",
+        group="temporal", seed=frame_run.seed, family=family if frame_run.family else ""))
+  return runs
+
+
+def temporal_config(study_config, frame_run: Variant, study_dir: str):
+  """config.temporal.base over the frame run's final checkpoint (the step the report
+  scores the frame model at), with the frame run's seed, data and splits."""
+  frame_config = variant_config(study_config, frame_run, study_dir)
+  config = copy.deepcopy(study_config.temporal.base)
+  config.seed = frame_config.seed
+  config.frame_run.workdir = variant_workdir(study_dir, frame_run.name)
+  config.frame_run.step = frame_config.num_train_steps
+  config.frame_run.data_dir = frame_config.dataset.data_dir
+  config.frame_run.train_split = frame_config.dataset.train_split
+  config.frame_run.eval_split = frame_config.dataset.eval_split
+  config.model.num_expr_classes = frame_config.model.num_expr_classes
+  config.model.tasks = tuple(frame_config.model.tasks)
   return config
 
 

@@ -1,0 +1,253 @@
+"""Which differences between a study's variants are clear of noise: each run's
+per-video statistics on the validation split (from its final checkpoint's per-frame
+predictions, cached in its workdir), and paired differences of exact scores with
+bootstrap intervals over the validation videos (affect_jax.temporal.compare), for
+multi-task minus uni-task, each variant minus the baseline, and temporal minus frame
+model. A variant given as several seeds scores the mean of its seeds on each resample,
+so an interval holds the seed-to-seed spread as well as the sampling of videos."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Sequence
+
+import numpy as np
+
+from affect_jax.temporal import compare
+from affect_jax.vocabulary import TASK_SCORE, TASKS
+
+log = logging.getLogger(__name__)
+
+STATISTICS_FILE = "study_validation_statistics.npz"  # in each run's workdir
+SCORE_LABELS = {"p_va": "P_VA", "expr_f1": "EXPR F1", "au_f1": "AU F1", "p_mtl": "P_MTL"}
+# The statistics of each task (metrics.batch_statistics names them by these prefixes).
+TASK_STATISTICS_PREFIX = {"expression": "expr_", "au": "au_", "va": "va_"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+  """Variant a minus variant b on one score, over their runs' common videos."""
+  section: str  # "multi-task − uni-task", "variant − baseline", "temporal − frame"
+  a: str
+  b: str
+  score: str
+  result: dict  # compare.paired_difference's
+
+
+# ------------------------------------------------------------ per-video statistics
+
+def read_cached_statistics(workdir: str, step: int
+                           ) -> tuple[list[str], compare.Statistics] | None:
+  path = os.path.join(workdir, STATISTICS_FILE)
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as cached:
+    if int(cached["step"]) != step:
+      return None
+    videos = cached["videos"].tolist()
+    return videos, {k[len("statistic/"):]: cached[k] for k in cached.files
+                    if k.startswith("statistic/")}
+
+
+def write_cached_statistics(workdir: str, step: int, videos: Sequence[str],
+                            statistics: compare.Statistics) -> None:
+  path = os.path.join(workdir, STATISTICS_FILE)
+  with open(path + ".tmp", "wb") as f:
+    np.savez(f, step=step, videos=np.asarray(videos, dtype=str),
+             **{f"statistic/{k}": v for k, v in statistics.items()})
+  os.replace(path + ".tmp", path)
+
+
+def frame_model_table(config, workdir: str, step: int):
+  """Every frame of the eval split predicted by the frame run's checkpoint `step`."""
+  from affect_jax.data import records  # pylint: disable=g-import-not-at-top
+  from affect_jax.inference import restore, sources  # pylint: disable=g-import-not-at-top
+  from affect_jax.inference.frame_table import predict_frames  # pylint: disable=g-import-not-at-top
+  predictor = restore.restore_predictor(config, workdir, step)
+  split = config.dataset.eval_split
+  raw = records.open_data_source(config.dataset.name, split, config.dataset.data_dir)
+  data = sources.TfdsRecords(raw, config.input.image_size, split)
+  return predict_frames(predictor, data, config.input.worker_count)
+
+
+def temporal_model_table(config, workdir: str, step: int):
+  """Every frame of the eval split's embedding store predicted by the temporal run's
+  checkpoint `step`."""
+  from affect_jax.temporal import embed, prediction  # pylint: disable=g-import-not-at-top
+  store = embed.split_store(config, workdir, config.frame_run.eval_split)
+  predictor = prediction.restore_temporal_predictor(workdir, store.embedding_dim, step,
+                                                    config)
+  return prediction.predict_store(predictor, store)[0]
+
+
+def run_statistics(config, workdir: str, step: int, temporal: bool = False
+                   ) -> tuple[list[str], compare.Statistics]:
+  """The run's per-video statistics at checkpoint `step` on the validation split:
+  read from its workdir, else predicted, computed and saved there."""
+  cached = read_cached_statistics(workdir, step)
+  if cached is not None:
+    return cached
+  log.info("per-frame predictions of %s at step %d", workdir, step)
+  table = (temporal_model_table if temporal else frame_model_table)(config, workdir,
+                                                                    step)
+  videos, statistics = compare.per_video_statistics(
+      table, int(config.model.num_expr_classes))
+  # The AU histograms serve threshold tuning only, which no compared score uses; a
+  # bootstrap replicate would tune thresholds for nothing.
+  statistics.pop("au_hist", None)
+  write_cached_statistics(workdir, step, videos, statistics)
+  return videos, statistics
+
+
+# ------------------------------------------------------------------- comparisons
+
+def task_statistics(statistics: compare.Statistics, task: str) -> compare.Statistics:
+  prefix = TASK_STATISTICS_PREFIX[task]
+  return {k: v for k, v in statistics.items() if k.startswith(prefix)}
+
+
+def combined_uni_task_runs(uni_runs: dict[str, dict[int, compare.Statistics]]
+                           ) -> list[compare.Statistics]:
+  """One three-task 'model' per seed that every uni-task variant has: each task's
+  statistics from its own uni-task run (the three networks taken together, on the
+  P_MTL scale)."""
+  seeds = sorted(set.intersection(*(set(runs) for runs in uni_runs.values())))
+  return [{k: v for task in TASKS
+           for k, v in task_statistics(uni_runs[task][seed], task).items()}
+          for seed in seeds]
+
+
+def shared_scores(tasks_a: Sequence[str], tasks_b: Sequence[str]) -> list[str]:
+  """The scores two models both have: each shared task's own, and P_MTL when both
+  have all three tasks."""
+  shared = [t for t in TASKS if t in tasks_a and t in tasks_b]
+  return [TASK_SCORE[t] for t in shared] + (["p_mtl"] if len(shared) == len(TASKS)
+                                            else [])
+
+
+def restricted_to_common_videos(runs: dict[str, dict[int, tuple[list[str],
+                                                                compare.Statistics]]]
+                                ) -> dict[str, dict[int, compare.Statistics]]:
+  """{variant: {seed: statistics}} over the videos every run holds, in one order."""
+  flat = {(name, seed): value for name, by_seed in runs.items()
+          for seed, value in by_seed.items()}
+  if not flat:
+    return {}
+  chosen = compare.common_videos(flat)
+  restricted: dict[str, dict[int, compare.Statistics]] = {}
+  for (name, seed), statistics in chosen.items():
+    restricted.setdefault(name, {})[seed] = statistics
+  return restricted
+
+
+def plan_comparisons(tasks: dict[str, tuple[str, ...]], uni_task_baselines: dict,
+                     baseline: str, temporal_frame: dict[str, str]
+                     ) -> list[tuple[str, str, str, str]]:
+  """(section, a, b, score) of every comparison the variants present allow. `tasks`:
+  {variant: its tasks}; b may be "uni-task" (the uni-task baselines together)."""
+  planned = []
+  uni = {task: name for task, name in uni_task_baselines.items() if name in tasks}
+  multi = [name for name, t in tasks.items() if len(t) > 1
+           and name not in temporal_frame]
+  for name in multi:
+    for task in TASKS:
+      if task in tasks[name] and task in uni:
+        planned.append(("multi-task − uni-task", name, uni[task], TASK_SCORE[task]))
+    if set(tasks[name]) == set(TASKS) and len(uni) == len(TASKS):
+      planned.append(("multi-task − uni-task", name, "uni-task", "p_mtl"))
+  if baseline in tasks:
+    for name, name_tasks in tasks.items():
+      if name == baseline or name in temporal_frame or len(name_tasks) < 2:
+        continue
+      for score in shared_scores(name_tasks, tasks[baseline]):
+        planned.append(("variant − baseline", name, baseline, score))
+  for name, frame in temporal_frame.items():
+    if name in tasks and frame in tasks:
+      for score in shared_scores(tasks[name], tasks[frame]):
+        planned.append(("temporal − frame", name, frame, score))
+  return planned
+
+
+def compare_variants(statistics: dict[str, dict[int, compare.Statistics]],
+                     planned: Sequence[tuple[str, str, str, str]],
+                     uni_task_baselines: dict, *, replicates: int = 1000,
+                     confidence: float = 0.95, seed: int = 0) -> list[Comparison]:
+  """The planned paired differences over the same resampled videos (the same
+  generator seed for every comparison, so each draws the same replicates)."""
+  uni_runs = {task: statistics[name] for task, name in uni_task_baselines.items()
+              if name in statistics}
+  combined = (combined_uni_task_runs(uni_runs) if len(uni_runs) == len(TASKS) else [])
+  comparisons = []
+  for section, a, b, score in planned:
+    runs_b = combined if b == "uni-task" else list(statistics[b].values())
+    if not runs_b:
+      continue
+    result = compare.paired_difference(list(statistics[a].values()), runs_b, score,
+                                       replicates=replicates, confidence=confidence,
+                                       seed=seed)
+    comparisons.append(Comparison(section, a, b, score, result))
+  return comparisons
+
+
+# ------------------------------------------------------------------------ output
+
+def comparison_name(name: str, uni_task_baselines: dict) -> str:
+  if name == "uni-task":
+    return "uni-task (" + " + ".join(f"`{uni_task_baselines[t]}`" for t in TASKS) + ")"
+  return f"`{name}`"
+
+
+def comparison_table(comparisons: Sequence[Comparison], uni_task_baselines: dict
+                     ) -> list[str]:
+  """One markdown row per difference: a, b, their means, a − b with its interval, and
+  whether the interval excludes 0."""
+  lines = ["| a | b | score | mean a | mean b | a − b | interval | verdict |",
+           "|---|---|---|---|---|---|---|---|"]
+  for c in comparisons:
+    r = c.result
+    verdict = ("**clear: a better**" if r["clear"] and r["low"] > 0 else
+               "**clear: b better**" if r["clear"] else "within noise")
+    lines.append(
+        f"| {comparison_name(c.a, uni_task_baselines)} | "
+        f"{comparison_name(c.b, uni_task_baselines)} | "
+        f"{SCORE_LABELS.get(c.score, c.score)} | {r['a']:.4f} | {r['b']:.4f} | "
+        f"{r['difference']:+.4f} | [{r['low']:+.4f}, {r['high']:+.4f}] | {verdict} |")
+  return lines
+
+
+CSV_FIELDS = ("section", "a", "b", "score", "a_mean", "b_mean", "difference", "low",
+              "high", "clear", "videos", "replicates", "confidence")
+
+
+def csv_rows(comparisons: Sequence[Comparison]) -> list[dict]:
+  return [{"section": c.section, "a": c.a, "b": c.b, "score": c.score,
+           "a_mean": repr(c.result["a"]), "b_mean": repr(c.result["b"]),
+           "difference": repr(c.result["difference"]), "low": repr(c.result["low"]),
+           "high": repr(c.result["high"]), "clear": c.result["clear"],
+           "videos": c.result["videos"], "replicates": c.result["replicates"],
+           "confidence": c.result["confidence"]} for c in comparisons]
+
+
+def plot_differences(comparisons: Sequence[Comparison], uni_task_baselines: dict,
+                     path: str, pyplot) -> None:
+  """Every difference with its interval, one row each, clear ones drawn darker."""
+  plt = pyplot()
+  fig, ax = plt.subplots(figsize=(9, 0.3 * len(comparisons) + 1.5))
+  for y, c in enumerate(comparisons):
+    r = c.result
+    colour = "tab:red" if r["clear"] else "tab:gray"
+    ax.plot([r["low"], r["high"]], [y, y], color=colour, lw=2)
+    ax.plot(r["difference"], y, "o", color=colour, ms=4)
+  labels = [f"{c.a} − {c.b if c.b != 'uni-task' else 'uni-task models'}: "
+            f"{SCORE_LABELS.get(c.score, c.score)}" for c in comparisons]
+  ax.set_yticks(range(len(comparisons)), labels, fontsize=7)
+  ax.invert_yaxis()
+  ax.axvline(0, color="black", lw=0.8)
+  confidence = comparisons[0].result["confidence"] if comparisons else 0.95
+  ax.set(xlabel=f"difference, {confidence:.0%} bootstrap interval over validation "
+                "videos (red: excludes 0)")
+  ax.grid(alpha=0.3, axis="x")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

@@ -1,0 +1,326 @@
+"""A study run with several seeds: each variant expanded into one run per seed (own
+workdir, warm starts from the same seed, skip / resume / refusal per run), scores as
+mean ± sd over seeds, and paired differences with bootstrap intervals over validation
+videos (checked against a NumPy computation of their own), clear of noise or not."""
+import csv
+import functools
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from affect_jax.eval import metrics
+from affect_jax.eval.accumulators import to_host
+from affect_jax.eval.writers import METRICS_FILE, append_json_line
+from affect_jax.study import intervals, report, runner, seeds, variants
+from configs import study as study_configs
+from configs import tiny
+
+STEPS = 4
+
+
+def seeded_config(data_dir="unused", seed_list=(0, 1, 2)):
+  config = study_configs.get_config()
+  config.base = tiny.get_config()
+  config.base.dataset.data_dir = data_dir
+  config.base.num_train_steps = STEPS
+  config.seeds = seed_list
+  config.search.trials = 0
+  return config
+
+
+# ------------------------------------------------------------------ seed expansion
+
+def test_each_variant_runs_once_per_seed_in_its_own_workdir():
+  config = seeded_config()
+  plan = variants.plan_study(config, ["mtl_init_expr"])
+  assert [v.name for v in plan] == [
+      "uni_expr/seed0", "uni_expr/seed1", "uni_expr/seed2",
+      "mtl_init_expr/seed0", "mtl_init_expr/seed1", "mtl_init_expr/seed2"]
+  by_name = {v.name: v for v in plan}
+  run = by_name["mtl_init_expr/seed1"]
+  assert (run.family, run.seed, run.variant_name) == ("mtl_init_expr", 1, "mtl_init_expr")
+  assert run.init_from_variant == "uni_expr/seed1"  # the source of the same seed
+  run_config = variants.variant_config(config, run, "/study")
+  assert run_config.seed == 1
+  assert run_config.init_from.path == "/study/uni_expr/seed1"
+  assert variants.variant_workdir("/study", run.name) == "/study/mtl_init_expr/seed1"
+  # One seed of a variant can be asked for by its run name.
+  assert [v.name for v in variants.plan_study(config, ["mtl/seed2"])] == ["mtl/seed2"]
+  # Without seeds, one run per variant in <study_dir>/<name>, at the base seed.
+  config.seeds = ()
+  assert [v.name for v in variants.plan_study(config, ["mtl"])] == ["mtl"]
+
+
+def test_every_run_lands_in_one_shard_with_the_runs_it_warm_starts_from():
+  config = seeded_config()
+  everything = [v.name for v in variants.plan_study(config)]
+  assert len(everything) == len(set(everything)) == 3 * len(config.variants)
+  for count in (2, 3, 7):
+    shards = [variants.plan_study(config, shard_index=i, shard_count=count)
+              for i in range(count)]
+    assert sorted(v.name for s in shards for v in s) == sorted(everything)
+    for shard in shards:
+      names = [v.name for v in shard]
+      for position, run in enumerate(shard):
+        if run.init_from_variant:
+          assert run.init_from_variant in names[:position]
+
+
+def test_seed_settings_are_refused_where_they_would_be_ambiguous():
+  config = seeded_config()
+  config.variants = config.variants + (study_configs.variant(
+      "mtl_other_seed", "seed", "", {"seed": 7}),)
+  with pytest.raises(ValueError, match="mtl_other_seed: overrides seed"):
+    variants.study_runs(config)
+  config = seeded_config(seed_list=(0, 1, 0))
+  with pytest.raises(ValueError, match="distinct"):
+    variants.study_runs(config)
+
+
+def test_temporal_heads_follow_the_chosen_variants_runs():
+  config = seeded_config()
+  frame_runs = variants.plan_study(config, ["mtl", "uni_au"])
+  heads = variants.temporal_runs(config, frame_runs)
+  assert [(h.name, h.seed, h.family) for h in heads] == [
+      ("mtl_temporal/seed0", 0, "mtl_temporal"), ("mtl_temporal/seed1", 1, "mtl_temporal"),
+      ("mtl_temporal/seed2", 2, "mtl_temporal")]
+  head_config = variants.temporal_config(config, frame_runs[-1], "/study")
+  assert head_config.frame_run.workdir == "/study/mtl/seed2"
+  assert head_config.frame_run.step == STEPS  # the step the report scores mtl at
+  assert head_config.seed == 2
+
+
+# ------------------------------------------------ skip, resume, refusal per seed run
+
+def fake_finished_run(workdir, steps=STEPS, scores=None):
+  """What is_finished looks for: the final step evaluated and checkpointed."""
+  os.makedirs(os.path.join(workdir, "checkpoints", str(steps)), exist_ok=True)
+  append_json_line(os.path.join(workdir, METRICS_FILE),
+                   {"step": steps, "split": "validation", "mode": "train",
+                    **(scores or {"expr_f1": 0.5})})
+
+
+def test_skip_resume_and_refusal_hold_per_seed_run(tmp_path):
+  config = seeded_config()
+  study_dir = str(tmp_path)
+  trained = []
+
+  def interrupt_seed1(run_config, workdir):
+    if run_config.seed == 1:
+      raise KeyboardInterrupt
+    trained.append(os.path.relpath(workdir, study_dir))
+    fake_finished_run(workdir)
+
+  with pytest.raises(KeyboardInterrupt):
+    runner.run_study(config, study_dir, ["uni_expr"], train_fn=interrupt_seed1)
+  assert trained == ["uni_expr/seed0"]
+
+  def finish(run_config, workdir):
+    trained.append(os.path.relpath(workdir, study_dir))
+    fake_finished_run(workdir)
+
+  outcomes = runner.run_study(config, study_dir, ["uni_expr"], train_fn=finish)
+  assert outcomes == {"uni_expr/seed0": "skipped", "uni_expr/seed1": "trained",
+                      "uni_expr/seed2": "trained"}
+  record = variants.read_run_record(os.path.join(study_dir, "uni_expr", "seed1"))
+  assert [s["outcome"] for s in record["sessions"]] == [
+      "interrupted (KeyboardInterrupt)", "finished"]
+  assert record["settings"]["seed"] == 1
+  changed = seeded_config()
+  changed.base.optimizer.learning_rate = 0.5
+  with pytest.raises(ValueError, match="uni_expr/seed0: .*optimizer.learning_rate"):
+    runner.run_study(changed, study_dir, ["uni_expr"], train_fn=finish)
+
+
+# ------------------------------------------------------------------- mean ± sd
+
+def test_mean_and_sample_sd_over_seeds():
+  value = seeds.spread([0.25, None, 0.5, 0.75])  # a run without the score is left out
+  assert value.count == 3
+  assert value.mean == pytest.approx(np.mean([0.25, 0.5, 0.75]))
+  assert value.sd == pytest.approx(np.std([0.25, 0.5, 0.75], ddof=1))
+  assert value.text() == "0.5000 ± 0.2500"
+  assert seeds.spread([0.3]).sd is None and seeds.spread([0.3]).text() == "0.3000"
+  assert seeds.spread([None, None]) is None
+
+
+# ------------------------------------------------------- bootstrap over videos
+
+def confusions(rng, videos, classes, accuracy):
+  """[V, K, K] expression confusion counts of a model right `accuracy` of the time."""
+  result = np.zeros((videos, classes, classes), np.int64)
+  for v in range(videos):
+    labels = rng.integers(0, classes, 30)
+    right = rng.random(30) < accuracy
+    predicted = np.where(right, labels, rng.integers(0, classes, 30))
+    np.add.at(result[v], (labels, predicted), 1)
+  return result
+
+
+def numpy_macro_f1(confusion):
+  tp = np.diag(confusion).astype(float)
+  precision_denominator = confusion.sum(0)
+  recall_denominator = confusion.sum(1)
+  f1 = np.zeros(len(tp))
+  both = precision_denominator + recall_denominator
+  f1[both > 0] = 2 * tp[both > 0] / both[both > 0]
+  return f1.mean()
+
+
+def numpy_paired_interval(runs_a, runs_b, replicates, seed, confidence=0.95):
+  """The same resamples of videos (the generator's draws in the same order), each
+  side's macro F1 from summed confusions averaged over its seeds, percentiles."""
+  videos = len(runs_a[0])
+  rng = np.random.default_rng(seed)
+  differences = []
+  for _ in range(replicates):
+    weights = np.bincount(rng.integers(0, videos, videos), minlength=videos)
+    side = lambda runs: np.mean([numpy_macro_f1(np.tensordot(weights, c, 1))  # noqa: E731
+                                 for c in runs])
+    differences.append(side(runs_a) - side(runs_b))
+  tail = (1 - confidence) / 2 * 100
+  return np.percentile(differences, [tail, 100 - tail])
+
+
+def test_bootstrap_interval_equals_an_independent_numpy_computation():
+  rng = np.random.default_rng(3)
+  runs_a = [confusions(rng, 8, 4, 0.6) for _ in range(2)]
+  runs_b = [confusions(rng, 8, 4, 0.5) for _ in range(3)]
+  statistics = {"a": {i: {"expr_confusion": c} for i, c in enumerate(runs_a)},
+                "b": {i: {"expr_confusion": c} for i, c in enumerate(runs_b)}}
+  planned = [("variant − baseline", "a", "b", "expr_f1")]
+  comparison, = intervals.compare_variants(statistics, planned, {}, replicates=200,
+                                           seed=5)
+  low, high = numpy_paired_interval(runs_a, runs_b, 200, seed=5)
+  result = comparison.result
+  assert (result["low"], result["high"]) == (pytest.approx(low), pytest.approx(high))
+  whole = lambda runs: np.mean([numpy_macro_f1(c.sum(0)) for c in runs])  # noqa: E731
+  assert result["difference"] == pytest.approx(whole(runs_a) - whole(runs_b))
+  assert result["videos"] == 8
+
+
+def test_a_difference_is_clear_of_noise_only_when_its_interval_excludes_zero():
+  rng = np.random.default_rng(0)
+  good = {i: {"expr_confusion": confusions(rng, 12, 4, 0.9)} for i in range(3)}
+  weak = {i: {"expr_confusion": confusions(rng, 12, 4, 0.1)} for i in range(3)}
+  also_weak = {i: {"expr_confusion": confusions(rng, 12, 4, 0.1)} for i in range(3)}
+  planned = [("s", "good", "weak", "expr_f1"), ("s", "weak", "good", "expr_f1"),
+             ("s", "also_weak", "weak", "expr_f1")]
+  better, worse, same = intervals.compare_variants(
+      {"good": good, "weak": weak, "also_weak": also_weak}, planned, {}, replicates=300)
+  assert better.result["clear"] and better.result["low"] > 0
+  assert worse.result["clear"] and worse.result["high"] < 0
+  assert not same.result["clear"]
+  assert same.result["low"] < 0 < same.result["high"]
+  rows = intervals.comparison_table([better, worse, same], {})[2:]
+  assert rows[0].endswith("| **clear: a better** |")
+  assert rows[1].endswith("| **clear: b better** |")
+  assert rows[2].endswith("| within noise |")
+
+
+@functools.lru_cache(maxsize=None)
+def statistics_fn(tasks):
+  """metrics.batch_statistics compiled once per set of tasks (eager ops compile one
+  by one)."""
+  return jax.jit(lambda outputs, batch: metrics.batch_statistics(
+      {k: v for k, v in outputs.items() if k in tasks}, batch, num_expr_classes=8,
+      num_histogram_bins=0))
+
+
+def video_statistics(rng, videos, tasks, quality):
+  """[V, ...] statistics of a model whose outputs follow the labels by `quality`."""
+  per_video = []
+  for _ in range(videos):
+    n = 20
+    expression = rng.integers(0, 8, n)
+    au = (rng.random((n, 12)) < 0.3).astype(np.float32)
+    va = rng.uniform(-1, 1, (n, 2)).astype(np.float32)
+    noise = lambda *shape: rng.normal(0, 1, shape).astype(np.float32)  # noqa: E731
+    outputs = {"expression": quality * 4 * np.eye(8, dtype=np.float32)[expression]
+               + noise(n, 8),
+               "au": quality * 4 * (au - 0.5) + noise(n, 12),
+               "va": np.clip(quality * va + 0.5 * noise(n, 2), -1, 1)}
+    batch = {"expression": expression.astype(np.int32),
+             "expression_mask": np.ones(n, np.float32), "au": au,
+             "au_mask": np.ones((n, 12), np.float32), "valence_arousal": va,
+             "va_mask": np.ones(n, np.float32)}
+    statistics = statistics_fn(tuple(tasks))(outputs, batch)
+    per_video.append({k: to_host(v) for k, v in statistics.items()})
+  return {k: np.stack([s[k] for s in per_video]) for k in per_video[0]}
+
+
+def test_the_uni_task_models_together_score_the_sum_of_their_task_scores():
+  rng = np.random.default_rng(1)
+  uni = {"expression": {0: video_statistics(rng, 5, ("expression",), 0.5)},
+         "au": {0: video_statistics(rng, 5, ("au",), 0.5)},
+         "va": {0: video_statistics(rng, 5, ("va",), 0.5)}}
+  combined, = intervals.combined_uni_task_runs(uni)
+  whole = lambda s: metrics.compute_scores({k: v.sum(0) for k, v in s.items()})  # noqa: E731
+  expected = (whole(uni["expression"][0])["expr_f1"] + whole(uni["au"][0])["au_f1"]
+              + whole(uni["va"][0])["p_va"])
+  assert whole(combined)["p_mtl"] == pytest.approx(expected)
+
+
+# ------------------------------------------------- the report from fake workdirs
+
+@pytest.fixture(scope="module")
+def fake_seeded_study(tmp_path_factory):
+  """uni_expr, uni_au, uni_va, mtl, mtl_no_aug and mtl's temporal heads, three seeds,
+  as finished workdirs with logged scores and cached per-video statistics: mtl far
+  better than the uni-task models, mtl_no_aug as good as mtl."""
+  study_dir = str(tmp_path_factory.mktemp("seeded_study"))
+  config = seeded_config()
+  config.report.bootstrap.replicates = 100  # 16 comparisons of 6 runs each
+  rng = np.random.default_rng(0)
+  quality = {"uni_expr": 0.2, "uni_au": 0.2, "uni_va": 0.2, "mtl": 1.0,
+             "mtl_no_aug": 1.0, "mtl_temporal": 1.0}
+  runs = variants.plan_study(config, ["uni_expr", "uni_au", "uni_va", "mtl",
+                                      "mtl_no_aug"])
+  runs += variants.temporal_runs(config, runs)
+  for run in runs:
+    workdir = variants.variant_workdir(study_dir, run.name)
+    frame_run = run if run.group != "temporal" else None
+    tasks = (variants.variant_config(config, frame_run, study_dir).model.tasks
+             if frame_run else ("expression", "au", "va"))
+    statistics = video_statistics(rng, 10, tasks, quality[run.family])
+    scores = metrics.compute_scores({k: v.sum(0) for k, v in statistics.items()})
+    fake_finished_run(workdir, config.temporal.base.num_train_steps if not frame_run
+                      else STEPS, {k: v for k, v in scores.items()
+                                   if isinstance(v, float)})
+    intervals.write_cached_statistics(
+        workdir, config.temporal.base.num_train_steps if not frame_run else STEPS,
+        [f"video{i}" for i in range(10)], statistics)
+  return config, study_dir
+
+
+def test_report_gives_mean_sd_and_marks_what_is_clear(fake_seeded_study, tmp_path):
+  config, study_dir = fake_seeded_study
+  paths = report.write_study_report(config, study_dir, str(tmp_path))
+  with open(paths["summary.csv"], newline="") as f:
+    summary = {row["variant"]: row for row in csv.DictReader(f)}
+  assert list(summary) == ["uni_expr", "uni_au", "uni_va", "mtl", "mtl_temporal",
+                           "mtl_no_aug"]
+  logged = [json.loads(open(os.path.join(study_dir, "mtl", f"seed{s}",
+                                         METRICS_FILE)).readline())["p_mtl"]
+            for s in range(3)]
+  assert float(summary["mtl"]["p_mtl_mean"]) == pytest.approx(np.mean(logged))
+  assert float(summary["mtl"]["p_mtl_sd"]) == pytest.approx(np.std(logged, ddof=1))
+  with open(paths["differences.csv"], newline="") as f:
+    differences = {(r["a"], r["b"], r["score"]): r for r in csv.DictReader(f)}
+  # mtl against the uni-task models: clear on the P_MTL scale; mtl_no_aug against
+  # mtl (the same quality): within noise; the temporal heads against their frame runs.
+  assert differences[("mtl", "uni-task", "p_mtl")]["clear"] == "True"
+  assert float(differences[("mtl", "uni-task", "p_mtl")]["low"]) > 0
+  assert float(differences[("mtl", "uni-task", "p_mtl")]["a_mean"]) == pytest.approx(
+      np.mean(logged))
+  assert differences[("mtl_no_aug", "mtl", "p_mtl")]["clear"] == "False"
+  assert ("mtl_temporal", "mtl", "p_mtl") in differences
+  text = open(paths["report.md"]).read()
+  mean, sd = np.mean(logged), np.std(logged, ddof=1)
+  assert f"{mean:.4f} ± {sd:.4f}" in text
+  assert "### multi-task − uni-task" in text and "**clear: a better**" in text
+  for plot in ("scores.png", "differences.png", "curves.png"):
+    assert os.path.getsize(paths[plot]) > 10_000
