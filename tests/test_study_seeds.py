@@ -273,7 +273,7 @@ def fake_seeded_study(tmp_path_factory):
   better than the uni-task models, mtl_no_aug as good as mtl."""
   study_dir = str(tmp_path_factory.mktemp("seeded_study"))
   config = seeded_config()
-  config.report.bootstrap.replicates = 100  # 16 comparisons of 6 runs each
+  config.report.bootstrap.replicates = 40  # 16 comparisons of 6 runs each
   rng = np.random.default_rng(0)
   quality = {"uni_expr": 0.2, "uni_au": 0.2, "uni_va": 0.2, "mtl": 1.0,
              "mtl_no_aug": 1.0, "mtl_temporal": 1.0}

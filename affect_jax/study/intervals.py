@@ -158,7 +158,8 @@ def plan_comparisons(tasks: dict[str, tuple[str, ...]], uni_task_baselines: dict
       planned.append(("multi-task − uni-task", name, "uni-task", "p_mtl"))
   if baseline in tasks:
     for name, name_tasks in tasks.items():
-      if name == baseline or name in temporal_frame or len(name_tasks) < 2:
+      # The uni-task baselines are compared with every multi-task variant above.
+      if name == baseline or name in temporal_frame or name in uni.values():
         continue
       for score in shared_scores(name_tasks, tasks[baseline]):
         planned.append(("variant − baseline", name, baseline, score))

@@ -187,8 +187,9 @@ def enable_compilation_cache(study_dir: str) -> None:
 def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_string("study_dir", None, "Folder of the variants' workdirs.",
                       flag_values=flag_values)
-  flags.DEFINE_string("variants", "", "Comma-separated variants to run (with the ones "
-                      "they warm-start from); default: all.", flag_values=flag_values)
+  flags.DEFINE_string("variants", "", "Comma-separated variants to run, every seed "
+                      "of each (or runs: name/seed<k>), with the ones they warm-start "
+                      "from; default: all.", flag_values=flag_values)
   flags.DEFINE_integer("shard_index", 0, "This machine's shard, in [0, shard_count).",
                        flag_values=flag_values)
   flags.DEFINE_integer("shard_count", 1, "Machines sharing the study.",
