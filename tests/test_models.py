@@ -273,7 +273,15 @@ def _relu_input_margin(model, variables, images):
   def output(tree):
     return np.asarray(tree["__call__"][0])
 
-  stem = output(backbone["bn1"])
+  # The "xla" stem pools before BN + ReLU, and its convolution's output is sign-folded:
+  # its BN's input is recomputed with flax's convolution and BN.
+  params, stats = variables["params"]["backbone"], variables["batch_stats"]["backbone"]
+  stem_input = nn.Conv(params["conv1"]["kernel"].shape[-1], (7, 7), strides=2,
+                       padding=resnet.PAD_3, use_bias=False).apply(
+                           {"params": params["conv1"]}, images)
+  stem, _ = nn.BatchNorm(use_running_average=False).apply(
+      {"params": params["bn1"], "batch_stats": stats["bn1"]}, stem_input,
+      mutable=["batch_stats"])
   margins = [np.abs(stem).min()]
   previous = nn.max_pool(jax.nn.relu(stem), (3, 3), strides=(2, 2), padding=resnet.PAD_1)
   for name in sorted(k for k in backbone if k.startswith("layer")):
@@ -458,3 +466,82 @@ def test_max_pool_propagates_nan_as_torch():
                                 padding=resnet.PAD_1))
   np.testing.assert_array_equal(np.isnan(pooled), np.isnan(want))
   assert np.isnan(pooled).sum() == 2
+
+
+def _with_signed_stem_scales(variables):
+  """The stem BN's scale made negative on every third channel and 0 on one: the
+  "xla" stem folds the sign into its convolution."""
+  params = jax.tree.map(lambda x: x, variables["params"])
+  scale = params["bn1"]["scale"]
+  channel = jnp.arange(scale.shape[0])
+  params["bn1"]["scale"] = jnp.where(channel % 3 == 0, -scale, scale).at[1].set(0.0)
+  return {**variables, "params": params}
+
+
+def test_xla_stem_pools_before_bn_and_relu_bit_for_bit():
+  """BN + ReLU is monotone per channel once the sign is folded into the convolution,
+  so pooling first gives flax's stem output exactly, in bfloat16 too."""
+  images = _images(batch=4, size=24, seed=7)
+  bn = _bn_variables(np.random.default_rng(7), 64)
+  variables = _with_signed_stem_scales(
+      {"params": {"conv1": {"kernel": resnet.conv_kernel_init(_rng(), (7, 7, 3, 64))},
+                  "bn1": bn["params"]}, "batch_stats": {"bn1": bn["batch_stats"]}})
+  params, stats = variables["params"], variables["batch_stats"]
+  for dtype in (jnp.float32, jnp.bfloat16):
+    conv = nn.Conv(64, (7, 7), strides=2, padding=resnet.PAD_3, use_bias=False,
+                   dtype=dtype)
+    features = conv.apply({"params": params["conv1"]}, images)
+    norm = nn.BatchNorm(use_running_average=False, dtype=dtype)
+    bn_variables = {"params": params["bn1"], "batch_stats": stats["bn1"]}
+
+    def flax_stem(features, norm=norm, bn_variables=bn_variables):
+      y, updates = norm.apply(bn_variables, features, mutable=["batch_stats"])
+      return resnet.stem_max_pool(jax.nn.relu(y)), updates
+
+    stem = resnet.TrainStemNormPool(64, dtype=dtype)
+
+    def xla_stem(features, stem=stem, bn_variables=bn_variables):
+      sign = stem.apply(bn_variables, method="sign")
+      return stem.apply(bn_variables, features * sign.astype(dtype), sign,
+                        mutable=["batch_stats"])
+
+    want, got = jax.jit(flax_stem)(features), jax.jit(xla_stem)(features)
+    np.testing.assert_array_equal(got[0], want[0])
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_xla_stem_equals_flax_layers_over_devices():
+  """The "xla" stem (sign-folded convolution, max-pool, BN + ReLU) against flax's
+  convolution, BatchNorm, ReLU and max-pool: outputs, running statistics and parameter
+  gradients of a train step under shard_map with BN statistics over the devices."""
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  images = _images(batch=2 * jax.device_count(), size=20, seed=4)
+  nets = [resnet.ResNet(stage_sizes=(1, 1, 1, 1), num_filters=8, bn_axis_name="data",
+                        layers=layers) for layers in (resnet.XLA_LAYERS, resnet.Layers())]
+  variables = _with_signed_stem_scales(_init(nets[1], images))
+  weights = jnp.asarray(np.random.default_rng(5).normal(size=(images.shape[0], 64)),
+                        jnp.float32)  # one per feature of the 8-filter ResNet
+
+  def train_step(net, variables, images, weights):
+    def loss(params):
+      features, updates = net.apply({"params": params,
+                                     "batch_stats": variables["batch_stats"]},
+                                    images, train=True, mutable=["batch_stats"])
+      return jnp.sum(features * weights), (features, updates)
+    grads, (features, updates) = jax.grad(loss, has_aux=True)(variables["params"])
+    return features, updates, jax.lax.psum(grads, "data")
+
+  results = [jax.jit(jax.shard_map(
+      functools.partial(train_step, net), mesh=mesh,
+      in_specs=(P(), P("data"), P("data")), out_specs=(P("data"), P(), P())))(
+          variables, images, weights) for net in nets]
+  (got, want) = results
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got[:2]), jax.tree.leaves(want[:2])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  # Gradients: the two backward passes sum in different orders (BN's cancellations).
+  for (path, b), a in zip(jax.tree_util.tree_leaves_with_path(want[2]),
+                          jax.tree.leaves(got[2])):
+    relative = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+    assert relative < 1e-5, (jax.tree_util.keystr(path), relative)

@@ -30,7 +30,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from flax.linen.normalization import _compute_stats
+from jax import lax
+
 
 # torchvision initialises convs with kaiming_normal_(mode="fan_out",
 # nonlinearity="relu"): an untruncated normal with variance 2 / fan_out.
@@ -56,15 +60,86 @@ class Layers:
     (None: nn.BatchNorm itself); evaluation always uses nn.BatchNorm's running averages.
   train_norm_fuses_relu: train_norm takes `relu=True` and applies the ReLU itself.
   train_max_pool: the stem's pooling when training (evaluation uses stem_max_pool).
+  train_stem_norm_pool: when training, the stem's BN, ReLU and max-pool as one layer
+    over a sign-folded flax convolution (TrainStemNormPool's interface); None: conv,
+    train_norm, ReLU and train_max_pool one after the other.
   """
 
   conv: Any = nn.Conv
   train_norm: Any = None
   train_norm_fuses_relu: bool = False
   train_max_pool: Callable = stem_max_pool
+  train_stem_norm_pool: Any = None
 
 
-XLA_LAYERS = Layers()  # flax's own: the network GPUs and TPUs run
+# The stem when training, without a pass over its 56x56 map between the convolution
+# and the max-pool. BN + ReLU is, per channel, a monotone map of the convolution's
+# output: non-decreasing where BN's scale is >= 0, non-increasing where it is < 0. With
+# those channels' kernels negated (exact in floating point), it is non-decreasing
+# everywhere, so it commutes with the window maximum, rounding included: the max-pool
+# runs on the convolution's output and BN + ReLU on the pooled quarter. Autodiff then
+# keeps no ReLU output, routes the max-pool's gradient by the convolution's output (the
+# same window maxima: only ties that rounding creates in the ReLU's output can pick
+# another tap, of equal value) and sums BN's backward terms over the pooled quarter.
+
+
+def _normalize(x, mean, var, scale, bias, epsilon, dtype):
+  """flax's BatchNorm normalisation (flax.linen.normalization._normalize), op for op."""
+  y = x - mean
+  y = y * (lax.rsqrt(var + epsilon) * scale)
+  return jnp.asarray(y + bias, dtype)
+
+
+def sign_folded_conv(sign):
+  """lax.conv_general_dilated with the kernel's output channels multiplied by `sign`
+  (+-1 per channel): exactly sign * the convolution, as nn.Conv's
+  `conv_general_dilated`."""
+  def conv(inputs, kernel, *args, **kwargs):
+    return lax.conv_general_dilated(inputs, kernel * sign.astype(kernel.dtype), *args,
+                                    **kwargs)
+  return conv
+
+
+class TrainStemNormPool(nn.Module):
+  """The stem's nn.BatchNorm (training mode), ReLU and max-pool over a convolution
+  output whose channels are multiplied by `sign()`: nn.BatchNorm's parameters, running
+  averages and results, pooled first (see above). The "xla" network's stem when
+  training."""
+
+  features: int
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  axis_name: str | None = None
+
+  def setup(self):
+    shape = (self.features,)
+    self.scale = self.param("scale", nn.initializers.ones, shape, self.param_dtype)
+    self.bias = self.param("bias", nn.initializers.zeros, shape, self.param_dtype)
+    self.ra_mean = self.variable("batch_stats", "mean", jnp.zeros, shape, jnp.float32)
+    self.ra_var = self.variable("batch_stats", "var", jnp.ones, shape, jnp.float32)
+
+  def sign(self):
+    """+-1 per channel: the sign that makes BN's scale non-negative."""
+    return jnp.where(self.scale < 0, -1.0, 1.0).astype(jnp.float32)
+
+  def __call__(self, signed, sign):
+    initializing = self.is_initializing()
+    # Statistics of `signed` = sign * x: the mean is sign * x's, exactly; the variance x's.
+    mean, var = _compute_stats(signed, (0, 1, 2), dtype=self.dtype,
+                               axis_name=None if initializing else self.axis_name)
+    if not initializing:
+      self.ra_mean.value = self.momentum * self.ra_mean.value + (1 - self.momentum) * (
+          mean * sign)
+      self.ra_var.value = self.momentum * self.ra_var.value + (1 - self.momentum) * var
+    dtype = self.dtype or jnp.result_type(signed, self.scale, self.bias)
+    # (sign x - sign mean) * (sign scale) = (x - mean) * scale, exactly.
+    return jax.nn.relu(_normalize(stem_max_pool(signed), mean, var, self.scale * sign,
+                                  self.bias, self.epsilon, dtype))
+
+
+XLA_LAYERS = Layers(train_stem_norm_pool=TrainStemNormPool)  # the network GPUs and TPUs run
 
 
 class BasicBlock(nn.Module):
@@ -141,9 +216,17 @@ class ResNet(nn.Module):
       norm = functools.partial(nn.BatchNorm, use_running_average=not train, **bn_settings)
       fuses_relu = False
     x = jnp.asarray(images, self.dtype)
-    x = conv(self.num_filters, (7, 7), strides=2, padding=PAD_3, name="conv1")(x)
-    x = norm_relu(norm, fuses_relu, "bn1", x)
-    x = layers.train_max_pool(x) if train else stem_max_pool(x)
+    stem_conv = functools.partial(conv, self.num_filters, (7, 7), strides=2, padding=PAD_3,
+                                  name="conv1")
+    if train and layers.train_stem_norm_pool is not None:
+      stem = layers.train_stem_norm_pool(self.num_filters, name="bn1", **bn_settings)
+      sign = stem.sign()
+      # layers.conv is nn.Conv here: its `conv_general_dilated` takes the sign fold.
+      x = stem(stem_conv(conv_general_dilated=sign_folded_conv(sign))(x), sign)
+    else:
+      x = stem_conv()(x)
+      x = norm_relu(norm, fuses_relu, "bn1", x)
+      x = layers.train_max_pool(x) if train else stem_max_pool(x)
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1
@@ -157,3 +240,4 @@ class ResNet(nn.Module):
 
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2))
 ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))
+
