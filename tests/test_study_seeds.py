@@ -135,6 +135,32 @@ def test_skip_resume_and_refusal_hold_per_seed_run(tmp_path):
     runner.run_study(changed, study_dir, ["uni_expr"], train_fn=finish)
 
 
+def test_each_run_of_a_chosen_variant_is_followed_by_its_temporal_head(tmp_path):
+  config = seeded_config(seed_list=(0, 1))
+  study_dir = str(tmp_path)
+  heads = []
+
+  def finish(run_config, workdir):
+    fake_finished_run(workdir)
+
+  def finish_head(head_config, workdir):
+    heads.append((os.path.relpath(workdir, study_dir),
+                  os.path.relpath(head_config.frame_run.workdir, study_dir),
+                  head_config.seed))
+    fake_finished_run(workdir, head_config.num_train_steps)
+
+  outcomes = runner.run_study(config, study_dir, ["mtl"], train_fn=finish,
+                              temporal_train_fn=finish_head)
+  assert list(outcomes.items()) == [
+      ("mtl/seed0", "trained"), ("mtl_temporal/seed0", "trained"),
+      ("mtl/seed1", "trained"), ("mtl_temporal/seed1", "trained")]
+  assert heads == [("mtl_temporal/seed0", "mtl/seed0", 0),
+                   ("mtl_temporal/seed1", "mtl/seed1", 1)]
+  again = runner.run_study(config, study_dir, ["mtl"], train_fn=finish,
+                           temporal_train_fn=finish_head)
+  assert set(again.values()) == {"skipped"} and len(heads) == 2
+
+
 # ------------------------------------------------------------------- mean ± sd
 
 def test_mean_and_sample_sd_over_seeds():

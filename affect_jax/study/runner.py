@@ -167,10 +167,9 @@ def run_study(study_config, study_dir: str, names: Sequence[str] | None = None,
     outcomes[variant.name] = run_variant(study_config, variant, study_dir, train_fn)
     log.info("[%d/%d] %s: %s", number, len(plan), variant.name, outcomes[variant.name])
     if variant.variant_name in temporal_variants:
-      name, outcomes_temporal = run_temporal(study_config, variant, study_dir,
-                                             temporal_train_fn)
-      outcomes[name] = outcomes_temporal
-      log.info("[%d/%d] %s: %s", number, len(plan), name, outcomes_temporal)
+      name, outcome = run_temporal(study_config, variant, study_dir, temporal_train_fn)
+      outcomes[name] = outcome
+      log.info("[%d/%d] %s: %s", number, len(plan), name, outcome)
   return outcomes
 
 

@@ -293,6 +293,8 @@ def temporal_config(study_config, frame_run: Variant, study_dir: str):
   config.frame_run.eval_split = frame_config.dataset.eval_split
   config.model.num_expr_classes = frame_config.model.num_expr_classes
   config.model.tasks = tuple(frame_config.model.tasks)
+  # A uni-task frame run keeps its best checkpoint by its task's score; so does its head.
+  config.checkpoint.best_metric = frame_config.checkpoint.best_metric
   return config
 
 
