@@ -10,6 +10,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from scipy import stats
 
 from affect_jax.eval import metrics
 from affect_jax.eval.accumulators import to_host
@@ -245,6 +246,22 @@ def test_a_difference_is_clear_of_noise_only_when_its_interval_excludes_zero():
   assert rows[0].endswith("| **clear: a better** |")
   assert rows[1].endswith("| **clear: b better** |")
   assert rows[2].endswith("| within noise |")
+
+
+def test_the_seed_interval_is_welchs_and_clear_needs_both_intervals():
+  a, b = [0.52, 0.61, 0.58, 0.49], [0.41, 0.47, 0.39]
+  expected = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+  low, high = intervals.welch_interval(a, b)
+  assert (low, high) == (pytest.approx(expected.low), pytest.approx(expected.high))
+  assert intervals.welch_interval([0.5], b) is None
+  videos_clear = {"clear": True, "low": 0.02, "high": 0.2, "difference": 0.1}
+  both = intervals.Comparison("s", "a", "b", "p_mtl", videos_clear, (0.01, 0.3))
+  videos_only = intervals.Comparison("s", "a", "b", "p_mtl", videos_clear, (-0.1, 0.3))
+  one_seed = intervals.Comparison("s", "a", "b", "p_mtl", videos_clear, None)
+  assert both.clear and intervals.verdict(both) == "**clear: a better**"
+  assert not videos_only.clear
+  assert intervals.verdict(videos_only) == "over videos only: a better"
+  assert not one_seed.clear
 
 
 @functools.lru_cache(maxsize=None)

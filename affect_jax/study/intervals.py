@@ -3,8 +3,13 @@ per-video statistics on the validation split (from its final checkpoint's per-fr
 predictions, cached in its workdir), and paired differences of exact scores with
 bootstrap intervals over the validation videos (affect_jax.temporal.compare), for
 multi-task minus uni-task, each variant minus the baseline, and temporal minus frame
-model. A variant given as several seeds scores the mean of its seeds on each resample,
-so an interval holds the seed-to-seed spread as well as the sampling of videos."""
+model. A variant given as several seeds scores the mean of its seeds on each resample.
+
+The video bootstrap holds the trained networks fixed: it says how much the difference
+depends on which videos are scored, not how much it would move with other seeds. So
+each difference also gets Welch's t interval over the seeds' whole-split scores, and
+is called clear only when both intervals exclude 0 (the seed interval needs two seeds
+a side)."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,6 +18,7 @@ import os
 from typing import Sequence
 
 import numpy as np
+from scipy import stats  # a dependency of jax
 
 from affect_jax.temporal import compare
 from affect_jax.vocabulary import TASK_SCORE, TASKS
@@ -33,6 +39,15 @@ class Comparison:
   b: str
   score: str
   result: dict  # compare.paired_difference's
+  seed_interval: tuple[float, float] | None = None  # Welch's t over the seeds' scores
+
+  @property
+  def clear(self) -> bool:
+    """Both intervals exclude 0, on the same side."""
+    if self.seed_interval is None or not self.result["clear"]:
+      return False
+    low, high = self.seed_interval
+    return (low > 0) == (self.result["low"] > 0) and (low > 0 or high < 0)
 
 
 # ------------------------------------------------------------ per-video statistics
@@ -170,6 +185,22 @@ def plan_comparisons(tasks: dict[str, tuple[str, ...]], uni_task_baselines: dict
   return planned
 
 
+def welch_interval(scores_a: Sequence[float], scores_b: Sequence[float],
+                   confidence: float = 0.95) -> tuple[float, float] | None:
+  """Welch's t interval of mean(a) − mean(b), the values being one score per seed;
+  None with fewer than two values a side."""
+  a, b = np.asarray(scores_a, np.float64), np.asarray(scores_b, np.float64)
+  if len(a) < 2 or len(b) < 2:
+    return None
+  var_a, var_b = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+  difference = a.mean() - b.mean()
+  if var_a + var_b == 0:
+    return float(difference), float(difference)
+  freedom = (var_a + var_b) ** 2 / (var_a ** 2 / (len(a) - 1) + var_b ** 2 / (len(b) - 1))
+  half = stats.t.ppf(0.5 + confidence / 2, freedom) * np.sqrt(var_a + var_b)
+  return float(difference - half), float(difference + half)
+
+
 def compare_variants(statistics: dict[str, dict[int, compare.Statistics]],
                      planned: Sequence[tuple[str, str, str, str]],
                      uni_task_baselines: dict, *, replicates: int = 1000,
@@ -181,13 +212,16 @@ def compare_variants(statistics: dict[str, dict[int, compare.Statistics]],
   combined = (combined_uni_task_runs(uni_runs) if len(uni_runs) == len(TASKS) else [])
   comparisons = []
   for section, a, b, score in planned:
+    runs_a = list(statistics[a].values())
     runs_b = combined if b == "uni-task" else list(statistics[b].values())
     if not runs_b:
       continue
-    result = compare.paired_difference(list(statistics[a].values()), runs_b, score,
-                                       replicates=replicates, confidence=confidence,
-                                       seed=seed)
-    comparisons.append(Comparison(section, a, b, score, result))
+    result = compare.paired_difference(runs_a, runs_b, score, replicates=replicates,
+                                       confidence=confidence, seed=seed)
+    per_seed = [[compare.mean_score([run], score) for run in runs]
+                for runs in (runs_a, runs_b)]
+    comparisons.append(Comparison(section, a, b, score, result,
+                                  welch_interval(*per_seed, confidence)))
   return comparisons
 
 
@@ -201,31 +235,45 @@ def comparison_name(name: str, uni_task_baselines: dict) -> str:
 
 def comparison_table(comparisons: Sequence[Comparison], uni_task_baselines: dict
                      ) -> list[str]:
-  """One markdown row per difference: a, b, their means, a − b with its interval, and
-  whether the interval excludes 0."""
-  lines = ["| a | b | score | mean a | mean b | a − b | interval | verdict |",
-           "|---|---|---|---|---|---|---|---|"]
+  """One markdown row per difference: a, b, their means, a − b with its interval over
+  videos and over seeds, and the verdict."""
+  lines = ["| a | b | score | mean a | mean b | a − b | over videos | over seeds | "
+           "verdict |", "|---|---|---|---|---|---|---|---|---|"]
   for c in comparisons:
     r = c.result
-    verdict = ("**clear: a better**" if r["clear"] and r["low"] > 0 else
-               "**clear: b better**" if r["clear"] else "within noise")
+    seeds = ("n/a" if c.seed_interval is None else
+             "[{:+.4f}, {:+.4f}]".format(*c.seed_interval))
     lines.append(
         f"| {comparison_name(c.a, uni_task_baselines)} | "
         f"{comparison_name(c.b, uni_task_baselines)} | "
         f"{SCORE_LABELS.get(c.score, c.score)} | {r['a']:.4f} | {r['b']:.4f} | "
-        f"{r['difference']:+.4f} | [{r['low']:+.4f}, {r['high']:+.4f}] | {verdict} |")
+        f"{r['difference']:+.4f} | [{r['low']:+.4f}, {r['high']:+.4f}] | {seeds} | "
+        f"{verdict(c)} |")
   return lines
 
 
+def verdict(c: Comparison) -> str:
+  better = "a better" if c.result["difference"] > 0 else "b better"
+  if c.clear:
+    return f"**clear: {better}**"
+  if c.result["clear"]:
+    return f"over videos only: {better}"
+  return "within noise"
+
+
 CSV_FIELDS = ("section", "a", "b", "score", "a_mean", "b_mean", "difference", "low",
-              "high", "clear", "videos", "replicates", "confidence")
+              "high", "clear_over_videos", "seeds_low", "seeds_high", "clear", "videos",
+              "replicates", "confidence")
 
 
 def csv_rows(comparisons: Sequence[Comparison]) -> list[dict]:
   return [{"section": c.section, "a": c.a, "b": c.b, "score": c.score,
            "a_mean": repr(c.result["a"]), "b_mean": repr(c.result["b"]),
            "difference": repr(c.result["difference"]), "low": repr(c.result["low"]),
-           "high": repr(c.result["high"]), "clear": c.result["clear"],
+           "high": repr(c.result["high"]), "clear_over_videos": c.result["clear"],
+           "seeds_low": "" if c.seed_interval is None else repr(c.seed_interval[0]),
+           "seeds_high": "" if c.seed_interval is None else repr(c.seed_interval[1]),
+           "clear": c.clear,
            "videos": c.result["videos"], "replicates": c.result["replicates"],
            "confidence": c.result["confidence"]} for c in comparisons]
 
@@ -237,8 +285,10 @@ def plot_differences(comparisons: Sequence[Comparison], uni_task_baselines: dict
   fig, ax = plt.subplots(figsize=(9, 0.3 * len(comparisons) + 1.5))
   for y, c in enumerate(comparisons):
     r = c.result
-    colour = "tab:red" if r["clear"] else "tab:gray"
-    ax.plot([r["low"], r["high"]], [y, y], color=colour, lw=2)
+    colour = "tab:red" if c.clear else "tab:orange" if r["clear"] else "tab:gray"
+    ax.plot([r["low"], r["high"]], [y - 0.12] * 2, color=colour, lw=2.5)
+    if c.seed_interval is not None:
+      ax.plot(c.seed_interval, [y + 0.12] * 2, color=colour, lw=1, ls="--")
     ax.plot(r["difference"], y, "o", color=colour, ms=4)
   labels = [f"{c.a} − {c.b if c.b != 'uni-task' else 'uni-task models'}: "
             f"{SCORE_LABELS.get(c.score, c.score)}" for c in comparisons]
@@ -246,8 +296,9 @@ def plot_differences(comparisons: Sequence[Comparison], uni_task_baselines: dict
   ax.invert_yaxis()
   ax.axvline(0, color="black", lw=0.8)
   confidence = comparisons[0].result["confidence"] if comparisons else 0.95
-  ax.set(xlabel=f"difference, {confidence:.0%} bootstrap interval over validation "
-                "videos (red: excludes 0)")
+  ax.set(xlabel=f"difference; {confidence:.0%} intervals: over validation videos "
+                "(solid), over seeds (dashed); red: both exclude 0, orange: the "
+                "videos' only")
   ax.grid(alpha=0.3, axis="x")
   fig.tight_layout()
   fig.savefig(path, dpi=100)

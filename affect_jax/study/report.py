@@ -328,12 +328,16 @@ def differences_section(comparisons: Sequence[intervals.Comparison],
     return []
   first = comparisons[0].result
   lines = ["## Differences with intervals", "",
-           f"a − b on the same validation videos: {first['confidence']:.0%} percentile "
-           f"bootstrap intervals over the {first['videos']} videos "
-           f"({first['replicates']} replicates; each replicate draws videos with "
-           "replacement and scores both sides, each the mean over its seeds, exactly "
-           "on the frames of the drawn videos). **clear** marks an interval that "
-           "excludes 0; a difference within noise is not resolved at this size. The "
+           f"a − b, each side the mean over its seeds, with two {first['confidence']:.0%}"
+           f" intervals. **Over videos**: a percentile bootstrap over the "
+           f"{first['videos']} validation videos ({first['replicates']} replicates; "
+           "each draws videos with replacement, the same for both sides and all their "
+           "seeds, and scores each side exactly on the frames of the drawn videos): "
+           "how much the difference depends on which videos are scored, the networks "
+           "held fixed. **Over seeds**: Welch's t interval over the seeds' scores on "
+           "the whole split: how much it would move with other seeds. **clear** marks "
+           "a difference both intervals put on the same side of 0; *over videos only* "
+           "one the seeds do not resolve; *within noise* one neither resolves. The "
            "uni-task side of P_MTL is the three uni-task models taken together (per "
            "seed, each task from its own network). Every number is in "
            "[differences.csv](differences.csv).", ""]
