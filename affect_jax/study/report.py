@@ -255,7 +255,8 @@ def setup_lines(study_config, results: Sequence[VariantResult]) -> list[str]:
       f"({base.optimizer.schedule}, {base.optimizer.warmup_steps} warm-up steps), "
       f"augmentation `{base.input.augment}`",
       f"- seeds: {', '.join(map(str, study_seeds(study_config))) or base.seed} "
-      "(each seed sets initialisation, data order and augmentation)",
+      "(each seed sets initialisation, data order and augmentation; the seeds column "
+      "says which ran for each variant)",
   ]
   temporal = study_config.get("temporal")
   if temporal and temporal.variants and any(r.temporal for r in results):
