@@ -18,7 +18,9 @@ no counterpart: the backbone ends at global average pooling)::
 
 The network is written as flax writes ResNet: the blocks and the stem take their conv,
 norm and pool layers as arguments (``Layers``). ``XLA_LAYERS`` are flax's own layers, the
-network GPUs and TPUs run; ``affect_jax.cpu.layers.CPU_LAYERS`` are the same layers in
+network GPUs and TPUs run, with one rewrite of the stem when training
+(``TrainStemNormPool``: max-pool before BN + ReLU, exact, fewer passes over its map);
+``affect_jax.cpu.layers.CPU_LAYERS`` are the same layers in
 XLA:CPU's fast forms (same parameters, same results up to float rounding).
 ``affect_jax.model.multitask`` adds the task heads; ``pretrained.backbone_layout`` spells
 the torchvision mapping out key by key."""
@@ -139,7 +141,7 @@ class TrainStemNormPool(nn.Module):
                                   self.bias, self.epsilon, dtype))
 
 
-XLA_LAYERS = Layers(train_stem_norm_pool=TrainStemNormPool)  # the network GPUs and TPUs run
+XLA_LAYERS = Layers(train_stem_norm_pool=TrainStemNormPool)  # GPUs and TPUs run these
 
 
 class BasicBlock(nn.Module):
