@@ -254,6 +254,10 @@ def test_the_seed_interval_is_welchs_and_clear_needs_both_intervals():
   low, high = intervals.welch_interval(a, b)
   assert (low, high) == (pytest.approx(expected.low), pytest.approx(expected.high))
   assert intervals.welch_interval([0.5], b) is None
+  # A temporal head and its frame run share their seed: paired by seed.
+  expected = stats.ttest_rel(a[:3], b).confidence_interval(0.95)
+  low, high = intervals.paired_interval(a[:3], b)
+  assert (low, high) == (pytest.approx(expected.low), pytest.approx(expected.high))
   videos_clear = {"clear": True, "low": 0.02, "high": 0.2, "difference": 0.1}
   both = intervals.Comparison("s", "a", "b", "p_mtl", videos_clear, (0.01, 0.3))
   videos_only = intervals.Comparison("s", "a", "b", "p_mtl", videos_clear, (-0.1, 0.3))

@@ -7,9 +7,10 @@ model. A variant given as several seeds scores the mean of its seeds on each res
 
 The video bootstrap holds the trained networks fixed: it says how much the difference
 depends on which videos are scored, not how much it would move with other seeds. So
-each difference also gets Welch's t interval over the seeds' whole-split scores, and
-is called clear only when both intervals exclude 0 (the seed interval needs two seeds
-a side)."""
+each difference also gets a t interval over the seeds' whole-split scores (Welch's
+for two sets of networks; paired by seed for a temporal head and the frame run whose
+embeddings it was trained on), and is called clear only when both intervals exclude 0
+(the seed interval needs two seeds a side)."""
 from __future__ import annotations
 
 import dataclasses
@@ -39,7 +40,7 @@ class Comparison:
   b: str
   score: str
   result: dict  # compare.paired_difference's
-  seed_interval: tuple[float, float] | None = None  # Welch's t over the seeds' scores
+  seed_interval: tuple[float, float] | None = None  # t interval over the seeds' scores
 
   @property
   def clear(self) -> bool:
@@ -201,6 +202,22 @@ def welch_interval(scores_a: Sequence[float], scores_b: Sequence[float],
   return float(difference - half), float(difference + half)
 
 
+def paired_interval(scores_a: Sequence[float], scores_b: Sequence[float],
+                    confidence: float = 0.95) -> tuple[float, float] | None:
+  """The t interval of the mean of a_k − b_k, k a seed both sides ran; None with
+  fewer than two seeds."""
+  differences = np.asarray(scores_a, np.float64) - np.asarray(scores_b, np.float64)
+  if len(differences) < 2:
+    return None
+  mean = differences.mean()
+  half = (stats.t.ppf(0.5 + confidence / 2, len(differences) - 1)
+          * differences.std(ddof=1) / np.sqrt(len(differences)))
+  return float(mean - half), float(mean + half)
+
+
+PAIRED_BY_SEED = ("temporal − frame",)  # sections whose a and b runs share a seed
+
+
 def compare_variants(statistics: dict[str, dict[int, compare.Statistics]],
                      planned: Sequence[tuple[str, str, str, str]],
                      uni_task_baselines: dict, *, replicates: int = 1000,
@@ -218,10 +235,16 @@ def compare_variants(statistics: dict[str, dict[int, compare.Statistics]],
       continue
     result = compare.paired_difference(runs_a, runs_b, score, replicates=replicates,
                                        confidence=confidence, seed=seed)
-    per_seed = [[compare.mean_score([run], score) for run in runs]
-                for runs in (runs_a, runs_b)]
-    comparisons.append(Comparison(section, a, b, score, result,
-                                  welch_interval(*per_seed, confidence)))
+    if section in PAIRED_BY_SEED and b != "uni-task":
+      shared = sorted(set(statistics[a]) & set(statistics[b]))
+      seed_interval = paired_interval(
+          [compare.mean_score([statistics[a][k]], score) for k in shared],
+          [compare.mean_score([statistics[b][k]], score) for k in shared], confidence)
+    else:
+      seed_interval = welch_interval(
+          *[[compare.mean_score([run], score) for run in runs]
+            for runs in (runs_a, runs_b)], confidence)
+    comparisons.append(Comparison(section, a, b, score, result, seed_interval))
   return comparisons
 
 

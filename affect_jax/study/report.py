@@ -185,6 +185,8 @@ def search_ranking(results: Sequence[VariantResult], search) -> list[str]:
     return []
   groups = {name: runs for name, runs in variant_groups(results).items()
             if runs[0].variant.group == "search" or name == search.base_variant}
+  if not any(runs[0].variant.group == "search" for runs in groups.values()):
+    return []  # no trial has run
   metric = {name: seeds.spread([r.score(search.metric) for r in runs])
             for name, runs in groups.items()}
   ranked = sorted(groups, key=lambda n: -(float("-inf") if metric[n] is None
@@ -335,10 +337,11 @@ def differences_section(comparisons: Sequence[intervals.Comparison],
            "each draws videos with replacement, the same for both sides and all their "
            "seeds, and scores each side exactly on the frames of the drawn videos): "
            "how much the difference depends on which videos are scored, the networks "
-           "held fixed. **Over seeds**: Welch's t interval over the seeds' scores on "
-           "the whole split: how much it would move with other seeds. **clear** marks "
-           "a difference both intervals put on the same side of 0; *over videos only* "
-           "one the seeds do not resolve; *within noise* one neither resolves. The "
+           "held fixed. **Over seeds**: a t interval over the seeds' scores on the "
+           "whole split (Welch's; paired by seed for a temporal head and the frame run "
+           "it was trained on): how much it would move with other seeds. **clear** "
+           "marks a difference both intervals put on the same side of 0; *over videos "
+           "only* one the seeds do not resolve; *within noise* one neither resolves. The "
            "uni-task side of P_MTL is the three uni-task models taken together (per "
            "seed, each task from its own network). Every number is in "
            "[differences.csv](differences.csv).", ""]
