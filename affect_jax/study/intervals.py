@@ -319,9 +319,8 @@ def plot_differences(comparisons: Sequence[Comparison], uni_task_baselines: dict
   ax.invert_yaxis()
   ax.axvline(0, color="black", lw=0.8)
   confidence = comparisons[0].result["confidence"] if comparisons else 0.95
-  ax.set(xlabel=f"difference; {confidence:.0%} intervals: over validation videos "
-                "(solid), over seeds (dashed); red: both exclude 0, orange: the "
-                "videos' only")
+  ax.set(xlabel=f"a − b; {confidence:.0%} intervals over videos (solid) and seeds "
+                "(dashed)\nred: both exclude 0; orange: over videos only")
   ax.grid(alpha=0.3, axis="x")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
