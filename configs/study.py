@@ -1,14 +1,15 @@
 """The study: uni-task vs multi-task, initialisation, losses, augmentation, and a small
-hyper-parameter search, on the synthetic release at a scale a 2-core CPU finishes in
-about half an hour (docs/study/ holds its report).
+hyper-parameter search, each variant with three seeds, and a temporal head over each
+mtl run, on the synthetic release (docs/study/ holds its report; docs/STUDY.md says
+how it was run and what it cost).
 
   affect-jax study --config configs/study.py --study_dir runs/study \
       --config.base.dataset.data_dir=runs/demo/tfds --report_dir docs/study
 
 `base` is an ordinary training config; each variant is a set of overrides on it (dotted
-keys), trained in its own workdir `<study_dir>/<name>`. A variant with
-`init_from_variant` warm-starts from that variant's finished workdir, so the runner trains
-the other one first. configs/study_affwild2.py runs the same grid on real Aff-Wild2.
+keys), trained once per seed in its own workdir `<study_dir>/<name>/seed<k>`. A variant
+with `init_from_variant` warm-starts from that variant's finished workdir (the run of
+the same seed), so the runner trains the other one first. configs/study_affwild2.py runs the same grid on real Aff-Wild2.
 """
 import ml_collections
 
@@ -96,8 +97,8 @@ def temporal_config():
 
 def base_config():
   """The demo's setting, narrower (16 filters) and shorter (500 steps, about 3.5 epochs
-  of the synthetic release's training frames): three seeds of the seven variants of
-  the committed report and their temporal heads take about an hour of a 2-core CPU."""
+  of the synthetic release's training frames): three seeds of seven variants and the
+  mtl runs' temporal heads took 41 minutes of a shared 2-core CPU."""
   config = demo.get_config()
   config.model.num_filters = 16
   config.input.image_size = 112

@@ -86,7 +86,8 @@ def test_temporal_heads_follow_the_chosen_variants_runs():
   frame_runs = variants.plan_study(config, ["mtl", "uni_au"])
   heads = variants.temporal_runs(config, frame_runs)
   assert [(h.name, h.seed, h.family) for h in heads] == [
-      ("mtl_temporal/seed0", 0, "mtl_temporal"), ("mtl_temporal/seed1", 1, "mtl_temporal"),
+      ("mtl_temporal/seed0", 0, "mtl_temporal"),
+      ("mtl_temporal/seed1", 1, "mtl_temporal"),
       ("mtl_temporal/seed2", 2, "mtl_temporal")]
   head_config = variants.temporal_config(config, frame_runs[-1], "/study")
   assert head_config.frame_run.workdir == "/study/mtl/seed2"
@@ -305,7 +306,9 @@ def test_the_uni_task_models_together_score_the_sum_of_their_task_scores():
          "au": {0: video_statistics(rng, 5, ("au",), 0.5)},
          "va": {0: video_statistics(rng, 5, ("va",), 0.5)}}
   combined, = intervals.combined_uni_task_runs(uni)
-  whole = lambda s: metrics.compute_scores({k: v.sum(0) for k, v in s.items()})  # noqa: E731
+  def whole(statistics):
+    return metrics.compute_scores({k: v.sum(0) for k, v in statistics.items()})
+
   expected = (whole(uni["expression"][0])["expr_f1"] + whole(uni["au"][0])["au_f1"]
               + whole(uni["va"][0])["p_va"])
   assert whole(combined)["p_mtl"] == pytest.approx(expected)

@@ -79,12 +79,12 @@ def frame_model_table(config, workdir: str, step: int):
   """Every frame of the eval split predicted by the frame run's checkpoint `step`."""
   from affect_jax.data import records  # pylint: disable=g-import-not-at-top
   from affect_jax.inference import restore, sources  # pylint: disable=g-import-not-at-top
-  from affect_jax.inference.frame_table import predict_frames  # pylint: disable=g-import-not-at-top
+  from affect_jax.inference import frame_table  # pylint: disable=g-import-not-at-top
   predictor = restore.restore_predictor(config, workdir, step)
   split = config.dataset.eval_split
   raw = records.open_data_source(config.dataset.name, split, config.dataset.data_dir)
   data = sources.TfdsRecords(raw, config.input.image_size, split)
-  return predict_frames(predictor, data, config.input.worker_count)
+  return frame_table.predict_frames(predictor, data, config.input.worker_count)
 
 
 def temporal_model_table(config, workdir: str, step: int):

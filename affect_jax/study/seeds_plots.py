@@ -87,7 +87,8 @@ def plot_curves(results: Sequence, path: str) -> None:
   legend_panel.axis("off")
   handles, labels = axes[0].get_legend_handles_labels()
   legend_panel.legend(handles, labels, loc="center", fontsize=9,
-                      title="uni-task dashed, multi-task solid, temporal dotted; one line a seed")
+                      title="uni-task dashed, multi-task solid, temporal dotted; "
+                      "one line a seed")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
