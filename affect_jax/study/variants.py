@@ -182,8 +182,9 @@ def with_dependencies(variants: Sequence[Variant], selected: Sequence[str]
       families.setdefault(v.family, []).append(v.name)
   unknown = [n for n in selected if n not in by_name and n not in families]
   if unknown:
-    raise InputError(f"unknown variants {unknown}; the study has "
-                     f"{sorted(set(by_name) | set(families))}")
+    names = sorted({v.variant_name for v in variants})
+    runs = " (or one run of one: <variant>/seed<k>)" if families else ""
+    raise InputError(f"unknown variants {unknown}; the study has {names}{runs}")
   wanted: set[str] = set()
   for name in [run for n in selected for run in families.get(n, [n])]:
     while name and name not in wanted:
