@@ -75,11 +75,16 @@ def run_steps(config, devices, batches, initial_state=None):
 
 
 # bfloat16 keeps 8 significant bits: activations and gradients rounded in every layer,
-# and summed over the batch in another order on 1 and 8 devices, move each leaf's update
-# by 2-6% of its norm (measured; bfloat16 itself moves it 5-25% from the float32 update).
-# A real fault is far larger: unsynchronised BatchNorm statistics or an unaveraged
-# gradient change updates by tens to hundreds of percent.
-BFLOAT16_UPDATE_TOLERANCE = 0.1  # of each leaf's update norm
+# and summed over the batch in another order on 1 and 8 devices, move the update by a
+# few % of its norm (measured; bfloat16 itself moves it 5-25% from the float32 update).
+# One leaf can move more where a rounding flip early in the network grows over the two
+# steps (here 19% of one BN scale's update and 9% of the whole update; 1-11% per leaf for
+# other data seeds), so the whole update is held to 15% and each leaf to 30%. The
+# float32 case holds 1 and 8 devices to 1e-4; a fault of the bfloat16 path is far
+# larger: unsynchronised BatchNorm statistics or an unaveraged gradient change updates
+# by tens to hundreds of percent.
+BFLOAT16_UPDATE_TOLERANCE = 0.15  # of the whole update's norm
+BFLOAT16_LEAF_UPDATE_TOLERANCE = 0.3  # of each leaf's update norm
 BFLOAT16_LOSS_RTOL = 1e-2
 
 
@@ -98,9 +103,13 @@ def assert_same_training(initial, state_1, metrics_1, state_8, metrics_8, dtype)
   else:
     np.testing.assert_allclose(metrics_1["loss"], metrics_8["loss"],
                                rtol=BFLOAT16_LOSS_RTOL)
+    differences, updates = [], []
     for (path, a), b, start in zip(flat_1, flat_8, flat_initial):
-      update = np.linalg.norm(a - start)
-      assert np.linalg.norm(a - b) <= BFLOAT16_UPDATE_TOLERANCE * update, path
+      differences.append(np.linalg.norm(a - b))
+      updates.append(np.linalg.norm(a - start))
+      assert differences[-1] <= BFLOAT16_LEAF_UPDATE_TOLERANCE * updates[-1], path
+    assert (np.linalg.norm(differences)
+            <= BFLOAT16_UPDATE_TOLERANCE * np.linalg.norm(updates))
     for a, b in zip(jax.tree.leaves(state_1.batch_stats),
                     jax.tree.leaves(state_8.batch_stats)):
       assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(a)
