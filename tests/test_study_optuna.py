@@ -14,7 +14,7 @@ import pytest
 
 from affect_jax.errors import InputError
 from affect_jax.eval import writers
-from affect_jax.study import optuna_search, variants
+from affect_jax.study import optuna_search, runner, variants
 from affect_jax.study.runner import run_variant
 from affect_jax.train import guards, loop
 from configs import study_optuna
@@ -315,3 +315,23 @@ def test_on_evaluation_stops_the_run_after_a_consistent_checkpoint(uninterrupted
   final = variants.training_evaluations(workdir)[-1]
   assert final["step"] == config.num_train_steps
   assert final["p_mtl"] == reference[config.num_train_steps]["p_mtl"]
+
+
+def test_the_runner_trains_the_variants_then_the_search(tmp_path):
+  """`affect-jax study` with search.kind optuna: the listed variants' seed runs first,
+  then the trials one by one; a second run trains nothing."""
+  config = search_config(trials=3)
+  config.variants = [spec for spec in config.variants if spec["name"] == "mtl"]
+  config.seeds = (0, 1)
+  config.temporal.variants = ()
+  assert [run.name for run in variants.study_runs(config)] == ["mtl/seed0", "mtl/seed1"]
+  training = FakeTraining()
+  outcomes = runner.run_study(config, str(tmp_path), train_fn=training)
+  assert outcomes == {"mtl/seed0": "trained", "mtl/seed1": "trained",
+                      "search_trial0": "complete", "search_trial1": "complete",
+                      "search_trial2": "complete"}
+  assert [name for name, _ in training.sessions] == [
+      "seed0", "seed1", "search_trial0", "search_trial1", "search_trial2"]
+  again = FakeTraining()
+  runner.run_study(config, str(tmp_path), train_fn=again)
+  assert again.sessions == []

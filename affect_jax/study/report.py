@@ -88,7 +88,12 @@ def collect_results(study_config, study_dir: str) -> list[VariantResult]:
   after its frame run."""
   selection = study_config.report.selection
   results = []
-  for run in order_by_dependencies(study_runs(study_config)):
+  runs = study_runs(study_config)
+  search = study_config.get("search")
+  if search and search.kind == "optuna":
+    from affect_jax.study import optuna_search  # pylint: disable=g-import-not-at-top
+    runs += optuna_search.trial_variants(study_config, study_dir)
+  for run in order_by_dependencies(runs):
     config = variant_config(study_config, run, study_dir)
     results += collect_run(run, config, study_dir, selection)
     for temporal in temporal_runs(study_config, [run]):
@@ -387,7 +392,11 @@ def write_study_report(study_config, study_dir: str, report_dir: str | None = No
            *seeds.summary_table(groups, SCORE_COLUMNS, score, seeds_text,
                                 total_wall_time), "",
            *differences_section(comparisons, baselines)]
-  ranking = search_ranking(results, study_config.get("search"))
+  search = study_config.get("search")
+  if search and search.kind == "optuna":
+    from affect_jax.study import optuna_search  # pylint: disable=g-import-not-at-top
+    lines += optuna_search.report_section(study_config, study_dir, results)
+  ranking = [] if search and search.kind == "optuna" else search_ranking(results, search)
   if ranking:
     search = study_config.search
     lines += ["## Hyper-parameter search", "",

@@ -170,6 +170,12 @@ def run_study(study_config, study_dir: str, names: Sequence[str] | None = None,
       name, outcome = run_temporal(study_config, variant, study_dir, temporal_train_fn)
       outcomes[name] = outcome
       log.info("[%d/%d] %s: %s", number, len(plan), name, outcome)
+  search = study_config.get("search")
+  if (search and search.kind == "optuna" and search.trials and not names
+      and shard_index == 0):
+    from affect_jax.study import optuna_search  # pylint: disable=g-import-not-at-top
+    outcomes.update(optuna_search.run_search(study_config, study_dir, run_variant,
+                                             train_fn))
   return outcomes
 
 

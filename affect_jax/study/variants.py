@@ -71,6 +71,8 @@ def search_variants(search, variants: Sequence[Variant]) -> list[Variant]:
   """
   if not search or not search.trials:
     return []
+  if search.kind == "optuna":  # drawn one by one as the search runs (optuna_search)
+    return []
   by_name = {v.name: v for v in variants}
   if search.base_variant not in by_name:
     raise InputError(f"search.base_variant {search.base_variant!r} is not a variant")

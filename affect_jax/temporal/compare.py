@@ -6,8 +6,9 @@ are functions of sufficient statistics that add over frames (metrics.py), so eac
 video's statistics are computed once and a bootstrap replicate is a weighted sum of
 them: exact scores for every resample, no frame revisited. Both models are scored on the
 same resampled videos (a paired bootstrap); a model given as several runs (seeds) scores
-the mean of its runs' scores on each resample, so the interval holds the seed-to-seed
-spread as well as the sampling of videos.
+the mean of its runs' scores on each resample. The trained networks stay fixed, so the
+interval is that of the sampling of videos only: how far a difference would move with
+other seeds needs an interval over the seeds (the study report gives both).
 """
 from __future__ import annotations
 
