@@ -336,7 +336,7 @@ def run_trial(study_config, study_dir: str, study: optuna.Study,
   return "complete"
 
 
-def run_search(study_config, study_dir: str, run_variant_fn: Callable | None = None,
+def run_search(study_config, study_dir: str, run_variant_fn: Callable,
                train_fn: Callable | None = None) -> dict[str, str]:
   """Runs the search to `search.trials` ended trials: first those a killed invocation
   left running (resumed with their parameters), then new ones. run_variant_fn(
@@ -345,9 +345,6 @@ def run_search(study_config, study_dir: str, run_variant_fn: Callable | None = N
   on_evaluation) is loop.train_and_evaluate unless given. Returns {trial's variant
   name: 'complete' | 'pruned at step k' | 'failed: why'}."""
   search = study_config.search
-  if run_variant_fn is None:
-    from affect_jax.study import runner  # pylint: disable=g-import-not-at-top
-    run_variant_fn = runner.run_variant
   if train_fn is None:
     from affect_jax.train import loop  # pylint: disable=g-import-not-at-top
     train_fn = loop.train_and_evaluate
