@@ -19,7 +19,7 @@ import os
 from typing import Sequence
 
 import numpy as np
-from scipy import stats  # a dependency of jax
+from scipy import stats
 
 from affect_jax.temporal import compare
 from affect_jax.vocabulary import TASK_SCORE, TASKS
