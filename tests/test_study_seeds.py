@@ -373,3 +373,20 @@ def test_report_gives_mean_sd_and_marks_what_is_clear(fake_seeded_study, tmp_pat
   assert "### multi-task − uni-task" in text and "**clear: a better**" in text
   for plot in ("scores.png", "differences.png", "curves.png"):
     assert os.path.getsize(paths[plot]) > 10_000
+
+
+def test_cached_statistics_of_another_step_or_layout_are_not_read(tmp_path):
+  """A run's cached per-video statistics are read back only for the same checkpoint
+  and the same statistics layout (an older VA split would be misread as this one)."""
+  workdir = str(tmp_path)
+  statistics = {"va_int": np.arange(60, dtype=np.int64).reshape(1, 30, 2)}
+  intervals.write_cached_statistics(workdir, 10, ["v0"], statistics)
+  videos, read = intervals.read_cached_statistics(workdir, 10)
+  assert videos == ["v0"]
+  np.testing.assert_array_equal(read["va_int"], statistics["va_int"])
+  assert intervals.read_cached_statistics(workdir, 20) is None
+  path = os.path.join(workdir, intervals.STATISTICS_FILE)
+  with np.load(path) as cached:
+    old = {k: cached[k] for k in cached.files if k != "layout"}
+  np.savez(path, **old)  # written before the layout was recorded
+  assert intervals.read_cached_statistics(workdir, 10) is None

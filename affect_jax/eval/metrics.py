@@ -60,6 +60,9 @@ EXACT_FLOAT32_SUM_FRAMES = 2 ** 24 // VA_MAX_INTEGER_TERM
 # int32 sums (a batch's psum over devices, a device's running total) are exact below this.
 MAX_INT32_SUM_FRAMES = (2 ** 31 - 1) // VA_MAX_INTEGER_TERM
 _VA_PRODUCT_GROUPS = 2 * _VA_DIGITS - 1
+# Names the layout of the statistics (the VA split above): statistics saved to disk
+# carry it, so totals of another layout are recomputed, never misread.
+STATISTICS_LAYOUT = f"va:{_VA_FIRST_DIGIT_BITS}+{_VA_DIGITS - 1}x{_VA_DIGIT_BITS}"
 
 # A CCC denominator counts as zero (constant predictions equal to constant labels) when
 # it is within this fraction of the float32 rounding scale of the remainder sums

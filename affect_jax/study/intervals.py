@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 from scipy import stats
 
+from affect_jax.eval import metrics
 from affect_jax.temporal import compare
 from affect_jax.vocabulary import TASK_SCORE, TASKS
 
@@ -59,7 +60,8 @@ def read_cached_statistics(workdir: str, step: int
   if not os.path.exists(path):
     return None
   with np.load(path) as cached:
-    if int(cached["step"]) != step:
+    if (int(cached["step"]) != step or "layout" not in cached.files
+        or str(cached["layout"]) != metrics.STATISTICS_LAYOUT):
       return None
     videos = cached["videos"].tolist()
     return videos, {k[len("statistic/"):]: cached[k] for k in cached.files
@@ -70,7 +72,8 @@ def write_cached_statistics(workdir: str, step: int, videos: Sequence[str],
                             statistics: compare.Statistics) -> None:
   path = os.path.join(workdir, STATISTICS_FILE)
   with open(path + ".tmp", "wb") as f:
-    np.savez(f, step=step, videos=np.asarray(videos, dtype=str),
+    np.savez(f, step=step, layout=metrics.STATISTICS_LAYOUT,
+             videos=np.asarray(videos, dtype=str),
              **{f"statistic/{k}": v for k, v in statistics.items()})
   os.replace(path + ".tmp", path)
 
