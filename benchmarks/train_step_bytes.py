@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
+import os
 import re
+import sys
 
 ITEM_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "f64": 8, "s8": 1, "u8": 1, "pred": 1,
               "s32": 4, "u32": 4, "s64": 8, "u64": 8}
@@ -69,13 +70,6 @@ def group_name(op_name: str) -> str:
   return " ".join(filter(None, [direction, re.sub(r"\d+", "#", "/".join(kept[-3:]))]))
 
 
-def load_config(path: str):
-  spec = importlib.util.spec_from_file_location("config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--topology", default="v5e:2x2")
@@ -89,7 +83,9 @@ def main():
   command.keep_jax_on_cpu()
   from affect_jax.aot import analysis  # pylint: disable=g-import-not-at-top
   from affect_jax.aot.topology import create_topology  # pylint: disable=g-import-not-at-top
-  config = load_config(args.config)
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import bench_common  # pylint: disable=g-import-not-at-top
+  config = bench_common.load_config(args.config)
   config.model.dtype = args.dtype
   topology = create_topology(args.topology)
   steps = analysis.build_steps(config, topology)

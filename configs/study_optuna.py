@@ -24,7 +24,9 @@ def get_config():
   search.startup_trials = 4  # drawn at random before TPE models the results
   search.pruner = "median"  # median | none
   search.pruner_startup_trials = 2  # trials that end before any is pruned
-  # Evaluations come every config.base.eval_every_steps (50 of 200 here): the first
-  # is too early to judge a run by, so pruning starts at the second.
-  search.pruner_warmup_steps = 100
+  # The study evaluates every 250 of 500 steps, and a run is never pruned at its final
+  # step: evaluations every 100 steps let the pruner judge a trial at 200, 300 and 400
+  # (the first, at 100, is too early to judge a run by).
+  config.base.eval_every_steps = 100
+  search.pruner_warmup_steps = 200
   return config

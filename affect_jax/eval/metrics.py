@@ -57,8 +57,6 @@ _VA_LIMIT = 2.0
 VA_MAX_INTEGER_TERM = 2 ** 13
 # float32 sums of integer terms are exact while partial sums stay <= 2^24.
 EXACT_FLOAT32_SUM_FRAMES = 2 ** 24 // VA_MAX_INTEGER_TERM
-# int32 sums (a batch's psum over devices, a device's running total) are exact below this.
-MAX_INT32_SUM_FRAMES = (2 ** 31 - 1) // VA_MAX_INTEGER_TERM
 _VA_PRODUCT_GROUPS = 2 * _VA_DIGITS - 1
 # Names the layout of the statistics (the VA split above): statistics saved to disk
 # carry it, so totals of another layout are recomputed, never misread.
@@ -93,7 +91,7 @@ def _split_digits(values):
 
   Each digit rounds what is left, so |digit 0| <= 64 and the others <= 32, and every
   step is exact in float32 (a power-of-2 scale, and a difference of two numbers within a
-  factor of 2: Sterbenz). Values are clipped to +-1 first so products of digits cannot
+  factor of 2: Sterbenz). Values are clipped to +-_VA_LIMIT (2) first so products of digits cannot
   overflow; values beyond it (VA lies in [-1, 1]) keep their excess in the remainder,
   summed with float32 precision only.
   """

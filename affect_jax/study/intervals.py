@@ -23,12 +23,13 @@ from scipy import stats
 
 from affect_jax.eval import metrics
 from affect_jax.temporal import compare
-from affect_jax.vocabulary import TASK_SCORE, TASKS
+from affect_jax.study.seeds_plots import SCORE_COLUMNS
+from affect_jax.vocabulary import TASK_SCORE, TASKS, compared_scores
 
 log = logging.getLogger(__name__)
 
 STATISTICS_FILE = "study_validation_statistics.npz"  # in each run's workdir
-SCORE_LABELS = {"p_va": "P_VA", "expr_f1": "EXPR F1", "au_f1": "AU F1", "p_mtl": "P_MTL"}
+SCORE_LABELS = dict(SCORE_COLUMNS)
 # The statistics of each task (metrics.batch_statistics names them by these prefixes).
 TASK_STATISTICS_PREFIX = {"expression": "expr_", "au": "au_", "va": "va_"}
 
@@ -137,14 +138,6 @@ def combined_uni_task_runs(uni_runs: dict[str, dict[int, compare.Statistics]]
           for seed in seeds]
 
 
-def shared_scores(tasks_a: Sequence[str], tasks_b: Sequence[str]) -> list[str]:
-  """The scores two models both have: each shared task's own, and P_MTL when both
-  have all three tasks."""
-  shared = [t for t in TASKS if t in tasks_a and t in tasks_b]
-  return [TASK_SCORE[t] for t in shared] + (["p_mtl"] if len(shared) == len(TASKS)
-                                            else [])
-
-
 def restricted_to_common_videos(runs: dict[str, dict[int, tuple[list[str],
                                                                 compare.Statistics]]]
                                 ) -> dict[str, dict[int, compare.Statistics]]:
@@ -180,11 +173,11 @@ def plan_comparisons(tasks: dict[str, tuple[str, ...]], uni_task_baselines: dict
       # The uni-task baselines are compared with every multi-task variant above.
       if name == baseline or name in temporal_frame or name in uni.values():
         continue
-      for score in shared_scores(name_tasks, tasks[baseline]):
+      for score in compared_scores(name_tasks, tasks[baseline]):
         planned.append(("variant − baseline", name, baseline, score))
   for name, frame in temporal_frame.items():
     if name in tasks and frame in tasks:
-      for score in shared_scores(tasks[name], tasks[frame]):
+      for score in compared_scores(tasks[name], tasks[frame]):
         planned.append(("temporal − frame", name, frame, score))
   return planned
 

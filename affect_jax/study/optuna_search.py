@@ -24,6 +24,7 @@ from affect_jax.study.variants import (
   Variant,
   config_value,
   format_value,
+  is_optuna_search,
   read_run_record,
   training_evaluations,
   variant_config,
@@ -42,15 +43,10 @@ log = logging.getLogger(__name__)
 STORAGE_FILE = "optuna.db"  # in the study directory
 STUDY_NAME = "search"
 SETTINGS_ATTR = "search_settings"  # the study's user attribute: what it searches
-VARIANT_ATTR = "variant"  # each trial's user attribute: its variant's name
 FAILURE_ATTR = "failure"
 CATEGORICAL_TYPES = (type(None), bool, int, float, str)
 TrialState = optuna.trial.TrialState
 ENDED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-
-
-def is_optuna_search(search) -> bool:
-  return bool(search) and search.get("kind") == "optuna" and bool(search.trials)
 
 
 # ------------------------------------------------------------------ the search space
@@ -363,7 +359,6 @@ def run_search(study_config, study_dir: str, run_variant_fn: Callable,
     study.sampler = trial_sampler(search, number)
     trial = study.ask(distributions)
     name = trial_name(search, trial.number)
-    trial.set_user_attr(VARIANT_ATTR, name)
     log.info("search: %s with %s", name, ", ".join(
         f"{key}={format_value(value)}" for key, value in trial.params.items()))
     outcomes[name] = run_trial(study_config, study_dir, study, trial, run_variant_fn,

@@ -17,6 +17,7 @@ from affect_jax.study.variants import (
   config_value,
   format_value,
   is_finished,
+  is_optuna_search,
   order_by_dependencies,
   read_commands,
   read_run_record,
@@ -90,7 +91,7 @@ def collect_results(study_config, study_dir: str) -> list[VariantResult]:
   results = []
   runs = study_runs(study_config)
   search = study_config.get("search")
-  if search and search.kind == "optuna":
+  if is_optuna_search(search):
     from affect_jax.study import optuna_search  # pylint: disable=g-import-not-at-top
     runs += optuna_search.trial_variants(study_config, study_dir)
   for run in order_by_dependencies(runs):
@@ -393,10 +394,10 @@ def write_study_report(study_config, study_dir: str, report_dir: str | None = No
                                 total_wall_time), "",
            *differences_section(comparisons, baselines)]
   search = study_config.get("search")
-  if search and search.kind == "optuna":
+  if is_optuna_search(search):
     from affect_jax.study import optuna_search  # pylint: disable=g-import-not-at-top
     lines += optuna_search.report_section(study_config, study_dir, results)
-  ranking = [] if search and search.kind == "optuna" else search_ranking(results, search)
+  ranking = [] if is_optuna_search(search) else search_ranking(results, search)
   if ranking:
     search = study_config.search
     lines += ["## Hyper-parameter search", "",

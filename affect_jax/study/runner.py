@@ -37,6 +37,7 @@ from affect_jax.study.variants import (
   checkpoint_steps,
   comparable_settings,
   is_finished,
+  is_optuna_search,
   plan_study,
   read_run_record,
   record_command,
@@ -171,8 +172,7 @@ def run_study(study_config, study_dir: str, names: Sequence[str] | None = None,
       outcomes[name] = outcome
       log.info("[%d/%d] %s: %s", number, len(plan), name, outcome)
   search = study_config.get("search")
-  if (search and search.kind == "optuna" and search.trials and not names
-      and shard_index == 0):
+  if is_optuna_search(search) and not names and shard_index == 0:
     from affect_jax.study import optuna_search  # pylint: disable=g-import-not-at-top
     outcomes.update(optuna_search.run_search(study_config, study_dir, run_variant,
                                              train_fn))

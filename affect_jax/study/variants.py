@@ -63,6 +63,12 @@ def format_value(value) -> str:
   return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def is_optuna_search(search) -> bool:
+  """An optuna search with trials to run: its trials are drawn one by one as the search
+  runs (optuna_search), not planned ahead as grid and random trials are."""
+  return bool(search) and search.get("kind") == "optuna" and bool(search.trials)
+
+
 def search_variants(search, variants: Sequence[Variant]) -> list[Variant]:
   """Trials of the hyper-parameter search, each a variant on top of search.base_variant.
 
@@ -71,7 +77,7 @@ def search_variants(search, variants: Sequence[Variant]) -> list[Variant]:
   """
   if not search or not search.trials:
     return []
-  if search.kind == "optuna":  # drawn one by one as the search runs (optuna_search)
+  if is_optuna_search(search):
     return []
   by_name = {v.name: v for v in variants}
   if search.base_variant not in by_name:

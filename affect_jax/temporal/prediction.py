@@ -26,7 +26,7 @@ from affect_jax.temporal.embed import host_arrays
 from affect_jax.temporal.store import INDEX_FILE, EmbeddingStore, row_dtype
 from affect_jax.train import checkpoints
 from affect_jax.train.optimizers import create_learning_rate_fn
-from affect_jax.vocabulary import NUM_AUS, TASK_SCORE, TASKS
+from affect_jax.vocabulary import NUM_AUS, compared_scores
 
 
 @dataclasses.dataclass
@@ -201,14 +201,6 @@ def run_prediction(config, workdir: str, source: str, out_dir: str, *,
   with open(os.path.join(out_dir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   return summary
-
-
-def compared_scores(tasks_a, tasks_b) -> list[str]:
-  """The scores two models both have: each shared task's own, and P_MTL when both
-  have all three tasks."""
-  shared = [t for t in TASKS if t in tasks_a and t in tasks_b]
-  return [TASK_SCORE[t] for t in shared] + (["p_mtl"] if len(shared) == len(TASKS)
-                                            else [])
 
 
 def compare_with_frame_model(config, workdir: str, *, step: int | None = None,

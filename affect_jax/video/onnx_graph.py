@@ -42,16 +42,11 @@ def bn_epsilon() -> float:
   return float(ResNet.__dataclass_fields__["bn_epsilon"].default)
 
 
-def flatten(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
-  """{"a/b/kernel": array} of a nested mapping of arrays."""
-  leaves = {}
-  for key, value in tree.items():
-    path = f"{prefix}{key}"
-    if isinstance(value, Mapping):
-      leaves.update(flatten(value, path + "/"))
-    else:
-      leaves[path] = np.asarray(value, np.float64)
-  return leaves
+def flatten(tree: Mapping) -> dict[str, np.ndarray]:
+  """{"a/b/kernel": float64 array} of a nested mapping of arrays."""
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  return {path: np.asarray(value, np.float64)
+          for path, value in traverse_util.flatten_dict(tree, sep="/").items()}
 
 
 class ParameterReader:
