@@ -11,10 +11,10 @@ from jax.experimental import multihost_utils
 
 from affect_jax import data_parallel, vocabulary
 from affect_jax.errors import InputError
-from affect_jax.data import pipeline
+from affect_jax.data import pipeline, records
 from affect_jax.eval import accumulators, metrics
-from affect_jax.inference.restore import Predictor
-from affect_jax.inference.sources import decode_names, prediction_dataset
+from affect_jax.inference.restore import Predictor, restore_predictor
+from affect_jax.inference.sources import TfdsRecords, decode_names, prediction_dataset
 
 LABEL_KEYS = vocabulary.LABEL_KEYS
 
@@ -91,6 +91,16 @@ def predict_frames(predictor: Predictor, data, worker_count: int = 0) -> FrameTa
       expression=columns.get("pred_expression"), au=columns.get("pred_au"),
       va=columns.get("pred_va"),
       labels=labels)
+
+
+def predict_split(config, workdir: str, split: str, step: int | None = None,
+                  devices=None) -> FrameTable:
+  """Every frame of the TFDS split `split` of config.dataset, predicted by checkpoint
+  `step` (default: the best, else the latest) of the frame run in `workdir`."""
+  predictor = restore_predictor(config, workdir, step, devices)
+  raw = records.open_data_source(config.dataset.name, split, config.dataset.data_dir)
+  data = TfdsRecords(raw, config.input.image_size, split)
+  return predict_frames(predictor, data, config.input.worker_count)
 
 
 def check_window(window: int) -> None:

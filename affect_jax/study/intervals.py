@@ -79,26 +79,13 @@ def write_cached_statistics(workdir: str, step: int, videos: Sequence[str],
   os.replace(path + ".tmp", path)
 
 
-def frame_model_table(config, workdir: str, step: int):
-  """Every frame of the eval split predicted by the frame run's checkpoint `step`."""
-  from affect_jax.data import records  # pylint: disable=g-import-not-at-top
-  from affect_jax.inference import restore, sources  # pylint: disable=g-import-not-at-top
+def predicted_table(config, workdir: str, step: int, temporal: bool):
+  """Every frame of the eval split predicted by the run's checkpoint `step`."""
+  if temporal:
+    from affect_jax.temporal import prediction  # pylint: disable=g-import-not-at-top
+    return prediction.predict_eval_split(config, workdir, step)[0]
   from affect_jax.inference import frame_table  # pylint: disable=g-import-not-at-top
-  predictor = restore.restore_predictor(config, workdir, step)
-  split = config.dataset.eval_split
-  raw = records.open_data_source(config.dataset.name, split, config.dataset.data_dir)
-  data = sources.TfdsRecords(raw, config.input.image_size, split)
-  return frame_table.predict_frames(predictor, data, config.input.worker_count)
-
-
-def temporal_model_table(config, workdir: str, step: int):
-  """Every frame of the eval split's embedding store predicted by the temporal run's
-  checkpoint `step`."""
-  from affect_jax.temporal import embed, prediction  # pylint: disable=g-import-not-at-top
-  store = embed.split_store(config, workdir, config.frame_run.eval_split)
-  predictor = prediction.restore_temporal_predictor(workdir, store.embedding_dim, step,
-                                                    config)
-  return prediction.predict_store(predictor, store)[0]
+  return frame_table.predict_split(config, workdir, config.dataset.eval_split, step)
 
 
 def run_statistics(config, workdir: str, step: int, temporal: bool = False
@@ -109,8 +96,7 @@ def run_statistics(config, workdir: str, step: int, temporal: bool = False
   if cached is not None:
     return cached
   log.info("per-frame predictions of %s at step %d", workdir, step)
-  table = (temporal_model_table if temporal else frame_model_table)(config, workdir,
-                                                                    step)
+  table = predicted_table(config, workdir, step, temporal)
   videos, statistics = compare.per_video_statistics(
       table, int(config.model.num_expr_classes))
   # The AU histograms serve threshold tuning only, which no compared score uses; a

@@ -15,9 +15,8 @@ import numpy as np
 
 from affect_jax import data_parallel
 from affect_jax.eval.metrics import DEFAULT_AU_THRESHOLD
-from affect_jax.data import records
 from affect_jax.inference import restore, sources
-from affect_jax.inference.frame_table import predict_frames
+from affect_jax.inference.frame_table import predict_split
 from affect_jax.inference.outputs import write_predictions_csv
 from affect_jax.inference.frame_table import LABEL_KEYS, FrameTable
 from affect_jax.temporal import compare, embed, loop, steps, windows
@@ -203,24 +202,27 @@ def run_prediction(config, workdir: str, source: str, out_dir: str, *,
   return summary
 
 
+def predict_eval_split(config, workdir: str, step: int | None = None, devices=None
+                       ) -> tuple[FrameTable, EmbeddingStore]:
+  """Every frame of the eval split's embedding store, predicted by checkpoint `step`
+  (default: the best) of the temporal run in `workdir`; and that store."""
+  store = embed.split_store(config, workdir, config.frame_run.eval_split)
+  predictor = restore_temporal_predictor(workdir, store.embedding_dim, step, config,
+                                         devices)
+  return predict_store(predictor, store)[0], store
+
+
 def compare_with_frame_model(config, workdir: str, *, step: int | None = None,
                              replicates: int = 1000, devices=None) -> list[dict]:
   """What the temporal stage adds: on every frame of the eval split's videos, each
   score of the temporal model (checkpoint `step`, default the best) minus the frame
   model it was trained on, with a paired bootstrap interval over the videos."""
-  store = embed.split_store(config, workdir, config.frame_run.eval_split)
-  predictor = restore_temporal_predictor(workdir, store.embedding_dim, step, config,
-                                         devices)
-  temporal_table, _ = predict_store(predictor, store)
-  frame_workdir = config.frame_run.workdir
-  frame_config = restore.load_config(frame_workdir, data_dir=config.frame_run.data_dir)
-  frame_predictor = restore.restore_predictor(
-      frame_config, frame_workdir, store.index["frame_step"], devices)
-  split = config.frame_run.eval_split
-  raw = records.open_data_source(frame_config.dataset.name, split,
-                                 frame_config.dataset.data_dir)
-  data = sources.TfdsRecords(raw, frame_config.input.image_size, split)
-  frame_tbl = predict_frames(frame_predictor, data, frame_config.input.worker_count)
+  temporal_table, store = predict_eval_split(config, workdir, step, devices)
+  frame_config = restore.load_config(config.frame_run.workdir,
+                                     data_dir=config.frame_run.data_dir)
+  frame_tbl = predict_split(frame_config, config.frame_run.workdir,
+                            config.frame_run.eval_split, store.index["frame_step"],
+                            devices)
   classes = int(config.model.num_expr_classes)
   statistics = compare.common_videos({
       "temporal": compare.per_video_statistics(temporal_table, classes),
