@@ -288,6 +288,21 @@ def note_outcome(workdir: str, outcome: str) -> None:
     write_run_record(workdir, record)
 
 
+def end_trial(study: optuna.Study, trial: optuna.trial.Trial, workdir: str, *,
+              value: float | None = None, state: TrialState | None = None,
+              failure: str = "") -> str:
+  """Tells the study how the trial ended (its value, or a pruned or failed state with
+  the failure's reason) and returns describe_outcome of it, noted in the trial's
+  workdir unless complete."""
+  if failure:
+    trial.set_user_attr(FAILURE_ATTR, failure)
+  study.tell(trial, value, state=state)
+  outcome = describe_outcome(frozen_trial(study, trial.number))
+  if outcome != "complete":
+    note_outcome(workdir, outcome)
+  return outcome
+
+
 def run_trial(study_config, study_dir: str, study: optuna.Study,
               trial: optuna.trial.Trial, run_variant_fn: Callable,
               train_fn: Callable) -> str:
@@ -300,36 +315,26 @@ def run_trial(study_config, study_dir: str, study: optuna.Study,
   reported = sorted(frozen.intermediate_values)
   if reported and reported[-1] < num_train_steps and trial.should_prune():
     # Killed after the pruner stopped it, before the study heard how it ended.
-    study.tell(trial, state=TrialState.PRUNED)
-    outcome = describe_outcome(frozen_trial(study, trial.number))
-    note_outcome(workdir, outcome)
-    return outcome
+    return end_trial(study, trial, workdir, state=TrialState.PRUNED)
   from affect_jax.train import guards  # pylint: disable=g-import-not-at-top
   pruned_at: list[int] = []
   try:
     run_variant_fn(study_config, variant, study_dir,
                    reporting_train_fn(trial, search.metric, train_fn, pruned_at))
   except guards.NonFiniteLossError as error:  # a diverging setting: a search's result
-    trial.set_user_attr(FAILURE_ATTR, "non-finite loss")
-    study.tell(trial, state=TrialState.FAIL)
     log.warning("%s failed: %s", variant.name, error)
-    note_outcome(workdir, "failed: non-finite loss")
-    return "failed: non-finite loss"
+    return end_trial(study, trial, workdir, state=TrialState.FAIL,
+                     failure="non-finite loss")
   if pruned_at:
-    study.tell(trial, state=TrialState.PRUNED)
-    note_outcome(workdir, f"pruned at step {pruned_at[-1]}")
-    return f"pruned at step {pruned_at[-1]}"
+    return end_trial(study, trial, workdir, state=TrialState.PRUNED)
   value = final_score(workdir, search.metric, num_train_steps)
   if value is None:
     raise InputError(f"{variant.name}: no {search.metric} logged at step "
                      f"{num_train_steps} in {workdir}")
   if not math.isfinite(value):
-    trial.set_user_attr(FAILURE_ATTR, f"non-finite {search.metric}")
-    study.tell(trial, state=TrialState.FAIL)
-    note_outcome(workdir, f"failed: non-finite {search.metric}")
-    return f"failed: non-finite {search.metric}"
-  study.tell(trial, value)
-  return "complete"
+    return end_trial(study, trial, workdir, state=TrialState.FAIL,
+                     failure=f"non-finite {search.metric}")
+  return end_trial(study, trial, workdir, value=value)
 
 
 def run_search(study_config, study_dir: str, run_variant_fn: Callable,

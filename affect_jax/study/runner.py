@@ -90,15 +90,14 @@ def run_variant(study_config, variant: Variant, study_dir: str,
   return "trained"
 
 
-def run_temporal(study_config, frame_run: Variant, study_dir: str,
-                 train_fn: Callable | None = None) -> tuple[str, str]:
-  """The temporal head over a finished frame run's embeddings: (its run name, 'skipped'
-  or 'trained'). Its own config.json refuses a resume with other settings."""
-  run = temporal_runs(study_config, [frame_run])[0]
+def run_temporal(study_config, frame_run: Variant, run: Variant, study_dir: str,
+                 train_fn: Callable | None = None) -> str:
+  """The temporal head `run` over a finished frame run's embeddings: 'skipped' or
+  'trained'. Its own config.json refuses a resume with other settings."""
   config = temporal_config(study_config, frame_run, study_dir)
   workdir = variant_workdir(study_dir, run.name)
   if is_finished(workdir, config.num_train_steps):
-    return run.name, "skipped"
+    return "skipped"
   if train_fn is None:
     from affect_jax.temporal import loop  # pylint: disable=g-import-not-at-top
     train_fn = loop.train_and_evaluate
@@ -107,7 +106,7 @@ def run_temporal(study_config, frame_run: Variant, study_dir: str,
       "frame_run": frame_run.name, "settings": comparable_settings(config),
       "sessions": []}
   train_recording_sessions(config, workdir, record, train_fn)
-  return run.name, "trained"
+  return "trained"
 
 
 def train_recording_sessions(config, workdir: str, record: dict, train_fn: Callable
@@ -158,7 +157,6 @@ def run_study(study_config, study_dir: str, names: Sequence[str] | None = None,
   config.temporal.variants followed by its temporal head; {run name: 'skipped' |
   'trained'}."""
   plan = plan_study(study_config, names, shard_index, shard_count)
-  temporal_variants = set(study_config.get("temporal", {}).get("variants", ()))
   outcomes = {}
   for number, variant in enumerate(plan, 1):
     source = (f", warm start from {variant.init_from_variant}"
@@ -167,10 +165,10 @@ def run_study(study_config, study_dir: str, names: Sequence[str] | None = None,
              source)
     outcomes[variant.name] = run_variant(study_config, variant, study_dir, train_fn)
     log.info("[%d/%d] %s: %s", number, len(plan), variant.name, outcomes[variant.name])
-    if variant.variant_name in temporal_variants:
-      name, outcome = run_temporal(study_config, variant, study_dir, temporal_train_fn)
-      outcomes[name] = outcome
-      log.info("[%d/%d] %s: %s", number, len(plan), name, outcome)
+    for run in temporal_runs(study_config, [variant]):
+      outcomes[run.name] = run_temporal(study_config, variant, run, study_dir,
+                                        temporal_train_fn)
+      log.info("[%d/%d] %s: %s", number, len(plan), run.name, outcomes[run.name])
   search = study_config.get("search")
   if is_optuna_search(search) and not names and shard_index == 0:
     from affect_jax.study import optuna_search  # pylint: disable=g-import-not-at-top
