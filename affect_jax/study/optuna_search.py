@@ -22,10 +22,10 @@ import numpy as np
 from affect_jax.errors import InputError
 from affect_jax.study.variants import (
   Variant,
-  config_value,
   format_value,
   is_optuna_search,
   read_run_record,
+  searched_settings_text,
   training_evaluations,
   variant_config,
   variant_from_dict,
@@ -418,8 +418,7 @@ def report_section(study_config, study_dir: str, results: Sequence) -> list[str]
   lines += [f"| rank | variant | trial | settings | {search.metric} |",
             "|---|---|---|---|---|"]
   for rank, result in enumerate(sorted(ranked, key=order), 1):
-    values = ", ".join(f"{key}={format_value(config_value(result.config, key))}"
-                       for key, _, _ in search.space)
+    values = searched_settings_text(result.config, search)
     value = result.score(search.metric)
     outcome = outcomes.get(result.variant.name, "base variant")
     lines.append(f"| {rank} | `{result.variant.name}` | {outcome} | {values} | "

@@ -14,13 +14,13 @@ from affect_jax.study import intervals, seeds
 from affect_jax.study.seeds_plots import SCORE_COLUMNS, plot_curves, plot_scores, pyplot
 from affect_jax.study.variants import (
   Variant,
-  config_value,
   format_value,
   is_finished,
   is_optuna_search,
   order_by_dependencies,
   read_commands,
   read_run_record,
+  searched_settings_text,
   study_runs,
   study_seeds,
   temporal_config,
@@ -199,8 +199,7 @@ def search_ranking(results: Sequence[VariantResult], search) -> list[str]:
                                           else metric[n].mean))
   lines = [f"| rank | variant | settings | {search.metric} |", "|---|---|---|---|"]
   for rank, name in enumerate(ranked, 1):
-    values = ", ".join(f"{key}={format_value(config_value(groups[name][0].config, key))}"
-                       for key, _, _ in search.space)
+    values = searched_settings_text(groups[name][0].config, search)
     lines.append(f"| {rank} | `{name}` | {values} | "
                  f"{'' if metric[name] is None else metric[name].text()} |")
   return lines

@@ -263,6 +263,12 @@ def config_value(config, key: str):
   return config
 
 
+def searched_settings_text(config, search) -> str:
+  """The values a run's config takes at the keys of search.space: 'key=value, ...'."""
+  return ", ".join(f"{key}={format_value(config_value(config, key))}"
+                   for key, _, _ in search.space)
+
+
 def variant_config(study_config, variant: Variant, study_dir: str):
   config = apply_overrides(study_config.base, variant.overrides)
   if variant.init_from_variant:
