@@ -269,6 +269,30 @@ def test_the_seed_interval_is_welchs_and_clear_needs_both_intervals():
   assert not one_seed.clear
 
 
+def test_a_temporal_head_is_compared_with_its_own_frame_runs_only():
+  """Frame runs at seeds without a temporal head (seed 2, here far better) take no part
+  in the temporal − frame difference: both sides are the seeds both ran, paired."""
+  rng = np.random.default_rng(4)
+  frame = {k: {"expr_confusion": confusions(rng, 8, 4, q)}
+           for k, q in ((0, 0.3), (1, 0.4), (2, 0.95))}
+  head = {k: {"expr_confusion": confusions(rng, 8, 4, q)} for k, q in ((0, 0.5), (1, 0.6))}
+  planned = [("temporal − frame", "head", "frame", "expr_f1")]
+  comparison, = intervals.compare_variants({"head": head, "frame": frame}, planned, {},
+                                           replicates=50)
+  scores = lambda runs: [numpy_macro_f1(r["expr_confusion"].sum(0))  # noqa: E731
+                         for r in runs]
+  head_scores, frame_scores = scores(head.values()), scores([frame[0], frame[1]])
+  assert comparison.seeds == (2, 2)
+  assert comparison.result["b"] == pytest.approx(np.mean(frame_scores))
+  assert comparison.result["difference"] == pytest.approx(
+      np.mean(head_scores) - np.mean(frame_scores))
+  expected = stats.ttest_rel(head_scores, frame_scores).confidence_interval(0.95)
+  assert comparison.seed_interval == (pytest.approx(expected.low),
+                                      pytest.approx(expected.high))
+  row, = intervals.comparison_table([comparison], {})[2:]
+  assert "| 2 / 2 |" in row
+
+
 @functools.lru_cache(maxsize=None)
 def statistics_fn(tasks):
   """metrics.batch_statistics compiled once per set of tasks (eager ops compile one

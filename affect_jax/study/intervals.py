@@ -43,6 +43,7 @@ class Comparison:
   score: str
   result: dict  # compare.paired_difference's
   seed_interval: tuple[float, float] | None = None  # t interval over the seeds' scores
+  seeds: tuple[int, int] = (0, 0)  # the runs (seeds) on each side
 
   @property
   def clear(self) -> bool:
@@ -211,22 +212,25 @@ def compare_variants(statistics: dict[str, dict[int, compare.Statistics]],
   combined = (combined_uni_task_runs(uni_runs) if len(uni_runs) == len(TASKS) else [])
   comparisons = []
   for section, a, b, score in planned:
-    runs_a = list(statistics[a].values())
-    runs_b = combined if b == "uni-task" else list(statistics[b].values())
-    if not runs_b:
+    if section in PAIRED_BY_SEED:
+      # Both sides at the seeds both ran: a head is compared with its own frame runs,
+      # not with frame runs that have no head.
+      shared = sorted(set(statistics[a]) & set(statistics[b]))
+      runs_a = [statistics[a][k] for k in shared]
+      runs_b = [statistics[b][k] for k in shared]
+    else:
+      runs_a = list(statistics[a].values())
+      runs_b = combined if b == "uni-task" else list(statistics[b].values())
+    if not runs_a or not runs_b:
       continue
     result = compare.paired_difference(runs_a, runs_b, score, replicates=replicates,
                                        confidence=confidence, seed=seed)
-    if section in PAIRED_BY_SEED and b != "uni-task":
-      shared = sorted(set(statistics[a]) & set(statistics[b]))
-      seed_interval = paired_interval(
-          [compare.mean_score([statistics[a][k]], score) for k in shared],
-          [compare.mean_score([statistics[b][k]], score) for k in shared], confidence)
-    else:
-      seed_interval = welch_interval(
-          *[[compare.mean_score([run], score) for run in runs]
-            for runs in (runs_a, runs_b)], confidence)
-    comparisons.append(Comparison(section, a, b, score, result, seed_interval))
+    seed_scores = [[compare.mean_score([run], score) for run in runs]
+                   for runs in (runs_a, runs_b)]
+    seed_interval = (paired_interval if section in PAIRED_BY_SEED
+                     else welch_interval)(*seed_scores, confidence)
+    comparisons.append(Comparison(section, a, b, score, result, seed_interval,
+                                  (len(runs_a), len(runs_b))))
   return comparisons
 
 
@@ -240,10 +244,10 @@ def comparison_name(name: str, uni_task_baselines: dict) -> str:
 
 def comparison_table(comparisons: Sequence[Comparison], uni_task_baselines: dict
                      ) -> list[str]:
-  """One markdown row per difference: a, b, their means, a − b with its interval over
-  videos and over seeds, and the verdict."""
-  lines = ["| a | b | score | mean a | mean b | a − b | over videos | over seeds | "
-           "verdict |", "|---|---|---|---|---|---|---|---|---|"]
+  """One markdown row per difference: a, b, their seeds and means, a − b with its
+  interval over videos and over seeds, and the verdict."""
+  lines = ["| a | b | score | seeds a / b | mean a | mean b | a − b | over videos | "
+           "over seeds | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
   for c in comparisons:
     r = c.result
     seeds = ("n/a" if c.seed_interval is None else
@@ -251,7 +255,8 @@ def comparison_table(comparisons: Sequence[Comparison], uni_task_baselines: dict
     lines.append(
         f"| {comparison_name(c.a, uni_task_baselines)} | "
         f"{comparison_name(c.b, uni_task_baselines)} | "
-        f"{SCORE_LABELS.get(c.score, c.score)} | {r['a']:.4f} | {r['b']:.4f} | "
+        f"{SCORE_LABELS.get(c.score, c.score)} | {c.seeds[0]} / {c.seeds[1]} | "
+        f"{r['a']:.4f} | {r['b']:.4f} | "
         f"{r['difference']:+.4f} | [{r['low']:+.4f}, {r['high']:+.4f}] | {seeds} | "
         f"{verdict(c)} |")
   return lines
@@ -266,13 +271,14 @@ def verdict(c: Comparison) -> str:
   return "within noise"
 
 
-CSV_FIELDS = ("section", "a", "b", "score", "a_mean", "b_mean", "difference", "low",
+CSV_FIELDS = ("section", "a", "b", "score", "a_seeds", "b_seeds", "a_mean", "b_mean", "difference", "low",
               "high", "clear_over_videos", "seeds_low", "seeds_high", "clear", "videos",
               "replicates", "confidence")
 
 
 def csv_rows(comparisons: Sequence[Comparison]) -> list[dict]:
   return [{"section": c.section, "a": c.a, "b": c.b, "score": c.score,
+           "a_seeds": c.seeds[0], "b_seeds": c.seeds[1],
            "a_mean": repr(c.result["a"]), "b_mean": repr(c.result["b"]),
            "difference": repr(c.result["difference"]), "low": repr(c.result["low"]),
            "high": repr(c.result["high"]), "clear_over_videos": c.result["clear"],

@@ -336,7 +336,8 @@ def differences_section(comparisons: Sequence[intervals.Comparison],
     return []
   first = comparisons[0].result
   lines = ["## Differences with intervals", "",
-           f"a − b, each side the mean over its seeds, with two {first['confidence']:.0%}"
+           f"a − b, each side the mean over its seeds (a temporal head and its frame "
+           f"model: over the seeds both ran), with two {first['confidence']:.0%}"
            f" intervals. **Over videos**: a percentile bootstrap over the "
            f"{first['videos']} validation videos ({first['replicates']} replicates; "
            "each draws videos with replacement, the same for both sides and all their "
