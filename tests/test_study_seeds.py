@@ -70,6 +70,12 @@ def test_every_run_lands_in_one_shard_with_the_runs_it_warm_starts_from():
           assert run.init_from_variant in names[:position]
 
 
+def test_seed_lists_are_written_as_ranges():
+  assert seeds.seed_ranges([3, 0, 1, 2, 7, 9, 10]) == "0-3, 7, 9-10"
+  assert seeds.seed_ranges([5]) == "5"
+  assert seeds.seed_ranges([]) == ""
+
+
 def test_seed_settings_are_refused_where_they_would_be_ambiguous():
   config = seeded_config()
   config.variants = config.variants + (study_configs.variant(

@@ -228,10 +228,10 @@ def seeds_text(runs: Sequence[VariantResult]) -> str:
   """The finished seeds of a variant's runs (all of whose scores the summary uses)."""
   if runs[0].variant.seed is None:
     return "base" if runs[0].finished else "unfinished"
-  finished = [str(r.variant.seed) for r in runs if r.finished]
-  unfinished = [str(r.variant.seed) for r in runs if not r.finished]
-  return ",".join(finished) + (f" (unfinished: {','.join(unfinished)})"
-                               if unfinished else "")
+  finished = [r.variant.seed for r in runs if r.finished]
+  unfinished = [r.variant.seed for r in runs if not r.finished]
+  return seeds.seed_ranges(finished) + (
+      f" (unfinished: {seeds.seed_ranges(unfinished)})" if unfinished else "")
 
 
 def total_wall_time(runs: Sequence[VariantResult]) -> str:
@@ -261,7 +261,7 @@ def setup_lines(study_config, results: Sequence[VariantResult]) -> list[str]:
       f"{base.optimizer.name} at {format_value(base.optimizer.learning_rate)} "
       f"({base.optimizer.schedule}, {base.optimizer.warmup_steps} warm-up steps), "
       f"augmentation `{base.input.augment}`",
-      f"- seeds: {', '.join(map(str, study_seeds(study_config))) or base.seed} "
+      f"- seeds: {seeds.seed_ranges(study_seeds(study_config)) or base.seed} "
       "(each seed sets initialisation, data order and augmentation; the seeds column "
       "says which ran for each variant)",
   ]
@@ -413,7 +413,9 @@ def write_study_report(study_config, study_dir: str, report_dir: str | None = No
             "## Every run", "",
             "Each run's scores; the best of each column in bold. Every number is in "
             "[results.csv](results.csv), copied from the runs' `metrics.jsonl`.", "",
-            *results_table(results), "",
+            # Folded: a study of many seeds has hundreds of runs.
+            f"<details><summary>{len(results)} runs</summary>", "",
+            *results_table(results), "", "</details>", "",
             "## Variants", "", *variants_table(results), ""]
   commands = read_commands(study_dir)
   if commands:

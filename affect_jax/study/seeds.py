@@ -32,6 +32,17 @@ class Spread:
     return f"{self.mean:.{digits}f} ± {self.sd:.{digits}f}"
 
 
+def seed_ranges(seeds: Sequence[int]) -> str:
+  """Seeds as runs of consecutive numbers: (0, 1, 2, 3, 7, 9, 10) -> '0-3, 7, 9-10'."""
+  runs: list[list[int]] = []
+  for seed in sorted(seeds):
+    if runs and seed == runs[-1][-1] + 1:
+      runs[-1].append(seed)
+    else:
+      runs.append([seed])
+  return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
 def group_by_variant(runs: Sequence, name: Callable = lambda r: r.variant.variant_name
                      ) -> dict[str, list]:
   """{variant name: its runs}, in the order the variants first appear."""
