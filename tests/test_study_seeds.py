@@ -37,9 +37,10 @@ def seeded_config(data_dir="unused", seed_list=(0, 1, 2)):
 def test_each_variant_runs_once_per_seed_in_its_own_workdir():
   config = seeded_config()
   plan = variants.plan_study(config, ["mtl_init_expr"])
+  # Seed by seed: a study stopped early has whole seeds.
   assert [v.name for v in plan] == [
-      "uni_expr/seed0", "uni_expr/seed1", "uni_expr/seed2",
-      "mtl_init_expr/seed0", "mtl_init_expr/seed1", "mtl_init_expr/seed2"]
+      "uni_expr/seed0", "mtl_init_expr/seed0", "uni_expr/seed1",
+      "mtl_init_expr/seed1", "uni_expr/seed2", "mtl_init_expr/seed2"]
   by_name = {v.name: v for v in plan}
   run = by_name["mtl_init_expr/seed1"]
   assert (run.family, run.seed, run.variant_name) == ("mtl_init_expr", 1, "mtl_init_expr")

@@ -137,22 +137,22 @@ def seed_run_name(name: str, seed: int) -> str:
 
 
 def seed_runs(variants: Sequence[Variant], seeds: Sequence[int]) -> list[Variant]:
-  """Each variant once per seed, seed after seed within a variant: `seed` set to the
-  run's seed, and a warm start from the run of the same seed of its source."""
+  """Each variant once per seed, seed by seed (every variant at the first seed, then at
+  the next: a study stopped early, or given more seeds later, has whole seeds): `seed`
+  set to the run's seed, and a warm start from the run of the same seed of its
+  source."""
   if not seeds:
     return list(variants)
-  runs = []
   for v in variants:
     if any(key == "seed" for key, _ in v.overrides):
       raise InputError(f"{v.name}: overrides seed, which config.seeds sets for every "
                        "run; drop the override (or set config.seeds = ())")
-    for seed in seeds:
-      runs.append(dataclasses.replace(
-          v, name=seed_run_name(v.name, seed), overrides=v.overrides + (("seed", seed),),
-          init_from_variant=(seed_run_name(v.init_from_variant, seed)
-                             if v.init_from_variant else ""),
-          seed=seed, family=v.name))
-  return runs
+  return [dataclasses.replace(
+              v, name=seed_run_name(v.name, seed), overrides=v.overrides + (("seed", seed),),
+              init_from_variant=(seed_run_name(v.init_from_variant, seed)
+                                 if v.init_from_variant else ""),
+              seed=seed, family=v.name)
+          for seed in seeds for v in variants]
 
 
 def study_runs(study_config) -> list[Variant]:
