@@ -15,7 +15,7 @@ from scipy import stats
 from affect_jax.eval import metrics
 from affect_jax.eval.accumulators import to_host
 from affect_jax.eval.writers import METRICS_FILE, append_json_line
-from affect_jax.study import intervals, report, runner, seeds, variants
+from affect_jax.study import intervals, report, runner, seeds, seeds_plots, variants
 from configs import study as study_configs
 from configs import tiny
 
@@ -75,6 +75,11 @@ def test_seed_lists_are_written_as_ranges():
   assert seeds.seed_ranges([3, 0, 1, 2, 7, 9, 10]) == "0-3, 7, 9-10"
   assert seeds.seed_ranges([5]) == "5"
   assert seeds.seed_ranges([]) == ""
+
+
+def test_the_mean_curve_averages_each_step_over_the_seeds_that_logged_it():
+  curves = [[(1, 1.0), (2, 3.0)], [(1, 3.0)], [(2, 5.0), (3, 1.0)]]
+  assert seeds_plots.mean_curve(curves) == [(1, 2.0), (2, 4.0)]  # step 3: one seed
 
 
 def test_seed_settings_are_refused_where_they_would_be_ambiguous():

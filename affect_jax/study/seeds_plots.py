@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 from affect_jax.study import seeds
 from affect_jax.vocabulary import TASKS
 
@@ -54,8 +56,19 @@ def plot_scores(results: Sequence, path: str) -> None:
   plt.close(fig)
 
 
+def mean_curve(curves: Sequence[Sequence[tuple[int, float]]]) -> list[tuple[int, float]]:
+  """(step, mean over the curves that have that step), for steps at least two have."""
+  by_step: dict[int, list[float]] = {}
+  for curve in curves:
+    for step, value in curve:
+      by_step.setdefault(step, []).append(value)
+  return [(step, float(np.mean(v))) for step, v in sorted(by_step.items()) if len(v) > 1]
+
+
 def plot_curves(results: Sequence, path: str) -> None:
-  """Training loss and validation scores against steps, every variant overlaid."""
+  """Training loss and validation scores against steps, every variant overlaid: a thin
+  line per seed (fainter the more seeds a variant has) and, for several seeds, their
+  mean as a thick line."""
   plt = pyplot()
   panels = [("train/loss", "training loss (scales differ between losses)")]
   panels += [(key, f"validation {label}") for key, label in SCORE_COLUMNS
@@ -63,22 +76,27 @@ def plot_curves(results: Sequence, path: str) -> None:
   fig, grid = plt.subplots(2, 3, figsize=(16, 9))
   axes = grid.flat[:len(panels)]
   colours = plt.get_cmap("tab20")
-  names = list(seeds.group_by_variant(results))
-  labelled = set()
-  for result in results:
-    name = result.variant.variant_name
-    style = {"color": colours(names.index(name) % 20),
-             "label": None if name in labelled else name,
-             "ls": "--" if len(result.tasks) == 1 else ":" if result.temporal else "-"}
-    labelled.add(name)
-    if result.losses:
-      axes[0].plot(*zip(*result.losses), lw=1, **style)
-    for ax, (key, _) in zip(axes[1:], panels[1:]):
-      points = [(m["step"], m[key]) for m in result.evaluations if key in m]
-      if key == "p_mtl" and set(result.tasks) != set(TASKS):
-        points = []
-      if points:
-        ax.plot(*zip(*points), marker="o", ms=3, **style)
+  groups = seeds.group_by_variant(results)
+  for number, (name, runs) in enumerate(groups.items()):
+    first = runs[0]
+    style = {"color": colours(number % 20),
+             "ls": "--" if len(first.tasks) == 1 else ":" if first.temporal else "-"}
+    alpha = min(1.0, max(0.15, 3 / len(runs)))
+    for ax, (key, _) in zip(axes, panels):
+      if key == "train/loss":
+        curves = [r.losses for r in runs if r.losses]
+      elif key == "p_mtl" and set(first.tasks) != set(TASKS):
+        curves = []
+      else:
+        curves = [[(m["step"], m[key]) for m in r.evaluations if key in m] for r in runs]
+        curves = [c for c in curves if c]
+      for curve in curves:
+        ax.plot(*zip(*curve), lw=1, alpha=alpha,
+                marker=None if key == "train/loss" else "o", ms=2, **style)
+      mean = mean_curve(curves)
+      if mean:
+        ax.plot(*zip(*mean), lw=2.5, **style)
+    axes[0].plot([], [], lw=2, label=f"{name} ({len(runs)})", **style)  # legend entry
   for ax, (_, title) in zip(axes, panels):
     ax.set(title=title, xlabel="step")
     ax.grid(alpha=0.3)
@@ -87,8 +105,8 @@ def plot_curves(results: Sequence, path: str) -> None:
   legend_panel.axis("off")
   handles, labels = axes[0].get_legend_handles_labels()
   legend_panel.legend(handles, labels, loc="center", fontsize=9,
-                      title="uni-task dashed, multi-task solid, temporal dotted; "
-                      "one line a seed")
+                      title="variant (seeds): uni-task dashed, multi-task solid, "
+                      "temporal dotted;\nthin: one seed; thick: the mean over seeds")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
