@@ -306,3 +306,23 @@ def test_command_line_report_only(finished_study, tmp_path):
   expected = read_csv(report.write_study_report(config, study_dir,
                                                 str(tmp_path / "direct"))["results.csv"])
   assert read_csv(os.path.join(report_dir, "results.csv")) == expected
+
+
+def test_a_training_invocation_with_noreport_writes_no_report(finished_study, tmp_path):
+  """Invocations sharing a study (shards, seeds added side by side) leave the report to
+  one --report_only call; a plain invocation writes it."""
+  config, study_dir, _, _, _ = finished_study
+  command = [sys.executable, "-m", "affect_jax.study.runner", "--config",
+             os.path.join(REPO, "configs", "study.py"), "--study_dir", study_dir,
+             "--variants", "uni_expr",  # finished: skipped
+             f"--config.base.dataset.data_dir={config.base.dataset.data_dir}",
+             *TINY_FLAGS, "--config.base.eval_every_steps=3",
+             "--config.base.optimizer.warmup_steps=2"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  for flag, written in (("--noreport", False), ("--report", True)):
+    report_dir = tmp_path / flag.strip("-")
+    result = subprocess.run([*command, flag, "--report_dir", str(report_dir)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "uni_expr: skipped" in result.stderr
+    assert (report_dir / "report.md").exists() == written

@@ -73,11 +73,12 @@ def read_cached_statistics(workdir: str, step: int
 def write_cached_statistics(workdir: str, step: int, videos: Sequence[str],
                             statistics: compare.Statistics) -> None:
   path = os.path.join(workdir, STATISTICS_FILE)
-  with open(path + ".tmp", "wb") as f:
+  temporary = f"{path}.{os.getpid()}.tmp"  # reports of two processes may both write it
+  with open(temporary, "wb") as f:
     np.savez(f, step=step, layout=metrics.STATISTICS_LAYOUT,
              videos=np.asarray(videos, dtype=str),
              **{f"statistic/{k}": v for k, v in statistics.items()})
-  os.replace(path + ".tmp", path)
+  os.replace(temporary, path)
 
 
 def predicted_table(config, workdir: str, step: int, temporal: bool):

@@ -199,6 +199,10 @@ def define_flags(flag_values: flags.FlagValues) -> None:
                        flag_values=flag_values)
   flags.DEFINE_bool("report_only", False, "Write the report from the workdirs; train "
                     "nothing.", flag_values=flag_values)
+  flags.DEFINE_bool("report", True, "Write the report after training; --noreport for "
+                    "one of several invocations sharing a study (shards, seeds added "
+                    "side by side), whose report is written once, with --report_only.",
+                    flag_values=flag_values)
   flags.DEFINE_bool("list", False, "Print what this shard would run, in order; train "
                     "nothing.", flag_values=flag_values)
   flags.DEFINE_string("report_dir", None, "Where the report goes (default: "
@@ -232,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     record_command(study_dir, ["", *argv])  # the command's own arguments
     run_study(study_config, study_dir, names, flag_values.shard_index,
               flag_values.shard_count)
+    if not flag_values.report:
+      return 0
   paths = write_study_report(study_config, study_dir, flag_values.report_dir,
                              title=flag_values.title)
   log.info("report: %s", paths["report.md"])
