@@ -249,7 +249,8 @@ def test_trials_are_variants_with_their_settings_and_outcome(searched):
   assert [v.name for v in trials] == list(outcomes)
   study = optuna_search.loaded_study(study_dir)
   for variant, trial in zip(trials, study.get_trials(deepcopy=False)):
-    assert dict(variant.overrides) == trial.params  # mtl overrides nothing itself
+    # mtl overrides nothing itself; trials run at the study's first seed.
+    assert dict(variant.overrides) == {**trial.params, "seed": config.seeds[0]}
     assert variant.group == "search"
     # The workdir's recorded settings are the variant's.
     record = variants.read_run_record(variants.variant_workdir(study_dir, variant.name))
@@ -335,3 +336,19 @@ def test_the_runner_trains_the_variants_then_the_search(tmp_path):
   again = FakeTraining()
   runner.run_study(config, str(tmp_path), train_fn=again)
   assert again.sessions == []
+
+
+def test_trials_under_seeds_run_at_the_first_seed_warm_started_from_its_run(tmp_path):
+  """With config.seeds, a trial of a warm-started base variant starts from the run of
+  the study's first seed (there is no unseeded run to start from)."""
+  config = search_config()
+  config.seeds = (3, 4)
+  config.search.base_variant = "mtl_init_expr"
+  variant = optuna_search.trial_variant(
+      config, 0, {"optimizer.learning_rate": 1e-3, "optimizer.weight_decay": 1e-4})
+  assert variant.init_from_variant == "uni_expr/seed3"
+  trial_config = variants.variant_config(config, variant, str(tmp_path))
+  assert trial_config.seed == 3
+  assert trial_config.init_from.path == os.path.join(str(tmp_path), "uni_expr", "seed3")
+  assert not runner.dependency_finished(config, variant, str(tmp_path))
+  assert "seed" not in variant.description

@@ -71,15 +71,32 @@ def test_every_run_lands_in_one_shard_with_the_runs_it_warm_starts_from():
           assert run.init_from_variant in names[:position]
 
 
+def test_shards_share_each_variants_seeds():
+  """No variant is one machine's alone (a machine's numerics would pass for the
+  variant's effect), and each shard runs its share seed by seed."""
+  config = seeded_config()
+  for count in (2, 3):
+    shards = [variants.plan_study(config, shard_index=i, shard_count=count)
+              for i in range(count)]
+    for family in {run.family for shard in shards for run in shard}:
+      holders = [i for i, shard in enumerate(shards)
+                 if any(run.family == family for run in shard)]
+      assert len(holders) > 1, (family, count)
+    for shard in shards:
+      seeds_in_order = [run.seed for run in shard if not run.init_from_variant]
+      assert seeds_in_order == sorted(seeds_in_order)
+
+
 def test_seed_lists_are_written_as_ranges():
   assert seeds.seed_ranges([3, 0, 1, 2, 7, 9, 10]) == "0-3, 7, 9-10"
   assert seeds.seed_ranges([5]) == "5"
   assert seeds.seed_ranges([]) == ""
 
 
-def test_the_mean_curve_averages_each_step_over_the_seeds_that_logged_it():
-  curves = [[(1, 1.0), (2, 3.0)], [(1, 3.0)], [(2, 5.0), (3, 1.0)]]
+def test_the_mean_curve_averages_the_steps_every_seed_logged():
+  curves = [[(1, 1.0), (2, 3.0), (3, 2.0)], [(1, 3.0), (2, 5.0)]]
   assert seeds_plots.mean_curve(curves) == [(1, 2.0), (2, 4.0)]  # step 3: one seed
+  assert seeds_plots.mean_curve(curves[:1]) == []
 
 
 def test_seed_settings_are_refused_where_they_would_be_ambiguous():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import tempfile
 from typing import Sequence
 
 import numpy as np
@@ -73,8 +74,10 @@ def read_cached_statistics(workdir: str, step: int
 def write_cached_statistics(workdir: str, step: int, videos: Sequence[str],
                             statistics: compare.Statistics) -> None:
   path = os.path.join(workdir, STATISTICS_FILE)
-  temporary = f"{path}.{os.getpid()}.tmp"  # reports of two processes may both write it
-  with open(temporary, "wb") as f:
+  # A file of its own: reports of two processes (or machines) may both write it.
+  handle, temporary = tempfile.mkstemp(dir=workdir, prefix=STATISTICS_FILE,
+                                       suffix=".tmp")
+  with os.fdopen(handle, "wb") as f:
     np.savez(f, step=step, layout=metrics.STATISTICS_LAYOUT,
              videos=np.asarray(videos, dtype=str),
              **{f"statistic/{k}": v for k, v in statistics.items()})
@@ -272,9 +275,9 @@ def verdict(c: Comparison) -> str:
   return "within noise"
 
 
-CSV_FIELDS = ("section", "a", "b", "score", "a_seeds", "b_seeds", "a_mean", "b_mean", "difference", "low",
-              "high", "clear_over_videos", "seeds_low", "seeds_high", "clear", "videos",
-              "replicates", "confidence")
+CSV_FIELDS = ("section", "a", "b", "score", "a_seeds", "b_seeds", "a_mean", "b_mean",
+              "difference", "low", "high", "clear_over_videos", "seeds_low", "seeds_high",
+              "clear", "videos", "replicates", "confidence")
 
 
 def csv_rows(comparisons: Sequence[Comparison]) -> list[dict]:

@@ -26,6 +26,9 @@ from affect_jax.study.variants import (
   is_optuna_search,
   read_run_record,
   searched_settings_text,
+  seed_run_name,
+  settings_text,
+  study_seeds,
   training_evaluations,
   variant_config,
   variant_from_dict,
@@ -190,17 +193,24 @@ def base_variant(study_config) -> Variant:
 
 def trial_variant(study_config, number: int, params: dict[str, Any],
                   outcome: str = "") -> Variant:
-  """Trial `number` as a variant: the base variant's overrides plus the trial's values;
-  `outcome` (pruned, failed) joins the description the report shows."""
+  """Trial `number` as a variant: the base variant's overrides plus the trial's values,
+  at the study's first seed (and warm-started from that seed's run of the base's
+  source) when config.seeds lists any; `outcome` (pruned, failed) joins the
+  description the report shows."""
   search = study_config.search
   base = base_variant(study_config)
   point = tuple((key, params[key]) for key, _, _ in search.space)
-  described = ", ".join(f"{key}={format_value(value)}" for key, value in point)
+  seeds = study_seeds(study_config)
+  source = base.init_from_variant
+  if seeds:
+    point += (("seed", seeds[0]),)
+    source = seed_run_name(source, seeds[0]) if source else ""
+  described = settings_text((key, value) for key, value in point if key != "seed")
   description = f"{base.name} with {described} (optuna trial {number})"
   if outcome and outcome != "complete":
     description += f", {outcome}"
   return Variant(name=trial_name(search, number), overrides=base.overrides + point,
-                 init_from_variant=base.init_from_variant, description=description,
+                 init_from_variant=source, description=description,
                  group="search")
 
 
@@ -364,8 +374,7 @@ def run_search(study_config, study_dir: str, run_variant_fn: Callable,
     study.sampler = trial_sampler(search, number)
     trial = study.ask(distributions)
     name = trial_name(search, trial.number)
-    log.info("search: %s with %s", name, ", ".join(
-        f"{key}={format_value(value)}" for key, value in trial.params.items()))
+    log.info("search: %s with %s", name, settings_text(trial.params.items()))
     outcomes[name] = run_trial(study_config, study_dir, study, trial, run_variant_fn,
                                train_fn)
     log.info("search: %s %s", name, outcomes[name])

@@ -10,7 +10,7 @@ import dataclasses
 import os
 from typing import Any, Sequence
 
-from affect_jax.study import intervals, seeds
+from affect_jax.study import intervals, seeds, seeds_plots
 from affect_jax.study.seeds_plots import SCORE_COLUMNS, plot_curves, plot_scores, pyplot
 from affect_jax.study.variants import (
   Variant,
@@ -100,7 +100,8 @@ def collect_results(study_config, study_dir: str) -> list[VariantResult]:
     for temporal in temporal_runs(study_config, [run]):
       results += collect_run(temporal, temporal_config(study_config, run, study_dir),
                              study_dir, selection, frame_run=run)
-  return results
+  # Runs go seed by seed; the tables list each variant's runs together.
+  return [r for runs in seeds.group_by_variant(results).values() for r in runs]
 
 
 def collect_run(run: Variant, config, study_dir: str, selection: str,
@@ -193,7 +194,8 @@ def search_ranking(results: Sequence[VariantResult], search) -> list[str]:
             if runs[0].variant.group == "search" or name == search.base_variant}
   if not any(runs[0].variant.group == "search" for runs in groups.values()):
     return []  # no trial has run
-  metric = {name: seeds.spread([r.score(search.metric) for r in runs])
+  metric = {name: seeds.spread([seeds_plots.finished_score(r, search.metric)
+                                for r in runs])
             for name, runs in groups.items()}
   ranked = sorted(groups, key=lambda n: -(float("-inf") if metric[n] is None
                                           else metric[n].mean))
@@ -230,7 +232,7 @@ def seeds_text(runs: Sequence[VariantResult]) -> str:
     return "base" if runs[0].finished else "unfinished"
   finished = [r.variant.seed for r in runs if r.finished]
   unfinished = [r.variant.seed for r in runs if not r.finished]
-  return seeds.seed_ranges(finished) + (
+  return (seeds.seed_ranges(finished) or "none") + (
       f" (unfinished: {seeds.seed_ranges(unfinished)})" if unfinished else "")
 
 
@@ -374,7 +376,7 @@ def write_study_report(study_config, study_dir: str, report_dir: str | None = No
   keys = [key for key, _ in SCORE_COLUMNS]
   summary_fields = ["variant", "runs"] + [f"{k}_{part}" for k in keys
                                           for part in ("mean", "sd", "n")]
-  score = lambda run, key: run.score(key)  # noqa: E731
+  score = seeds_plots.finished_score
   write_csv(paths["summary.csv"], summary_fields,
             seeds.summary_rows(groups, keys, score))
   baselines = dict(study_config.report.uni_task_baselines)

@@ -228,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               flag_values.shard_count):
       print(f"{variant.name:32s} {variant.group:15s} {variant.description}")
     return 0
+  if flag_values.report_only and not flag_values.report:
+    raise errors.InputError("--report_only writes the report: drop --noreport")
   if flag_values.report_only and not os.path.isdir(study_dir):
     raise errors.InputError(f"--study_dir {flag_values.study_dir} does not exist: "
                             "nothing to report")

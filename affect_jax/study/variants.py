@@ -100,8 +100,7 @@ def search_variants(search, variants: Sequence[Variant]) -> list[Variant]:
     name = search.name_prefix + "_".join(
         f"{abbreviation}{format_value(value)}"
         for abbreviation, value in zip(abbreviations, point))
-    description = ", ".join(f"{key}={format_value(value)}"
-                            for key, value in zip(keys, point))
+    description = settings_text(zip(keys, point))
     trials.append(Variant(name=name, overrides=base.overrides + tuple(zip(keys, point)),
                           init_from_variant=base.init_from_variant,
                           description=f"{base.name} with {description}", group="search"))
@@ -210,16 +209,23 @@ def dependency_root(variant: Variant, by_name: dict[str, Variant]) -> str:
 def shard_variants(variants: Sequence[Variant], shard_index: int, shard_count: int
                    ) -> list[Variant]:
   """This shard's variants. Whole dependency chains go to one shard (the emptiest so
-  far, in the study's order), so every shard runs without waiting for another."""
+  far), so every shard runs without waiting for another. Chains are dealt variant by
+  variant, so that a variant's seeds spread over the shards (dealt seed by seed, every
+  seed's runs would split the same way, and each variant would be one machine's); each
+  shard then runs its share seed by seed."""
   if not 0 <= shard_index < shard_count:
     raise InputError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
   by_name = {v.name: v for v in variants}
   chains: dict[str, list[Variant]] = {}
   for v in variants:
     chains.setdefault(dependency_root(v, by_name), []).append(v)
+  family_order: dict[str, int] = {}
+  for v in variants:
+    family_order.setdefault(v.variant_name, len(family_order))
   loads = [0] * shard_count
   mine = set()
-  for chain in chains.values():
+  for chain in sorted(chains.values(),
+                      key=lambda chain: family_order[chain[0].variant_name]):
     shard = loads.index(min(loads))
     loads[shard] += len(chain)
     if shard == shard_index:
@@ -263,10 +269,14 @@ def config_value(config, key: str):
   return config
 
 
+def settings_text(settings) -> str:
+  """(key, value) pairs as 'key=value, ...'."""
+  return ", ".join(f"{key}={format_value(value)}" for key, value in settings)
+
+
 def searched_settings_text(config, search) -> str:
   """The values a run's config takes at the keys of search.space: 'key=value, ...'."""
-  return ", ".join(f"{key}={format_value(config_value(config, key))}"
-                   for key, _, _ in search.space)
+  return settings_text((key, config_value(config, key)) for key, _, _ in search.space)
 
 
 def variant_config(study_config, variant: Variant, study_dir: str):

@@ -16,9 +16,8 @@ import numpy as np
 from affect_jax import data_parallel
 from affect_jax.eval.metrics import DEFAULT_AU_THRESHOLD
 from affect_jax.inference import restore, sources
-from affect_jax.inference.frame_table import predict_split
+from affect_jax.inference.frame_table import LABEL_KEYS, FrameTable, predict_split
 from affect_jax.inference.outputs import write_predictions_csv
-from affect_jax.inference.frame_table import LABEL_KEYS, FrameTable
 from affect_jax.temporal import compare, embed, loop, steps, windows
 from affect_jax.temporal.model import create_model
 from affect_jax.temporal.embed import host_arrays
@@ -205,7 +204,8 @@ def run_prediction(config, workdir: str, source: str, out_dir: str, *,
 def predict_eval_split(config, workdir: str, step: int | None = None, devices=None
                        ) -> tuple[FrameTable, EmbeddingStore]:
   """Every frame of the eval split's embedding store, predicted by checkpoint `step`
-  (default: the best) of the temporal run in `workdir`; and that store."""
+  (default: the best, else the latest) of the temporal run in `workdir`; and that
+  store."""
   store = embed.split_store(config, workdir, config.frame_run.eval_split)
   predictor = restore_temporal_predictor(workdir, store.embedding_dim, step, config,
                                          devices)
@@ -215,7 +215,8 @@ def predict_eval_split(config, workdir: str, step: int | None = None, devices=No
 def compare_with_frame_model(config, workdir: str, *, step: int | None = None,
                              replicates: int = 1000, devices=None) -> list[dict]:
   """What the temporal stage adds: on every frame of the eval split's videos, each
-  score of the temporal model (checkpoint `step`, default the best) minus the frame
+  score of the temporal model (checkpoint `step`, default the best, else the latest)
+  minus the frame
   model it was trained on, with a paired bootstrap interval over the videos."""
   temporal_table, store = predict_eval_split(config, workdir, step, devices)
   frame_config = restore.load_config(config.frame_run.workdir,
