@@ -134,6 +134,21 @@ def fake_finished_run(workdir, steps=STEPS, scores=None):
                     **(scores or {"expr_f1": 0.5})})
 
 
+def test_an_unfinished_run_counts_in_no_mean(tmp_path):
+  """A run stopped early (killed, or a pruned trial) logged its latest scores at fewer
+  steps than its variant's other seeds: the mean and sd are over finished seeds."""
+  config = seeded_config(seed_list=(0, 1, 2))
+  study_dir = str(tmp_path)
+  for seed, steps, f1 in ((0, STEPS, 0.8), (1, STEPS // 2, 0.2), (2, STEPS, 0.6)):
+    fake_finished_run(variants.variant_workdir(study_dir, f"uni_expr/seed{seed}"),
+                      steps, {"expr_f1": f1})
+  groups = seeds.group_by_variant(report.collect_results(config, study_dir))
+  row, = seeds.summary_rows(groups, ["expr_f1"], seeds_plots.finished_score)
+  assert (row["runs"], row["expr_f1_n"]) == (3, 2)
+  assert float(row["expr_f1_mean"]) == pytest.approx(0.7)
+  assert report.seeds_text(groups["uni_expr"]) == "0, 2 (unfinished: 1)"
+
+
 def test_skip_resume_and_refusal_hold_per_seed_run(tmp_path):
   config = seeded_config()
   study_dir = str(tmp_path)
