@@ -2,6 +2,7 @@
 JAX's probabilities and VA within 1e-4 under onnxruntime, for the tiny config and a
 full-width ResNet-18, any batch; `affect-jax export --onnx` writes it and the Analyzer
 runs from it; a network the writer does not know is refused by name."""
+import csv
 import dataclasses
 import functools
 import json
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from affect_jax import cli
 from affect_jax.errors import InputError
@@ -139,6 +141,22 @@ def test_export_writes_onnx_that_the_analyzer_runs(uninterrupted_run, face_image
   for task in ("expression", "au", "va"):
     np.testing.assert_allclose(getattr(rows[1][0], task), getattr(rows[0][0], task),
                                atol=1e-4, rtol=0)
+  # The faces command runs the export as well, without the training run.
+  photo = tmp_path / "astronaut.png"
+  Image.fromarray(data.astronaut()).save(photo)
+  faces_out = tmp_path / "faces"
+  assert cli.main(["faces", "--export", out, "--runtime", "onnx", "--input", str(photo),
+                   "--out", str(faces_out), "--batch_size", "4"]) == 0
+  capsys.readouterr()
+  with open(faces_out / "faces.csv", newline="") as f:
+    row, = csv.DictReader(f)
+  np.testing.assert_allclose([float(row["valence"]), float(row["arousal"])],
+                             rows[1][0].va, atol=1e-5)
+  assert cli.main(["faces", "--export", out, "--workdir", workdir, "--input", str(photo),
+                   "--out", str(faces_out)]) == 1
+  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+      "error: give the model as --workdir (a training run) or --export (a folder "
+      "`affect-jax export` wrote), one of the two")
   os.remove(os.path.join(out, "model.onnx"))
   with pytest.raises(InputError, match=r"model.onnx does not exist: `affect-jax "
                      "export --onnx` writes it"):

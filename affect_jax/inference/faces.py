@@ -4,6 +4,8 @@ predict in batches, write a CSV, a summary and a plot per face (the faces comman
   affect-jax faces --workdir runs/mtl --input clip.mp4 --input photo.jpg \\
       --out OUT [--detect_every 10] [--smooth_window 5] [--align | --noalign]
       [--save_crops]
+  affect-jax faces --export runs/mtl_export [--runtime onnx] --input clip.mp4 --out OUT
+      (a model written by `affect-jax export`, without the training run)
   (or python -m affect_jax.inference.faces ...)
 
 The command is a thin layer over the Python API, affect_jax.video.Analyzer, which
@@ -81,15 +83,18 @@ def unique_names(paths: Sequence[str]) -> list[str]:
   return names
 
 
-def analyse_media(workdir: str, inputs: Sequence[str], out_dir: str, *, config=None,
-                  step: int | None = None, smooth_window: int = 1,
+def analyse_media(workdir: str | None, inputs: Sequence[str], out_dir: str, *,
+                  config=None, step: int | None = None, smooth_window: int = 1,
                   use_tuned_thresholds: bool = True, min_score: float = MIN_SCORE,
                   align: str = "auto", devices=None, detect_every: int | None = None,
                   batch_size: int | None = None, save_crops: bool = False,
-                  analyzer=None) -> dict:
+                  analyzer=None, export_dir: str | None = None,
+                  runtime: str = "jax") -> dict:
   """Every face of each input -> OUT/faces.csv, a plot per face, OUT/summary.json
-  (returned). An input that cannot be read, or shows no face, is skipped and listed
-  under "skipped"; when no input has a face, that is an InputError."""
+  (returned), predicted by the training run in `workdir` or by the export in
+  `export_dir` (run by `runtime`, "jax" or "onnx"). An input that cannot be read, or
+  shows no face, is skipped and listed under "skipped"; when no input has a face, that
+  is an InputError."""
   # pylint: disable=g-import-not-at-top
   import affect_jax.video.analyzer as analyzer_lib
   import affect_jax.video.rows as rows_lib
@@ -100,13 +105,18 @@ def analyse_media(workdir: str, inputs: Sequence[str], out_dir: str, *, config=N
     # that module is imported only to smooth (it brings the input pipeline with it)
     raise InputError(f"--smooth_window must be a positive odd number of frames, got "
                      f"{smooth_window}")
+  if analyzer is None and (workdir is None) == (export_dir is None):
+    raise InputError("give the model as --workdir (a training run) or --export (a "
+                     "folder `affect-jax export` wrote), one of the two")
   os.makedirs(out_dir, exist_ok=True)
   if analyzer is None:
-    analyzer = analyzer_lib.Analyzer.from_workdir(
-        workdir, step=step, config=config, devices=devices,
-        use_tuned_thresholds=use_tuned_thresholds,
-        batch_size=batch_size or analyzer_lib.BATCH_SIZE, align=align,
-        min_score=min_score, detect_every=detect_every or tracking.DETECT_EVERY)
+    options = {"batch_size": batch_size or analyzer_lib.BATCH_SIZE, "align": align,
+               "min_score": min_score,
+               "detect_every": detect_every or tracking.DETECT_EVERY}
+    analyzer = (analyzer_lib.Analyzer.from_export(export_dir, runtime=runtime, **options)
+                if export_dir else analyzer_lib.Analyzer.from_workdir(
+                    workdir, step=step, config=config, devices=devices,
+                    use_tuned_thresholds=use_tuned_thresholds, **options))
   crops_dir = os.path.join(out_dir, "cropped_aligned") if save_crops else None
   summary = {"model": analyzer.model.description, "smooth_window": smooth_window,
              "aligned": analyzer.aligned, "detect_every": analyzer.detect_every,
@@ -140,8 +150,13 @@ def analyse_media(workdir: str, inputs: Sequence[str], out_dir: str, *, config=N
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
-  flags.DEFINE_string("workdir", None, "The training run's folder.",
+  flags.DEFINE_string("workdir", None, "The training run's folder (or --export).",
                       flag_values=flag_values)
+  flags.DEFINE_string("export", None, "A folder written by `affect-jax export`, run "
+                      "instead of a training run.", flag_values=flag_values)
+  flags.DEFINE_enum("runtime", "jax", ("jax", "onnx"), "With --export: run its "
+                    "model.jax_export with JAX, or its model.onnx with onnxruntime.",
+                    flag_values=flag_values)
   flags.DEFINE_multi_string("input", None, "An image or video (repeat for several).",
                             flag_values=flag_values)
   flags.DEFINE_string("out", None, "Output folder.", flag_values=flag_values)
@@ -168,7 +183,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
                     f"auto where {LANDMARK_MODEL_PACKAGE} is installed; --align alone: "
                     "always; --noalign: never (a square around each face).",
                     flag_values=flag_values)
-  flags.mark_flags_as_required(["workdir", "input", "out"], flag_values=flag_values)
+  flags.mark_flags_as_required(["input", "out"], flag_values=flag_values)
 
 
 def expand_align_shorthands(argv: Sequence[str]) -> list[str]:
@@ -209,7 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           use_tuned_thresholds=args.tuned_au_thresholds,
                           min_score=args.min_score, align=args.align,
                           detect_every=args.detect_every, batch_size=args.batch_size,
-                          save_crops=args.save_crops)
+                          save_crops=args.save_crops, export_dir=args.export,
+                          runtime=args.runtime)
   print(json.dumps(summary, indent=2))
   return 0
 
