@@ -326,3 +326,8 @@ def test_a_training_invocation_with_noreport_writes_no_report(finished_study, tm
     assert result.returncode == 0, result.stderr[-3000:]
     assert "uni_expr: skipped" in result.stderr
     assert (report_dir / "report.md").exists() == written
+  # The report lists the runner's invocations on the study, this one's last.
+  text = (tmp_path / "report" / "report.md").read_text()
+  commands = text.split("## Commands")[1]
+  assert "invocations</summary>" in commands
+  assert " --report --report_dir " in commands.split("```")[1].strip().splitlines()[-1]

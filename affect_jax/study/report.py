@@ -422,7 +422,8 @@ def write_study_report(study_config, study_dir: str, report_dir: str | None = No
   commands = read_commands(study_dir)
   if commands:
     lines += ["## Commands", "", "Invocations of the runner on this study directory, "
-              "in order:", "", "```", *commands, "```", ""]
+              "in order:", "", f"<details><summary>{len(commands)} invocations"
+              "</summary>", "", "```", *commands, "```", "", "</details>", ""]
   with open(paths["report.md"], "w") as f:
     f.write("\n".join(lines))
   return paths
