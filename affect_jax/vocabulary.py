@@ -36,13 +36,13 @@ def expression_names(num_classes: int) -> tuple[str, ...]:
   return EXPRESSION_NAMES_8[:num_classes]
 
 
-
 def compared_scores(tasks_a, tasks_b) -> list[str]:
   """The scores two models both have: each shared task's own, and P_MTL when both
   have all three tasks."""
   shared = [t for t in TASKS if t in tasks_a and t in tasks_b]
   return [TASK_SCORE[t] for t in shared] + (["p_mtl"] if len(shared) == len(TASKS)
                                             else [])
+
 
 __all__ = ["AU_NAMES", "EXPRESSION_NAMES_7", "EXPRESSION_NAMES_8", "IMAGE_SIZE", "TASKS",
            "ABAW_TASK", "NUM_AUS", "NUM_VA", "LABEL_KEYS", "SCORES_OF_TASK", "TASK_SCORE",

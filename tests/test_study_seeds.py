@@ -143,7 +143,7 @@ def test_an_unfinished_run_counts_in_no_mean(tmp_path):
     fake_finished_run(variants.variant_workdir(study_dir, f"uni_expr/seed{seed}"),
                       steps, {"expr_f1": f1})
   groups = seeds.group_by_variant(report.collect_results(config, study_dir))
-  row, = seeds.summary_rows(groups, ["expr_f1"], seeds_plots.finished_score)
+  row, = seeds.summary_rows(groups, ["expr_f1"], seeds.finished_score)
   assert (row["runs"], row["expr_f1_n"]) == (3, 2)
   assert float(row["expr_f1_mean"]) == pytest.approx(0.7)
   assert report.seeds_text(groups["uni_expr"]) == "0, 2 (unfinished: 1)"

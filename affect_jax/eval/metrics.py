@@ -91,9 +91,9 @@ def _split_digits(values):
 
   Each digit rounds what is left, so |digit 0| <= 64 and the others <= 32, and every
   step is exact in float32 (a power-of-2 scale, and a difference of two numbers within a
-  factor of 2: Sterbenz). Values are clipped to +-_VA_LIMIT (2) first so products of digits cannot
-  overflow; values beyond it (VA lies in [-1, 1]) keep their excess in the remainder,
-  summed with float32 precision only.
+  factor of 2: Sterbenz). Values are clipped to +-_VA_LIMIT (2) first so products of
+  digits cannot overflow; values beyond it (VA lies in [-1, 1]) keep their excess in the
+  remainder, summed with float32 precision only.
   """
   clipped = jnp.clip(values, -_VA_LIMIT, _VA_LIMIT)
   rest, digits = clipped, []

@@ -10,7 +10,7 @@ import dataclasses
 import os
 from typing import Any, Sequence
 
-from affect_jax.study import intervals, seeds, seeds_plots
+from affect_jax.study import intervals, seeds
 from affect_jax.study.seeds_plots import SCORE_COLUMNS, plot_curves, plot_scores, pyplot
 from affect_jax.study.variants import (
   Variant,
@@ -194,8 +194,7 @@ def search_ranking(results: Sequence[VariantResult], search) -> list[str]:
             if runs[0].variant.group == "search" or name == search.base_variant}
   if not any(runs[0].variant.group == "search" for runs in groups.values()):
     return []  # no trial has run
-  metric = {name: seeds.spread([seeds_plots.finished_score(r, search.metric)
-                                for r in runs])
+  metric = {name: seeds.spread([seeds.finished_score(r, search.metric) for r in runs])
             for name, runs in groups.items()}
   ranked = sorted(groups, key=lambda n: -(float("-inf") if metric[n] is None
                                           else metric[n].mean))
@@ -376,7 +375,7 @@ def write_study_report(study_config, study_dir: str, report_dir: str | None = No
   keys = [key for key, _ in SCORE_COLUMNS]
   summary_fields = ["variant", "runs"] + [f"{k}_{part}" for k in keys
                                           for part in ("mean", "sd", "n")]
-  score = seeds_plots.finished_score
+  score = seeds.finished_score
   write_csv(paths["summary.csv"], summary_fields,
             seeds.summary_rows(groups, keys, score))
   baselines = dict(study_config.report.uni_task_baselines)
@@ -399,9 +398,7 @@ def write_study_report(study_config, study_dir: str, report_dir: str | None = No
   if is_optuna_search(search):
     from affect_jax.study import optuna_search  # pylint: disable=g-import-not-at-top
     lines += optuna_search.report_section(study_config, study_dir, results)
-  ranking = [] if is_optuna_search(search) else search_ranking(results, search)
-  if ranking:
-    search = study_config.search
+  elif ranking := search_ranking(results, search):
     lines += ["## Hyper-parameter search", "",
               f"{search.kind} search, {search.trials} trials (seed {search.seed}) over "
               + ", ".join(f"`{k}` ∈ {{{', '.join(format_value(v) for v in values)}}}"

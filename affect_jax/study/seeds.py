@@ -43,6 +43,12 @@ def seed_ranges(seeds: Sequence[int]) -> str:
   return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
+def finished_score(run, key: str) -> float | None:
+  """A run's score where it finished; None for an unfinished (or pruned) run, whose
+  latest evaluation comes from fewer steps than its variant's other seeds."""
+  return run.score(key) if run.finished else None
+
+
 def group_by_variant(runs: Sequence, name: Callable = lambda r: r.variant.variant_name
                      ) -> dict[str, list]:
   """{variant name: its runs}, in the order the variants first appear."""

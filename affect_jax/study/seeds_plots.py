@@ -24,12 +24,6 @@ def pyplot():
   return plt
 
 
-def finished_score(run, key: str) -> float | None:
-  """A run's score where it finished; None for an unfinished (or pruned) run, whose
-  latest evaluation comes from fewer steps than its variant's other seeds."""
-  return run.score(key) if run.finished else None
-
-
 def plot_scores(results: Sequence, path: str) -> None:
   """One horizontal bar chart per score: each variant's mean over its seeds, a line
   of ± one standard deviation, a dot per seed; the best mean drawn darker."""
@@ -37,7 +31,7 @@ def plot_scores(results: Sequence, path: str) -> None:
   groups = seeds.group_by_variant(results)
   fig, axes = plt.subplots(2, 3, figsize=(15, 0.32 * len(groups) * 2 + 3))
   for ax, (key, label) in zip(axes.flat, SCORE_COLUMNS):
-    shown = {name: seeds.spread([finished_score(r, key) for r in runs])
+    shown = {name: seeds.spread([seeds.finished_score(r, key) for r in runs])
              for name, runs in groups.items()}
     shown = {name: value for name, value in shown.items() if value is not None}
     if not shown:

@@ -75,10 +75,8 @@ def search_variants(search, variants: Sequence[Variant]) -> list[Variant]:
   Random search draws distinct points of the grid with a seeded generator, so every
   machine (and every re-run) plans the same trials; names spell out the values.
   """
-  if not search or not search.trials:
-    return []
-  if is_optuna_search(search):
-    return []
+  if not search or not search.trials or is_optuna_search(search):
+    return []  # optuna draws its trials as the search runs
   by_name = {v.name: v for v in variants}
   if search.base_variant not in by_name:
     raise InputError(f"search.base_variant {search.base_variant!r} is not a variant")
@@ -147,10 +145,10 @@ def seed_runs(variants: Sequence[Variant], seeds: Sequence[int]) -> list[Variant
       raise InputError(f"{v.name}: overrides seed, which config.seeds sets for every "
                        "run; drop the override (or set config.seeds = ())")
   return [dataclasses.replace(
-              v, name=seed_run_name(v.name, seed), overrides=v.overrides + (("seed", seed),),
+              v, name=seed_run_name(v.name, seed), seed=seed, family=v.name,
+              overrides=v.overrides + (("seed", seed),),
               init_from_variant=(seed_run_name(v.init_from_variant, seed)
-                                 if v.init_from_variant else ""),
-              seed=seed, family=v.name)
+                                 if v.init_from_variant else ""))
           for seed in seeds for v in variants]
 
 

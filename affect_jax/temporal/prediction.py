@@ -216,8 +216,8 @@ def compare_with_frame_model(config, workdir: str, *, step: int | None = None,
                              replicates: int = 1000, devices=None) -> list[dict]:
   """What the temporal stage adds: on every frame of the eval split's videos, each
   score of the temporal model (checkpoint `step`, default the best, else the latest)
-  minus the frame
-  model it was trained on, with a paired bootstrap interval over the videos."""
+  minus the frame model it was trained on, with a paired bootstrap interval over the
+  videos."""
   temporal_table, store = predict_eval_split(config, workdir, step, devices)
   frame_config = restore.load_config(config.frame_run.workdir,
                                      data_dir=config.frame_run.data_dir)
